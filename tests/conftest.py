@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny pipeline folder built once per session, paths to the shared LoRAs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_LORAS = Path(__file__).resolve().parents[1].parent / "shared" / "loras"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    """A tiny SD-architecture pipeline folder with random weights (seeded)."""
+    from tests.tiny_pipeline import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def shared_loras() -> list[Path]:
+    """Real LoRA files written by other people (../shared/loras), if present."""
+    if not SHARED_LORAS.is_dir():
+        pytest.skip("../shared/loras not present")
+    return sorted(SHARED_LORAS.glob("*.safetensors"))
