@@ -1,0 +1,269 @@
+"""The compressed collection file: shared per-layer components + per-adapter loadings.
+
+One safetensors file (written atomically), keys by position so no module name needs escaping:
+  layer.{i}.down_components (K, in) F32   layer.{i}.up_components (out, K) F32
+  layer.{i}.down_explained, layer.{i}.up_explained  cumulative explained-energy curves (F32)
+  adapter.{j}.loadings  every layer's alpha (r, K) then beta (K, r), flattened, in layer order
+  adapter.{j}.info      UTF-8 JSON (U8): ranks / alphas per layer, original metadata, sha256
+The header metadata ``studio.collection`` (JSON) holds the layer names and shapes, K per layer,
+the adapter names, sha256 and errors, and the base model id. Per-adapter details live in
+tensors so the header stays small for thousands of adapters. Reading is safe (no pickle,
+capped header) and lazy: components at load, one adapter's loadings when asked.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from studio.adapters.eigenlora import EigenLoraAdapter, EigenLoraConfig, EigenLoraLayer
+from studio.adapters.lora import LoraAdapter, LoraLayer
+from studio.errors import FormatError, StudioError
+from studio.subspace.extract import LayerSubspace, layer_seed, orthonormal_complement
+from studio.subspace.spool import TensorSpool, write_spools
+
+FORMAT_TAG = "studio.eigenlora-collection"
+FORMAT_VERSION = "1"
+ORTHONORMAL_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """A layer's flattened sizes and the native tensor shapes of its LoRA factors (conv LoRAs
+    keep (r, in, kh, kw) / (out, r, 1, 1)): ``down_tail`` = down.shape[1:], ``up_tail`` = up.shape[2:]."""
+
+    in_features: int
+    out_features: int
+    down_tail: tuple[int, ...]
+    up_tail: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, layer: LoraLayer) -> "LayerShape":
+        return cls(layer.in_features, layer.out_features, tuple(layer.down.shape[1:]), tuple(layer.up.shape[2:]))
+
+    def weight_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (rank, *self.down_tail), (self.out_features, rank, *self.up_tail)
+
+
+@dataclass
+class AdapterRecord:
+    """What the collection keeps of one adapter besides its loadings."""
+
+    name: str
+    sha256: str = ""
+    rel_error: float = 0.0
+    ranks: dict[str, int] = field(default_factory=dict)
+    alphas: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    source_format: str = ""
+    base_arch: str = ""
+    bytes_in: int = 0
+
+    def summary(self) -> dict:
+        return {"name": self.name, "sha256": self.sha256, "rel_error": self.rel_error}
+
+
+def pack_loadings(loadings: dict[str, tuple[Tensor, Tensor]], order: list[str]) -> Tensor:
+    """Flatten alpha then beta of each layer, in collection layer ``order``, into one F32 vector."""
+    parts = [t.detach().float().cpu().reshape(-1) for layer in order if layer in loadings for t in loadings[layer]]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def unpack_loadings(flat: Tensor, ranks: dict[str, int], ks: dict[str, int], order: list[str], where: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """Inverse of `pack_loadings`; a size mismatch is a FormatError naming ``where``."""
+    expected = sum(2 * ranks[layer] * ks[layer] for layer in order if layer in ranks)
+    if flat.dim() != 1 or flat.numel() != expected:
+        raise FormatError(f"{where}: loadings hold {flat.numel()} numbers, the ranks and K per layer need {expected}")
+    loadings, offset = {}, 0
+    for layer in order:
+        if layer not in ranks:
+            continue
+        r, k = ranks[layer], ks[layer]
+        alpha = flat[offset : offset + r * k].reshape(r, k)
+        beta = flat[offset + r * k : offset + 2 * r * k].reshape(k, r)
+        loadings[layer], offset = (alpha, beta), offset + 2 * r * k
+    return loadings
+
+
+def layer_tensors(index: int, subspace: LayerSubspace) -> dict[str, Tensor]:
+    return {
+        f"layer.{index}.down_components": subspace.down_components,
+        f"layer.{index}.up_components": subspace.up_components,
+        f"layer.{index}.down_explained": subspace.down_explained,
+        f"layer.{index}.up_explained": subspace.up_explained,
+    }
+
+
+def info_tensor(record: AdapterRecord, order: list[str]) -> Tensor:
+    """The record as UTF-8 JSON bytes; layers named by their index in ``order``."""
+    position = {layer: i for i, layer in enumerate(order)}
+    info = asdict(record)
+    info["ranks"] = [[position[layer], rank] for layer, rank in record.ranks.items()]
+    info["alphas"] = [[position[layer], alpha] for layer, alpha in record.alphas.items()]
+    raw = json.dumps(info, sort_keys=True).encode("utf-8")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
+
+
+def record_from_info(raw: Tensor, order: list[str], where: str) -> AdapterRecord:
+    try:
+        info = json.loads(bytes(raw.numpy().tobytes()).decode("utf-8"))
+        info["ranks"] = {order[int(i)]: int(r) for i, r in info["ranks"]}
+        info["alphas"] = {order[int(i)]: float(a) for i, a in info["alphas"]}
+        record = AdapterRecord(**info)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as error:
+        raise FormatError(f"{where}: adapter info is not valid ({error})") from error
+    if any(r < 1 for r in record.ranks.values()):
+        raise FormatError(f"{where}: adapter info has a rank below 1")
+    return record
+
+
+def collection_metadata(base_id: str, spec: dict, layers: dict[str, LayerSubspace], shapes: dict[str, LayerShape], summaries: list[dict]) -> dict[str, str]:
+    """The header metadata: format tag, version and the ``studio.collection`` JSON."""
+    layer_list = [
+        {
+            "name": name, "in": shapes[name].in_features, "out": shapes[name].out_features,
+            "down_tail": list(shapes[name].down_tail), "up_tail": list(shapes[name].up_tail),
+            "k": sub.k, "principal_k": sub.principal_k, "requested_k": sub.requested_k, "augment": sub.augment,
+        }
+        for name, sub in layers.items()
+    ]
+    body = {"base_id": base_id, "spec": spec, "layers": layer_list, "adapters": summaries}
+    return {"studio.format": FORMAT_TAG, "studio.version": FORMAT_VERSION, "studio.collection": json.dumps(body)}
+
+
+class CompressedCollection:
+    """Shared components and the stored adapters of a compressed collection.
+
+    Built in memory by `studio.subspace.verbs.compress` or read from a file by `load`.
+    """
+
+    def __init__(
+        self,
+        layers: dict[str, LayerSubspace],
+        shapes: dict[str, LayerShape],
+        summaries: list[dict],
+        base_id: str = "",
+        spec: dict | None = None,
+        path: Path | None = None,
+        records: list[AdapterRecord] | None = None,
+        loadings: list[Tensor] | None = None,
+    ) -> None:
+        self.layers = layers
+        self.shapes = shapes
+        self.summaries = summaries
+        self.base_id = base_id
+        self.spec = dict(spec or {})
+        self.path = path
+        self._records = records
+        self._loadings = loadings
+        self._order = list(layers)
+        self._positions = {s["name"]: j for j, s in enumerate(summaries)}
+        if len(self._positions) != len(summaries):
+            raise StudioError(f"{self._where()}: adapter names must be unique")
+
+    def _where(self) -> str:
+        return str(self.path) if self.path else "compressed collection (in memory)"
+
+    @property
+    def names(self) -> list[str]:
+        return [s["name"] for s in self.summaries]
+
+    @property
+    def ks(self) -> dict[str, int]:
+        return {name: sub.k for name, sub in self.layers.items()}
+
+    def components(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{layer: (down_components (K, in), up_components (out, K))}``."""
+        return {name: (sub.down_components, sub.up_components) for name, sub in self.layers.items()}
+
+    def _position(self, name: str) -> int:
+        if name not in self._positions:
+            raise KeyError(f"{self._where()} has no adapter {name!r}; it holds {self.names[:10]}")
+        return self._positions[name]
+
+    def record(self, name: str) -> AdapterRecord:
+        j = self._position(name)
+        if self._records is not None:
+            return self._records[j]
+        return record_from_info(self._read(f"adapter.{j}.info"), self._order, f"{self.path} adapter {name!r}")
+
+    def loadings(self, name: str) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{layer: (alpha (r, K), beta (K, r))}`` of one stored adapter."""
+        j = self._position(name)
+        flat = self._loadings[j] if self._loadings is not None else self._read(f"adapter.{j}.loadings")
+        record = self.record(name)
+        unknown = set(record.ranks) - set(self.layers)
+        if unknown:
+            raise FormatError(f"{self._where()}: adapter {name!r} names layers the collection lacks: {sorted(unknown)[:3]}")
+        return unpack_loadings(flat, record.ranks, self.ks, self._order, f"{self._where()} adapter {name!r}")
+
+    def adapter(self, name: str) -> EigenLoraAdapter:
+        """The stored adapter as an EigenLoRA module (components shared, loadings its own)."""
+        record = self.record(name)
+        layers = {
+            layer: EigenLoraLayer(self.layers[layer].down_components, self.layers[layer].up_components, alpha, beta)
+            for layer, (alpha, beta) in self.loadings(name).items()
+        }
+        shapes = {layer: self.shapes[layer].weight_shapes(record.ranks[layer]) for layer in layers}
+        return EigenLoraAdapter(name, layers, record.metadata, shapes)
+
+    def export(self, name: str) -> LoraAdapter:
+        """The stored adapter as a plain LoRA (alpha = rank, original metadata carried over)."""
+        record = self.record(name)
+        lora = self.adapter(name).to_lora()
+        lora.base_arch = record.base_arch
+        lora.notes.append(f"reconstructed from {self._where()} (relative error {record.rel_error:.3e})")
+        return lora
+
+    def new_adapter(self, config: EigenLoraConfig, name: str = "eigenlora") -> EigenLoraAdapter:
+        """A fresh trainable adapter on these components: the first ``config.k`` per layer plus
+        ``config.augment`` seeded random components orthogonal to them."""
+        components = {}
+        for layer, sub in self.layers.items():
+            k = min(config.k or sub.k, sub.k)
+            down, up = sub.down_components[:k].double(), sub.up_components[:, :k].double()
+            generator = torch.Generator().manual_seed(layer_seed(config.seed, layer))
+            extra = min(config.augment, min(down.shape[1], up.shape[0]) - k)
+            down = torch.cat([down.T, orthonormal_complement(down.T, extra, generator)], dim=1).T
+            up = torch.cat([up, orthonormal_complement(up, extra, generator)], dim=1)
+            components[layer] = (down.float().contiguous(), up.float().contiguous())
+        return EigenLoraAdapter.new(name, components, config.rank, config.seed)
+
+    def save(self, path: str | Path) -> Path:
+        """Write an in-memory collection to one safetensors file (atomically)."""
+        if self._records is None or self._loadings is None:
+            raise StudioError(f"{self._where()} is read from a file; copy the file instead of saving it again")
+        path = Path(path)
+        spool = TensorSpool(path.parent / f".{path.name}.spool")
+        try:
+            for i, subspace in enumerate(self.layers.values()):
+                for key, tensor in layer_tensors(i, subspace).items():
+                    spool.add(key, tensor)
+            for j, (record, flat) in enumerate(zip(self._records, self._loadings)):
+                spool.add(f"adapter.{j}.loadings", flat)
+                spool.add(f"adapter.{j}.info", info_tensor(record, self._order))
+            spool.close()
+            metadata = collection_metadata(self.base_id, self.spec, self.layers, self.shapes, self.summaries)
+            return write_spools(path, [(spool.path, spool.entries, spool.size)], metadata)
+        finally:
+            spool.remove()
+
+    def _read(self, key: str) -> Tensor:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt") as handle:
+                return handle.get_tensor(key)
+        except Exception as error:  # safetensors raises its own error types
+            raise FormatError(f"{self.path}: could not read tensor {key!r} ({error})") from error
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CompressedCollection":
+        """Read and check a collection file: header caps, format tag, every tensor's shape."""
+        from studio.subspace.reading import read_collection
+
+        return read_collection(Path(path))

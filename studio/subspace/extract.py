@@ -1,0 +1,253 @@
+"""Principal subspaces of one layer of a LoRA collection (EigenLoRAx), pure math on tensors.
+
+The down matrices of N adapters, stacked as rows (N*r x in), span a row space; its principal
+directions are the down components V_A (K x in, orthonormal rows). The up matrices, stacked as
+columns (out x N*r), give the up components U_B (out x K). Directions come from a symmetric
+eigendecomposition of the smaller of the two Gram matrices (N*r x N*r or d x d), in float64,
+on the tensors' device. The SVD is uncentred: the mean direction stays in the subspace, so the
+reconstruction is a true orthogonal projection (`reference_extract` is the centred baseline).
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from studio.subspace.canonical import fix_signs
+
+# Eigenvalue / largest eigenvalue under which a direction is float32 rounding noise. Eigenvalues
+# of sum A^T A for balanced factors are sums of singular values of dW (not their squares), so
+# this is a relative singular-value level of dW: directions below it carry < 1e-6 of an update.
+RANK_TOLERANCE = 1e-6
+MAX_CURVE = 1024  # explained-energy curves are kept up to this many components
+
+
+class SubspaceWarning(UserWarning):
+    """K (or P) was clamped to what the collection and the layer shapes allow."""
+
+
+@dataclass(frozen=True)
+class SubspaceSpec:
+    """How many components per layer: a fixed ``k`` or an explained-``energy`` fraction, plus
+    ``augment`` extra random components orthogonal to them (seeded by ``seed``)."""
+
+    k: int | None = None
+    energy: float | None = None
+    augment: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.k is None) == (self.energy is None):
+            raise ValueError("give exactly one of k (components per layer) or energy (fraction in (0, 1])")
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+        if self.augment < 0:
+            raise ValueError(f"augment must be >= 0, got {self.augment}")
+
+
+@dataclass
+class Directions:
+    """Principal directions of a set of vectors: ``vectors`` (d, m) orthonormal columns above the
+    rank tolerance, ``energies`` every eigenvalue (descending, float64) of the Gram matrix."""
+
+    vectors: Tensor
+    energies: Tensor
+    count: int  # how many vectors were stacked (sum of ranks)
+
+
+@dataclass
+class LayerSubspace:
+    """The components of one layer and how they were chosen.
+
+    ``down_components`` (K, in) and ``up_components`` (out, K) have orthonormal rows / columns.
+    The first ``principal_k`` come from the data (padded with orthonormal completion on a side
+    that spans fewer directions), the last ``augment`` are seeded random directions.
+    ``*_explained`` are cumulative explained-energy fractions (1-D, float32).
+    """
+
+    down_components: Tensor
+    up_components: Tensor
+    down_explained: Tensor
+    up_explained: Tensor
+    requested_k: int
+    principal_k: int
+    augment: int = 0
+
+    @property
+    def k(self) -> int:
+        return int(self.down_components.shape[0])
+
+    @property
+    def clamped(self) -> bool:
+        return self.principal_k < self.requested_k
+
+
+def layer_seed(seed: int, layer: str) -> int:
+    """A per-layer seed: the same for the same (seed, layer name) on every machine."""
+    return (seed * 1_000_003 + zlib.crc32(layer.encode())) % (2**63)
+
+
+def _sorted_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
+    energies, vectors = torch.linalg.eigh(gram)
+    return energies.flip(0).clamp_min(0.0), vectors.flip(1)
+
+
+def _above_tolerance(energies: Tensor) -> int:
+    if energies.numel() == 0 or energies[0] <= 0:
+        return 0
+    return int((energies > energies[0] * RANK_TOLERANCE).sum())
+
+
+def directions_from_rows(rows: Tensor) -> Directions:
+    """Principal directions of the rows of ``rows`` (M, d), through the smaller Gram matrix."""
+    rows64 = rows.double()
+    count, dim = rows64.shape
+    if count <= dim:
+        energies, mixing = _sorted_eigh(rows64 @ rows64.T)  # (M, M)
+        kept = _above_tolerance(energies)
+        vectors = (rows64.T @ mixing[:, :kept]) / energies[:kept].sqrt()
+    else:
+        energies, vectors = _sorted_eigh(rows64.T @ rows64)  # (d, d)
+        energies = energies[:count]
+        vectors = vectors[:, : _above_tolerance(energies)]
+    vectors, _ = fix_signs(vectors, dim=0)
+    return Directions(vectors, energies, count)
+
+
+def directions_from_covariance(covariance: Tensor, count: int) -> Directions:
+    """Principal directions from a summed outer-product matrix (d, d) of ``count`` vectors."""
+    energies, vectors = _sorted_eigh(covariance.double())
+    energies = energies[: min(count, energies.numel())]
+    vectors, _ = fix_signs(vectors[:, : _above_tolerance(energies)], dim=0)
+    return Directions(vectors, energies, count)
+
+
+def explained_curve(energies: Tensor) -> Tensor:
+    """Cumulative explained-energy fraction of the first 1, 2, ... components (float32)."""
+    energies = energies[:MAX_CURVE].double()
+    total = energies.sum() if energies.numel() else energies.new_zeros(())
+    if total <= 0:
+        return torch.zeros_like(energies, dtype=torch.float32)
+    return (energies.cumsum(0) / total).float()
+
+
+def components_for_energy(energies: Tensor, energy: float) -> int:
+    """Smallest K whose cumulative explained energy reaches ``energy``."""
+    total = energies.double().sum()
+    if total <= 0:
+        return 0
+    fractions = energies.double().cumsum(0) / total
+    reached = (fractions >= energy - 1e-12).nonzero()
+    return int(reached[0]) + 1 if reached.numel() else int(energies.numel())
+
+
+def orthonormal_complement(basis: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` seeded random unit vectors (d, count), orthogonal to ``basis`` and each other."""
+    dim = basis.shape[0]
+    if count == 0:
+        return basis.new_zeros(dim, 0)
+    draws = torch.randn(dim, count, generator=generator, dtype=torch.float64).to(basis.device)
+    for _ in range(2):  # twice is enough for orthogonality to rounding level
+        draws = draws - basis @ (basis.T @ draws)
+    draws, _ = torch.linalg.qr(draws)
+    draws, _ = fix_signs(draws, dim=0)
+    return draws
+
+
+def _choose_k(down: Directions, up: Directions, spec: SubspaceSpec, in_features: int, out_features: int) -> tuple[int, int]:
+    if spec.k is not None:
+        requested = spec.k
+    else:
+        requested = max(components_for_energy(down.energies, spec.energy), components_for_energy(up.energies, spec.energy))
+    spanned = max(down.vectors.shape[1], up.vectors.shape[1])
+    return requested, min(requested, spanned, in_features, out_features)
+
+
+def build_subspace(down: Directions, up: Directions, spec: SubspaceSpec, seed: int, in_features: int, out_features: int) -> LayerSubspace:
+    """Components of one layer from the down and up directions, completed and augmented."""
+    requested, k = _choose_k(down, up, spec, in_features, out_features)
+    augment = max(0, min(spec.augment, min(in_features, out_features) - k))
+    generator = torch.Generator().manual_seed(seed)
+    sides = []
+    for directions in (down, up):
+        principal = directions.vectors[:, :k]
+        principal = torch.cat([principal, orthonormal_complement(principal, k - principal.shape[1], generator)], dim=1)
+        sides.append(torch.cat([principal, orthonormal_complement(principal, augment, generator)], dim=1))
+    return LayerSubspace(
+        down_components=sides[0].T.float().contiguous(),
+        up_components=sides[1].float().contiguous(),
+        down_explained=explained_curve(down.energies),
+        up_explained=explained_curve(up.energies),
+        requested_k=requested,
+        principal_k=k,
+        augment=augment,
+    )
+
+
+def warn_clamped(layers: dict[str, LayerSubspace], augment: int = 0) -> None:
+    """One `SubspaceWarning` naming how many layers had K (or P) clamped, and a few of them."""
+    clamped = {name: s for name, s in layers.items() if s.clamped}
+    if clamped:
+        examples = ", ".join(f"{n}: {s.requested_k} -> {s.principal_k}" for n, s in list(clamped.items())[:3])
+        warnings.warn(
+            f"K clamped in {len(clamped)} of {len(layers)} layers to the number of directions the collection "
+            f"spans (or the layer's size), e.g. {examples}",
+            SubspaceWarning,
+            stacklevel=3,
+        )
+    short = [n for n, s in layers.items() if s.augment < augment]
+    if short:
+        warnings.warn(f"augment P clamped in {len(short)} layers to fit the layer size, e.g. {short[0]}", SubspaceWarning, stacklevel=3)
+
+
+def extract(downs: list[Tensor], ups: list[Tensor], spec: SubspaceSpec, seed: int | None = None, warn: bool = True) -> LayerSubspace:
+    """EigenLoRAx components of one layer from canonical factors (downs (r_i, in), ups (out, r_i)).
+
+    Ranks may differ between adapters. ``seed`` (default ``spec.seed``; collections pass
+    `layer_seed`) drives completion and augmentation. K larger than the collection spans is clamped with a `SubspaceWarning`.
+    """
+    if not downs or len(downs) != len(ups):
+        raise ValueError(f"extract needs as many downs as ups (>= 1), got {len(downs)} and {len(ups)}")
+    down_rows = torch.cat([d.reshape(d.shape[0], -1) for d in downs])
+    up_rows = torch.cat([u.reshape(u.shape[0], -1).T for u in ups])
+    subspace = build_subspace(
+        directions_from_rows(down_rows), directions_from_rows(up_rows), spec, spec.seed if seed is None else seed,
+        down_rows.shape[1], up_rows.shape[1],
+    )
+    if warn:
+        warn_clamped({"layer": subspace}, spec.augment)
+    return subspace
+
+
+def _reference_directions(vectors: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The official EigenLoRAx procedure: vectors as columns (d, M), mean column subtracted,
+    d x d covariance, general (non-symmetric) eig, real parts sorted by eigenvalue."""
+    columns = vectors.float()
+    centred = columns - columns.mean(dim=1, keepdim=True)
+    covariance = centred @ centred.T
+    eigenvalues, eigenvectors = torch.linalg.eig(covariance)
+    eigenvalues, eigenvectors = eigenvalues.real, eigenvectors.real
+    order = eigenvalues.argsort(descending=True)
+    top, _ = torch.linalg.qr(eigenvectors[:, order[:k]].double())  # orthonormal, so errors are exact projections
+    top, _ = fix_signs(top, dim=0)
+    return top.float(), eigenvalues[order].clamp_min(0).double()
+
+
+def reference_extract(downs: list[Tensor], ups: list[Tensor], k: int) -> LayerSubspace:
+    """Baseline: the reference code's centred PCA, reconstructed WITHOUT the mean.
+
+    Its components miss the mean direction, so a collection with a non-zero mean is
+    reconstructed worse than by `extract` at the same K. No canonical form, no augmentation.
+    """
+    down_columns = torch.cat([d.reshape(d.shape[0], -1) for d in downs]).T  # (in, M)
+    up_columns = torch.cat([u.reshape(u.shape[0], -1) for u in ups], dim=1)  # (out, M)
+    k = min(k, down_columns.shape[0], up_columns.shape[0])
+    down, down_energies = _reference_directions(down_columns, k)
+    up, up_energies = _reference_directions(up_columns, k)
+    return LayerSubspace(down.T.contiguous(), up.contiguous(), explained_curve(down_energies), explained_curve(up_energies), k, k)
