@@ -23,16 +23,24 @@ def one_cpu_thread():
 
 
 @pytest.fixture(scope="session")
-def engine(tiny_pipeline_dir):
+def session_engine(tiny_pipeline_dir):
     from studio.engine import Engine, EngineConfig
 
     return Engine.load(str(tiny_pipeline_dir), EngineConfig(device="cpu", dtype="float32"))
 
 
+@pytest.fixture
+def engine(session_engine):
+    """The shared tiny engine, pristine at the start of each test (generate leaves adapters merged)."""
+    session_engine.restore()
+    yield session_engine
+    session_engine.restore()
+
+
 def attention_layers(engine, text_encoder: bool = True) -> list[str]:
     names = [n for n in engine.live.modules if n.startswith("unet.") and n.endswith(ATTENTION)]
     if text_encoder:
-        names += [n for n in engine.live.modules if n.startswith("text_encoder.") and n.endswith(("q_proj", "v_proj"))]
+        names += [n for n in engine.live.modules if n.startswith("text_encoder.") and n.endswith(("q_proj", "k_proj", "v_proj", "out_proj"))]
     return names
 
 
