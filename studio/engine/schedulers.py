@@ -26,7 +26,7 @@ SCHEDULERS: dict[str, SchedulerChoice] = {
     "dpm++": SchedulerChoice("DPMSolverMultistepScheduler", "DPM++ 2M"),
     "dpm++_karras": SchedulerChoice("DPMSolverMultistepScheduler", "DPM++ 2M Karras", {"use_karras_sigmas": True}),
     "dpm++_sde": SchedulerChoice("DPMSolverMultistepScheduler", "DPM++ 2M SDE", {"algorithm_type": "sde-dpmsolver++"}),
-    "pndm": SchedulerChoice("PNDMScheduler", "PLMS"),
+    "pndm": SchedulerChoice("PNDMScheduler", "PLMS", {"skip_prk_steps": True}),
     "lms": SchedulerChoice("LMSDiscreteScheduler", "LMS"),
     "heun": SchedulerChoice("HeunDiscreteScheduler", "Heun"),
     "unipc": SchedulerChoice("UniPCMultistepScheduler", "UniPC"),
