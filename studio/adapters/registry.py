@@ -1,0 +1,140 @@
+"""Find trainable adapter families by module, so the training loop never learns their names.
+
+A family is a module in ``studio.adapters`` that defines
+
+- ``FAMILY``: its name as written in configs (``"lora"``, ``"superlora"``, ...);
+- ``Config``: a dataclass of its knobs (the ``[adapter]`` table of a train config);
+- ``build(config, tree) -> nn.Module``: a fresh trainable adapter for a base's module tree.
+
+The module ``build`` returns answers the adapter contract (``layers()``, ``delta(layer)``, optionally
+``factors(layer)``); its trainable numbers are its ``requires_grad`` parameters. Two optional bulk
+methods let families whose layers share one vector compute everything once per forward:
+``deltas() -> {layer: dW}`` and ``all_factors() -> {layer: (down, up)}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import importlib
+import pkgutil
+import types
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+import studio.adapters
+from studio.bases import ModuleTree
+from studio.errors import ConfigError
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One discovered family: its name, config class and builder."""
+
+    name: str
+    config_class: type
+    build: Callable[[Any, ModuleTree], nn.Module]
+    module: types.ModuleType
+
+
+def families() -> dict[str, Family]:
+    """Every family module under ``studio.adapters`` (modules that fail to import are skipped)."""
+    found: dict[str, Family] = {}
+    for info in pkgutil.iter_modules(studio.adapters.__path__):
+        try:
+            module = importlib.import_module(f"studio.adapters.{info.name}")
+        except Exception:  # a half-written sibling module must not break the others
+            continue
+        name = getattr(module, "FAMILY", None)
+        config_class = getattr(module, "Config", None)
+        build = getattr(module, "build", None)
+        if isinstance(name, str) and dataclasses.is_dataclass(config_class) and callable(build):
+            found[name] = Family(name, config_class, build, module)
+        elif info.name in _ADOPTED:
+            found[info.name] = _ADOPTED[info.name](module)
+    return found
+
+
+def _eigenlora_family(module: types.ModuleType) -> Family:
+    """Plug for ``eigenlora.py`` until it defines FAMILY / Config / build itself.
+
+    A new EigenLoRA adapter trains loadings on the frozen components of a compressed collection.
+    """
+
+    def build(config: Any, tree: ModuleTree) -> nn.Module:
+        from studio.subspace import CompressedCollection
+
+        if not config.collection:
+            raise ConfigError("[adapter] family 'eigenlora' needs collection = <compressed collection file>")
+        adapter = CompressedCollection.load(config.collection).new_adapter(config, name="eigenlora")
+        unknown = [layer for layer in adapter.layers() if layer not in tree.modules]
+        if unknown:
+            raise ConfigError(f"collection {config.collection}: {len(unknown)} layer(s) not in base {tree.label}, e.g. {unknown[0]}")
+        return adapter
+
+    return Family("eigenlora", module.EigenLoraConfig, build, module)
+
+
+_ADOPTED: dict[str, Callable[[types.ModuleType], Family]] = {"eigenlora": _eigenlora_family}
+
+
+def family(name: str) -> Family:
+    """The family called ``name``, or a ConfigError listing the known ones."""
+    known = families()
+    if name not in known:
+        raise ConfigError(f"adapter family {name!r} is not known; known families: {', '.join(sorted(known))}")
+    return known[name]
+
+
+def make_config(name: str, knobs: dict[str, Any]) -> Any:
+    """Build a family's config dataclass from a TOML table, refusing unknown keys by name."""
+    config_class = family(name).config_class
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(knobs) - set(fields))
+    if unknown:
+        raise ConfigError(f"[adapter] family {name!r}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    values = {key: tuple(value) if isinstance(value, list) else value for key, value in knobs.items()}
+    try:
+        return config_class(**values)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"[adapter] family {name!r}: {error}") from error
+
+
+def build_adapter(name: str, config: Any, tree: ModuleTree) -> nn.Module:
+    """Build a trainable adapter of family ``name`` for ``tree``."""
+    return family(name).build(config, tree)
+
+
+def matches(layer: str, targets: tuple[str, ...]) -> bool:
+    """Whether a prefixed module name matches a target: a name suffix (``to_q``) or a glob."""
+    module = layer.partition(".")[2]
+    for target in targets:
+        if any(ch in target for ch in "*?["):
+            if fnmatch.fnmatchcase(layer, target) or fnmatch.fnmatchcase(module, target):
+                return True
+        elif module == target or module.endswith("." + target):
+            return True
+    return False
+
+
+def select_layers(tree: ModuleTree, targets: tuple[str, ...] = DEFAULT_TARGETS, components: tuple[str, ...] = ("unet",)) -> list[str]:
+    """The targeted layers of a module tree, in the tree's order; error when nothing matches."""
+    chosen = [
+        name for name in tree.modules
+        if name.partition(".")[0] in components and matches(name, tuple(targets))
+    ]
+    if not chosen:
+        raise ConfigError(f"targets {list(targets)} match no layer of {list(components)} in base {tree.label}")
+    return chosen
+
+
+def in_features(shape: tuple[int, ...]) -> int:
+    """The flattened input size of a weight (in * kh * kw for convs)."""
+    size = 1
+    for dim in shape[1:]:
+        size *= dim
+    return size

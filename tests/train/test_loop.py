@@ -1,0 +1,114 @@
+"""The one loop: every family learns, resume is exact, NaN is survived, outputs are written."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from studio.errors import ConfigError
+from studio.events import Done, Message, Progress, Sample, Saved, run_to_end
+from studio.train import loop, train
+from tests.train.helpers import FAMILIES, family_of, tiny_config
+
+
+def _config(tiny_pipeline_dir, style_data, out, case, family_cases, **overrides):
+    knobs, lr = family_cases[case]
+    values = dict(adapter=knobs, learning_rate=lr)
+    values.update(overrides)
+    return tiny_config(tiny_pipeline_dir, style_data, out, family_of(case), **values)
+
+
+@pytest.mark.parametrize("case", FAMILIES)
+def test_validation_loss_drops(case, tiny_pipeline_dir, style_data, tmp_path, family_cases):
+    config = _config(tiny_pipeline_dir, style_data, tmp_path / "run", case, family_cases, steps=30)
+    result = run_to_end(train(config))
+    assert result.status == "done" and result.steps == 30
+    assert result.validation[30] < 0.96 * result.validation[0], result.validation
+
+
+@pytest.mark.parametrize("case", ["lora", "superlora_tucker", "unilora", "eigenlora"])
+def test_resume_is_exact(case, tiny_pipeline_dir, style_data, tmp_path, family_cases):
+    common = dict(steps=8, checkpoint_every=4, grad_accumulation=2, lr_warmup_steps=2, lr_schedule="cosine")
+    straight = run_to_end(train(_config(tiny_pipeline_dir, style_data, tmp_path / "a", case, family_cases, **common)))
+    config = _config(tiny_pipeline_dir, style_data, tmp_path / "b", case, family_cases, **common)
+    stop = threading.Event()
+    for event in train(config, stop=stop):
+        if isinstance(event, Progress) and event.step == 3:
+            stop.set()
+        if isinstance(event, Done):
+            assert event.result.status == "stopped" and event.result.steps == 3
+    resumed = run_to_end(train(config, resume_dir=tmp_path / "b"))
+    assert resumed.status == "done"
+    assert [resumed.losses[s] for s in range(1, 9)] == [straight.losses[s] for s in range(1, 9)]
+    a, b = load_file(str(tmp_path / "a" / "adapter.safetensors")), load_file(str(tmp_path / "b" / "adapter.safetensors"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_injected_nan_restores_last_good_checkpoint(tiny_pipeline_dir, style_data, tmp_path, family_cases, monkeypatch):
+    original = loop.loss_of
+
+    def poisoned(run, micro_step):
+        loss = original(run, micro_step)
+        return loss * float("nan") if micro_step == 6 else loss
+
+    monkeypatch.setattr(loop, "loss_of", poisoned)
+    config = _config(tiny_pipeline_dir, style_data, tmp_path / "run", "lora", family_cases, steps=10, checkpoint_every=4)
+    events = list(train(config))
+    result = events[-1].result
+    assert result.status == "diverged" and result.steps == 4
+    errors = [e.text for e in events if isinstance(e, Message) and e.level == "error"]
+    assert errors and "step 7" in errors[0] and "restored the last good checkpoint (step 4" in errors[0]
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-000004" / "adapter.safetensors"))
+    final = load_file(str(tmp_path / "run" / "adapter.safetensors"))
+    assert all(torch.equal(saved[key], final[key]) for key in saved)
+    assert max(result.losses) == 4
+
+
+def test_huge_learning_rate_stops_the_run(tiny_pipeline_dir, style_data, tmp_path, family_cases):
+    config = _config(tiny_pipeline_dir, style_data, tmp_path / "run", "lora", family_cases, steps=40,
+                     learning_rate=1e12, max_grad_norm=0.0, checkpoint_every=1000)
+    events = list(train(config))
+    result = events[-1].result
+    assert result.status == "diverged"
+    assert any(isinstance(e, Message) and "restored the initial adapter" in e.text for e in events)
+    final = load_file(str(tmp_path / "run" / "adapter.safetensors"))
+    assert all(torch.isfinite(t).all() for t in final.values())
+
+
+def test_resume_with_changed_config_is_refused_with_a_diff(tiny_pipeline_dir, style_data, tmp_path, family_cases):
+    config = _config(tiny_pipeline_dir, style_data, tmp_path / "run", "lora", family_cases, steps=2)
+    run_to_end(train(config))
+    changed = _config(tiny_pipeline_dir, style_data, tmp_path / "run", "lora", family_cases, steps=2, learning_rate=0.5,
+                      adapter={"rank": 8, "alpha": 4})
+    with pytest.raises(ConfigError) as error:
+        run_to_end(train(changed, resume_dir=tmp_path / "run"))
+    assert "learning_rate: 0.003 -> 0.5" in str(error.value) and "adapter.rank: 4 -> 8" in str(error.value)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_to_end(train(config))
+
+
+def test_outputs_samples_metadata_and_export(tiny_pipeline_dir, style_data, tmp_path, family_cases):
+    config = _config(tiny_pipeline_dir, style_data, tmp_path / "run", "superlora", family_cases, steps=4,
+                     sample_every=2, sample_steps=2, sample_seeds=[1, 2], checkpoint_every=2, keep_checkpoints=1,
+                     trigger_word="zxq style", tensorboard=True)
+    events = list(train(config))
+    out = tmp_path / "run"
+    samples = [e for e in events if isinstance(e, Sample)]
+    assert len(samples) == 4 and samples[0].prompt.startswith("zxq style, a red")
+    assert len(list((out / "samples").glob("*.png"))) == 4
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-000004"]
+    assert (out / "config.toml").exists() and list((out / "tensorboard").iterdir())
+    rows = (out / "loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,val_loss" and len(rows) == 6
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert [p.step for p in progress] == [1, 2, 3, 4] and "steps_per_s" in progress[0].metrics
+    with safe_open(str(out / "adapter.safetensors"), "pt") as handle:
+        meta = handle.metadata()
+    assert meta["studio.family"] == "superlora" and json.loads(meta["studio.adapter"])["groups"] == 4
+    assert meta["studio.trigger_word"] == "zxq style" and meta["ss_network_dim"] == "4" and meta["ss_steps"] == "4"
+    assert any(isinstance(e, Saved) and e.kind == "adapter" for e in events)
