@@ -85,7 +85,12 @@ def header_bytes(parts: list[tuple[list[SpoolEntry], int]], metadata: dict[str, 
             header[entry.key] = {"dtype": entry.dtype, "shape": entry.shape, "data_offsets": [offset + entry.begin, offset + entry.end]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    return raw + b" " * (-len(raw) % 8)
+    raw += b" " * (-len(raw) % 8)
+    if len(raw) % 256 == 0x80:
+        # A first file byte of 0x80 looks like a pickle opcode to sniffing readers
+        # (studio.formats.safe refuses it); 8 more spaces keep the file plainly safetensors.
+        raw += b" " * 8
+    return raw
 
 
 def write_spools(target: str | Path, parts: list[tuple[Path, list[SpoolEntry], int]], metadata: dict[str, str]) -> Path:
