@@ -109,14 +109,36 @@ def from_dict(values: dict[str, Any], where: str = "train config") -> TrainConfi
         raise ConfigError(f"{where}: {error}") from error
 
 
-def load(path: str | Path) -> TrainConfig:
-    """Read a train config TOML file."""
-    path = Path(path)
+def _read(path: Path) -> dict[str, Any]:
     try:
         values = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot read train config: {error}") from error
+    values.pop("job", None)  # the same file may be a `studio run` recipe ([job] kind = "train")
+    return values
+
+
+def load(path: str | Path) -> TrainConfig:
+    """Read a train config TOML file (one run)."""
+    path = Path(path)
+    values = _read(path)
+    if "runs" in values:
+        raise ConfigError(f"{path}: holds several [[runs]]; give a single-run config")
     return from_dict(values, str(path))
+
+
+def load_runs(path: str | Path) -> list[TrainConfig]:
+    """One config, or one per ``[[runs]]`` entry (each entry overrides the shared top-level keys)."""
+    path = Path(path)
+    values = _read(path)
+    runs = values.pop("runs", None)
+    if runs is None:
+        return [from_dict(values, str(path))]
+    configs = []
+    for i, run in enumerate(runs):
+        merged = {**values, **run, "adapter": {**values.get("adapter", {}), **run.get("adapter", {})}}
+        configs.append(from_dict(merged, f"{path} [[runs]] #{i + 1}"))
+    return configs
 
 
 def _toml_value(value: Any) -> str:

@@ -1,0 +1,58 @@
+"""Train configs: TOML in and out, unknown keys named, diffs for resume."""
+
+from __future__ import annotations
+
+import pytest
+
+from studio.adapters.registry import families, make_config
+from studio.errors import ConfigError
+from studio.train import config as config_mod
+
+
+def test_toml_round_trip(tmp_path):
+    text = """
+base = "world"
+data = "data/style"
+output_dir = "runs/a"
+steps = 100
+sample_prompts = ["zxq, a red circle"]
+trigger_word = "zxq"
+
+[adapter]
+family = "superlora"
+groups = 4
+targets = ["to_q", "to_v"]
+"""
+    (tmp_path / "a.toml").write_text(text)
+    config = config_mod.load(tmp_path / "a.toml")
+    assert config.family == "superlora" and config.adapter == {"groups": 4, "targets": ["to_q", "to_v"]}
+    (tmp_path / "b.toml").write_text(config_mod.dumps(config))
+    again = config_mod.load(tmp_path / "b.toml")
+    assert again == config and config_mod.diff(config, again) == []
+    knobs = make_config(config.family, config.adapter)
+    assert knobs.groups == 4 and knobs.targets == ("to_q", "to_v")
+
+
+def test_bad_keys_are_named(tmp_path):
+    (tmp_path / "a.toml").write_text('base = "w"\ndata = "d"\noutput_dir = "o"\nstepz = 3\n')
+    with pytest.raises(ConfigError, match="stepz"):
+        config_mod.load(tmp_path / "a.toml")
+    (tmp_path / "b.toml").write_text('data = "d"\n')
+    with pytest.raises(ConfigError, match="base"):
+        config_mod.load(tmp_path / "b.toml")
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        config_mod.TrainConfig("w", "d", "o", mixed_precision="fp8")
+    with pytest.raises(ConfigError, match="grups"):
+        make_config("superlora", {"grups": 2})
+    with pytest.raises(ConfigError, match="known families"):
+        make_config("dora", {})
+
+
+def test_every_family_is_found_by_module():
+    assert {"lora", "superlora", "unilora", "eigenlora"} <= set(families())
+
+
+def test_diff_lists_changes():
+    a = config_mod.TrainConfig("w", "d", "o", adapter={"rank": 4})
+    b = config_mod.TrainConfig("w", "d", "elsewhere", adapter={"rank": 8}, steps=7)
+    assert config_mod.diff(a, b) == ["adapter.rank: 4 -> 8", "steps: 500 -> 7"]
