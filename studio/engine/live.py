@@ -66,6 +66,7 @@ class LiveWeights:
     def __init__(self, components: dict[str, nn.Module]):
         self.modules = targetable_modules(components)
         self._pristine: dict[str, Tensor] = {}
+        self._views: dict[str, Tensor] = {}  # live 2-D views, rebuilt if a weight's storage moved
         self._written: dict[str, Terms] = {}  # layer -> the terms merged into it now (held, compared by identity)
 
     def shape2d(self, layer: str) -> tuple[int, int]:
@@ -73,9 +74,12 @@ class LiveWeights:
         return int(weight.shape[0]), int(weight[0].numel())
 
     def live2d(self, layer: str) -> Tensor:
-        """The live weight as a 2-D view sharing its storage."""
-        weight = self.modules[layer].weight.detach()
-        return weight.view(weight.shape[0], -1)
+        """The live weight as a 2-D view sharing its storage (cached: switching is per-layer Python)."""
+        view = self._views.get(layer)
+        weight = self.modules[layer].weight
+        if view is None or view.data_ptr() != weight.data_ptr():
+            view = self._views[layer] = weight.detach().view(weight.shape[0], -1)
+        return view
 
     def pristine2d(self, layer: str) -> Tensor:
         """The pristine W0 of a layer (copied the first time; untouched layers are pristine)."""
