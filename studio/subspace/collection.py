@@ -267,3 +267,8 @@ class CompressedCollection:
         from studio.subspace.reading import read_collection
 
         return read_collection(Path(path))
+
+
+def export_from_collection(path: str | Path, name: str) -> LoraAdapter:
+    """A stored adapter of a collection file as a plain LoRA (alpha = rank), for `studio export`."""
+    return CompressedCollection.load(path).export(name)

@@ -20,7 +20,7 @@ from torch import Tensor
 from studio.adapters.eigenlora import EigenLoraAdapter, EigenLoraLayer
 from studio.adapters.lora import LoraAdapter, LoraLayer
 from studio.errors import StudioError
-from studio.subspace.collection import AdapterRecord, CompressedCollection, LayerShape, collection_metadata, info_tensor, layer_tensors, pack_loadings
+from studio.subspace.collection import AdapterRecord, CompressedCollection, export_from_collection, LayerShape, collection_metadata, info_tensor, layer_tensors, pack_loadings
 from studio.subspace.distributed import all_gather_json, barrier, broadcast_json, broadcast_tensor, rank_and_world
 from studio.subspace.extract import LayerSubspace, SubspaceSpec, extract, layer_seed, reference_extract, warn_clamped
 from studio.subspace.project import ErrorParts, error_parts, project, total_error
@@ -181,10 +181,12 @@ def _check_names(names: list[str], what: str = "adapters") -> None:
         raise StudioError(f"{what} must have unique names; repeated: {sorted(set(doubles))[:5]} (rename the files)")
 
 
-def _check_bases(arches: Iterable[str]) -> None:
+def _check_bases(arches: Iterable[str]) -> str:
+    """The one base architecture the adapters share ("" if unknown); refuse a mix."""
     found = sorted({a for a in arches if a})
     if len(found) > 1:
         raise StudioError(f"the adapters are for different base models ({', '.join(found)}); compress each base separately")
+    return found[0] if found else ""
 
 
 # ---------------------------------------------------------------- in memory
@@ -209,7 +211,7 @@ def compress(
     if not adapters:
         raise StudioError("compress needs at least one adapter")
     _check_names([a.name for a in adapters])
-    _check_bases(getattr(a, "base_arch", "") for a in adapters)
+    base_id = base_id or _check_bases(getattr(a, "base_arch", "") for a in adapters)
     shapes: dict[str, LayerShape] = {}
     for adapter in adapters:
         for name, layer in adapter.lora_layers.items():
@@ -283,11 +285,6 @@ def project_adapter(collection: CompressedCollection, adapter: LoraAdapter, devi
     shapes = {name: collection.shapes[name].weight_shapes(adapter.lora_layers[name].rank) for name in modules}
     projected = EigenLoraAdapter(adapter.name, modules, adapter.metadata, shapes)
     return ProjectResult(adapter.name, rebuilt.total.relative, {n: p.relative for n, p in rebuilt.parts.items()}, rebuilt.uncovered, projected)
-
-
-def export_from_collection(path: str | Path, name: str) -> LoraAdapter:
-    """A stored adapter of a collection file as a plain LoRA (for `studio export`)."""
-    return CompressedCollection.load(path).export(name)
 
 
 # ---------------------------------------------------------------- streaming
@@ -403,7 +400,7 @@ def compress_sources(
         arches.append(str(getattr(adapter, "base_arch", "")))
         statistics.add(adapter)
         del adapter
-    _check_bases(a for rank_arches in all_gather_json(arches, group) for a in rank_arches)
+    base_id = base_id or _check_bases(a for rank_arches in all_gather_json(arches, group) for a in rank_arches)
     statistics.all_reduce(group)
     layers = statistics.subspaces(spec) if rank == 0 else None
     if rank == 0:
