@@ -68,3 +68,20 @@ def test_per_image_needs_one_entry_per_image(engine):
 
     with pytest.raises(ConfigError, match="per-image"):
         engine.generate(GenerateRequest(prompt="x", adapters=["none", "none"], per_image=True, batch=3, steps=1))
+
+
+def test_compressed_collection_spec_generates_like_its_exported_lora(engine, tmp_path):
+    verbs = pytest.importorskip("studio.subspace.verbs")
+    loras = [random_lora(engine, f"c{i}", 90 + i, layers=attention_layers(engine, text_encoder=False)) for i in range(3)]
+    path = tmp_path / "coll.safetensors"
+    verbs.compress(loras, k=8, output=path, base_id="tiny")
+    from studio.subspace.collection import CompressedCollection
+
+    exported = CompressedCollection.load(path).export("c1")
+    via_spec = engine.generate(GenerateRequest(prompt="a red circle", adapters=[f"{path}#c1:0.7"], seed=2, steps=STEPS))[0]
+    via_lora = engine.generate(GenerateRequest(prompt="a red circle", adapters=[(exported, 0.7)], seed=2, steps=STEPS))[0]
+    np.testing.assert_allclose(via_spec.pixels, via_lora.pixels, atol=2e-4)
+    assert via_spec.parameters.adapters == [("c1", 0.7)]
+    entries = [f"{path}#c0", f"{path}#c1:0.7", f"{path}#c2"]
+    batched = engine.generate(GenerateRequest(prompt="a red circle", adapters=entries, per_image=True, seed=1, steps=STEPS))
+    np.testing.assert_allclose(batched[1].pixels, via_spec.pixels, atol=2e-4)  # image 1: seed 1 + 1
