@@ -78,6 +78,7 @@ class LoraAdapter:
     metadata: dict[str, str] = field(default_factory=dict)
     source_format: SourceFormat = "studio"
     notes: list[str] = field(default_factory=list)
+    base_arch: str = ""
 
     def layers(self) -> list[str]:
         return list(self.lora_layers)
@@ -105,4 +106,4 @@ class LoraAdapter:
             name: LoraLayer(layer.down.to(dtype), layer.up.to(dtype), layer.alpha, layer.alpha_source)
             for name, layer in self.lora_layers.items()
         }
-        return LoraAdapter(self.name, cast, dict(self.metadata), self.source_format, list(self.notes))
+        return LoraAdapter(self.name, cast, dict(self.metadata), self.source_format, list(self.notes), self.base_arch)

@@ -1,0 +1,16 @@
+# Two commands a newcomer needs: `make demo` (set up, open the studio) and `make test`.
+PYTHON ?= python3
+
+.PHONY: setup test demo
+
+# torch==2.13.0 is the CPU build on local disk; an already installed torch (a CUDA build on a
+# GPU machine) is kept. The project's own install then finds torch satisfied and pulls nothing big.
+setup:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e ".[test]"
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+demo: setup
+	$(PYTHON) -m studio inspect assets/world/loras

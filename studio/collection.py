@@ -1,0 +1,168 @@
+"""Collections: adapters for one base, loaded from folders or files, with a report per adapter.
+
+A file that cannot be read, or that belongs to another base, is reported with its error and left
+out; the rest of the collection stays usable.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from studio.adapters.lora import LoraAdapter
+from studio.bases import ARCH_LABELS, ModuleTree, module_tree
+from studio.errors import StudioError
+from studio.formats import load_adapter, shown_metadata
+from studio.formats.safe import PICKLE_SUFFIXES
+
+ADAPTER_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES  # pickles are listed so that they are refused by name
+
+
+@dataclass
+class AdapterInfo:
+    """What `studio inspect` reports for one file."""
+
+    path: str
+    name: str
+    format: str = ""
+    rank: int | list[int] = 0
+    alpha: float | list[float] = 0.0
+    layers: int = 0
+    targets: dict[str, list[str]] = field(default_factory=dict)
+    base_guess: str = ""
+    size: int = 0
+    trigger_words: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Collection:
+    """Loaded adapters by name, plus one info row per file (errors included)."""
+
+    adapters: dict[str, LoraAdapter]
+    infos: list[AdapterInfo]
+    base_arch: str = ""
+
+
+def expand_paths(paths: list[str | Path]) -> list[Path]:
+    """Files as given, and the adapter files directly inside given folders (sorted)."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in ADAPTER_SUFFIXES)
+            if not found:
+                raise StudioError(f"{path}: folder holds no adapter files (.safetensors)")
+            files.extend(found)
+        else:
+            files.append(path)
+    if not files:
+        raise StudioError("no adapter files given")
+    return files
+
+
+def module_kind(module: str) -> str:
+    """A short name for what a module is: ``attn1.to_q``, ``ff.net.2``, ``self_attn.q_proj``, ``proj_in``."""
+    _, _, path = module.partition(".")
+    match = re.search(r"(?:transformer_blocks|layers)\.\d+\.(.+)$", path)
+    return match.group(1) if match else path.rsplit(".", 1)[-1]
+
+
+def targets_of(adapter: LoraAdapter) -> dict[str, list[str]]:
+    """Module kinds an adapter targets, per component."""
+    kinds: dict[str, set[str]] = {}
+    for module in adapter.lora_layers:
+        kinds.setdefault(module.partition(".")[0], set()).add(module_kind(module))
+    return {component: sorted(names) for component, names in sorted(kinds.items())}
+
+
+def trigger_words(metadata: dict[str, str], limit: int = 5) -> list[str]:
+    """Trigger words: ``modelspec.trigger_phrase``, else kohya's most frequent tags."""
+    phrase = metadata.get("modelspec.trigger_phrase") or metadata.get("ss_trigger_word")
+    if phrase:
+        return [word.strip() for word in phrase.split(",") if word.strip()]
+    try:
+        frequency = json.loads(metadata.get("ss_tag_frequency", "{}"))
+    except json.JSONDecodeError:
+        return []
+    counts: Counter = Counter()
+    if isinstance(frequency, dict):
+        for tags in frequency.values():
+            if isinstance(tags, dict):
+                counts.update({str(tag): int(n) for tag, n in tags.items() if isinstance(n, (int, float))})
+    return [tag for tag, _ in counts.most_common(limit)]
+
+
+def _single(values: list):
+    return values[0] if len(values) == 1 else values
+
+
+def describe(path: Path, adapter: LoraAdapter) -> AdapterInfo:
+    """The report row of a loaded adapter."""
+    return AdapterInfo(
+        path=str(path),
+        name=adapter.name,
+        format=adapter.source_format,
+        rank=_single(adapter.ranks),
+        alpha=_single(adapter.alphas),
+        layers=len(adapter.lora_layers),
+        targets=targets_of(adapter),
+        base_guess=ARCH_LABELS.get(adapter.base_arch, adapter.base_arch),
+        size=path.stat().st_size,
+        trigger_words=trigger_words(adapter.metadata),
+        metadata=shown_metadata(adapter.metadata),
+        notes=list(adapter.notes),
+    )
+
+
+def load_collection(paths: list[str | Path], base: str | None = None, lycoris_rank: int = 16) -> Collection:
+    """Load every adapter file under ``paths``; per-file errors are reported, not raised.
+
+    With ``base`` every adapter is checked against that base; without, the collection's base is
+    the one most adapters fit, and adapters for another base are refused with a clear message.
+    """
+    tree: ModuleTree | None = module_tree(base) if base else None
+    adapters: dict[str, LoraAdapter] = {}
+    infos: list[AdapterInfo] = []
+    for path in expand_paths(paths):
+        try:
+            adapter = load_adapter(path, tree, lycoris_rank=lycoris_rank)
+        except StudioError as error:
+            infos.append(AdapterInfo(path=str(path), name=path.stem, error=str(error), size=_size(path)))
+            continue
+        info = describe(path, adapter)
+        if adapter.name in adapters:
+            info.error = f"{path}: duplicate adapter name {adapter.name!r} (already loaded from another file); skipped"
+        else:
+            adapters[adapter.name] = adapter
+        infos.append(info)
+    base_arch = tree.arch if tree else _majority_arch(adapters)
+    _refuse_other_bases(adapters, infos, base_arch)
+    return Collection(adapters, infos, base_arch)
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def _majority_arch(adapters: dict[str, LoraAdapter]) -> str:
+    counts = Counter(adapter.base_arch for adapter in adapters.values())
+    return counts.most_common(1)[0][0] if counts else ""
+
+
+def _refuse_other_bases(adapters: dict[str, LoraAdapter], infos: list[AdapterInfo], base_arch: str) -> None:
+    for info in infos:
+        adapter = adapters.get(info.name)
+        if info.error or adapter is None or adapter.base_arch == base_arch:
+            continue
+        label = ARCH_LABELS.get(base_arch, base_arch)
+        info.error = f"{info.path}: this LoRA is for {info.base_guess}, the collection's base is {label}; left out"
+        del adapters[info.name]

@@ -1,0 +1,134 @@
+"""Safe safetensors reading: the studio's own caps, checked before anything is allocated.
+
+Pickle files (.ckpt, .pt, .pth, .bin, or any file whose bytes look like a pickle or a torch zip)
+are refused and never unpickled. The header is parsed by hand so that its size, the tensor
+count, every shape's element count and every byte range are checked against the file before
+safetensors maps a single tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import torch
+
+from studio.errors import FormatError, UnsafeFileError
+
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_TENSORS = 50_000
+MAX_TENSOR_ELEMENTS = 2**31
+MAX_METADATA_VALUE_CHARS = 2_000  # shown truncated; the full value is kept for export
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+
+
+def _refuse_pickle(path: Path, head: bytes) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UnsafeFileError(
+            f"{path}: {path.suffix} files are Python pickles, which can run code when loaded; "
+            "the studio reads safetensors only (convert the file with a tool you trust)"
+        )
+    looks_like_safetensors = len(head) >= 9 and head[8:9] == b"{"
+    if not looks_like_safetensors and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
+        raise UnsafeFileError(f"{path}: the bytes are a pickle / torch zip archive, not safetensors; refused unread")
+
+
+def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """Parse and check a safetensors header: ``(tensor entries, metadata)``; no tensor is read."""
+    header, metadata, _ = _parse_header(Path(path))
+    return header, metadata
+
+
+def _parse_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
+    if not path.is_file():
+        raise FormatError(f"{path}: no such file")
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(9)
+        _refuse_pickle(path, head)
+        head = head[:8]
+        if len(head) < 8:
+            raise FormatError(f"{path}: truncated ({size} bytes), not a safetensors file")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES:
+            raise FormatError(f"{path}: header of {header_len} bytes exceeds the cap of {MAX_HEADER_BYTES}")
+        if header_len > size - 8:
+            raise FormatError(f"{path}: header length {header_len} is larger than the file ({size} bytes); truncated or not safetensors")
+        handle.seek(8)
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FormatError(f"{path}: invalid header JSON ({error}); not a safetensors file") from error
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise FormatError(f"{path}: __metadata__ is not an object")
+    _check_entries(path, header, size - 8 - header_len)
+    return header, {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}, 8 + header_len
+
+
+def _check_entries(path: Path, header: dict, data_bytes: int) -> None:
+    if len(header) > MAX_TENSORS:
+        raise FormatError(f"{path}: {len(header)} tensors exceed the cap of {MAX_TENSORS}")
+    for key, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise FormatError(f"{path}: tensor {key!r} has a malformed header entry")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPE_BYTES:
+            raise FormatError(f"{path}: tensor {key!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d for d in shape):
+            raise FormatError(f"{path}: tensor {key!r} has an invalid shape {shape!r}")
+        elements = math.prod(shape)
+        if elements > MAX_TENSOR_ELEMENTS:
+            raise FormatError(f"{path}: tensor {key!r} of shape {shape} has {elements} elements, over the cap")
+        begin, end = offsets if isinstance(offsets, list) and len(offsets) == 2 else (-1, -1)
+        if not (0 <= begin <= end <= data_bytes) or end - begin != elements * DTYPE_BYTES[dtype]:
+            raise FormatError(f"{path}: tensor {key!r} byte range {offsets} does not fit its shape or the file (truncated?)")
+
+
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+
+
+def safe_load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor of a checked safetensors file: ``(tensors, metadata)``.
+
+    Tensors are cut from the data section by the byte ranges already checked in the header
+    (safetensors is little-endian, like every machine torch runs on here).
+    """
+    path = Path(path)
+    header, metadata, data_start = _parse_header(path)
+    with path.open("rb") as handle:
+        handle.seek(data_start)
+        data = bytearray(handle.read())
+    tensors = {}
+    for key, entry in header.items():
+        begin, end = entry["data_offsets"]
+        dtype = TORCH_DTYPES[entry["dtype"]]
+        if begin == end:
+            tensors[key] = torch.empty(entry["shape"], dtype=dtype)
+            continue
+        tensors[key] = torch.frombuffer(data, dtype=dtype, count=(end - begin) // DTYPE_BYTES[entry["dtype"]], offset=begin).reshape(entry["shape"]).clone()
+    return tensors, metadata
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Keys of floating tensors holding NaN or inf (fp16 overflow shows up as inf)."""
+    return [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+
+
+def shown_metadata(metadata: dict[str, str], limit: int = MAX_METADATA_VALUE_CHARS) -> dict[str, str]:
+    """Metadata for display: long values (a huge ss_tag_frequency) truncated, with the length said."""
+    return {key: value if len(value) <= limit else f"{value[:limit]}... ({len(value)} chars)" for key, value in metadata.items()}
