@@ -18,7 +18,8 @@ class GenerateRequest:
     """One generation: what the CLI flags, the app's form and a recipe all fill in.
 
     ``adapters`` are SPECs (``FILE[:w]``, ``COLLECTION.safetensors#NAME[:w]``) or names registered
-    in the engine; several mix into one. With ``per_image`` each image of the batch gets its own
+    in the engine (``Engine.generate`` also takes adapter objects and ``(adapter, weight)`` pairs);
+    several mix into one. With ``per_image`` each image of the batch gets its own
     entry (``none`` for no adapter) and ``batch`` is the number of entries. Image i uses seed
     ``seed + i``. ``guidance`` None picks the base's usual value (4 for the world, else 7.5);
     ``width`` / ``height`` None pick the base's native size.
