@@ -71,13 +71,20 @@ class Attached:
             raise ConfigError(f"layer {layer!r} is a {type(module).__name__}, not a Linear or Conv2d")
         return module
 
+    def _exact(self, fn: Callable[[], Any]) -> Any:
+        """Run an adapter computation in its own precision (fp32), outside any autocast region."""
+        param = next(iter(self.adapter.parameters()), None)
+        device_type = param.device.type if param is not None else "cpu"
+        with torch.autocast(device_type, enabled=False):
+            return fn()
+
     def _refresh(self, *_: Any) -> None:
-        self.cache = dict(self.bulk())
+        self.cache = dict(self._exact(self.bulk))
 
     def _get(self, layer: str) -> Any:
         if layer in self.cache:
             return self.cache[layer]
-        return self.adapter.factors(layer) if self.use_factors else self.adapter.delta(layer)
+        return self._exact(lambda: self.adapter.factors(layer) if self.use_factors else self.adapter.delta(layer))
 
     def _attach(self, layer: str, module: nn.Module) -> None:
         if self.use_factors:
