@@ -197,18 +197,18 @@ def load_pipeline(base: str, dtype: torch.dtype = torch.float32, device: str | t
     path = world_dir() if base == "world" else Path(base)
     try:
         if path.is_dir():
-            pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, safety_checker=None)
+            pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, safety_checker=None)
         elif path.is_file():
             if path.suffix != ".safetensors":
                 raise BaseNotFoundError(f"{path}: only .safetensors checkpoints are loaded (pickle files are refused)")
             cls = StableDiffusionXLPipeline if _arch_from_checkpoint(path) == "sdxl" else StableDiffusionPipeline
-            pipe = cls.from_single_file(str(path), torch_dtype=dtype, local_files_only=_offline())
+            pipe = cls.from_single_file(str(path), dtype=dtype, local_files_only=_offline())
         elif base == "world":
             raise BaseNotFoundError(f"the embedded world is missing at {path}; build it with `studio run pipelines/world.toml`")
         elif is_hub_id(base):
             if _offline():
                 raise BaseNotFoundError(f"base {base!r} is a hub id but the studio is offline (HF_HUB_OFFLINE); give a local folder")
-            pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=dtype, use_safetensors=True)
+            pipe = DiffusionPipeline.from_pretrained(base, dtype=dtype, use_safetensors=True)
         else:
             raise BaseNotFoundError(f"base {base!r}: no such folder or file, and not a hub id")
     except BaseNotFoundError:
