@@ -112,3 +112,26 @@ def test_outputs_samples_metadata_and_export(tiny_pipeline_dir, style_data, tmp_
     assert meta["studio.family"] == "superlora" and json.loads(meta["studio.adapter"])["groups"] == 4
     assert meta["studio.trigger_word"] == "zxq style" and meta["ss_network_dim"] == "4" and meta["ss_steps"] == "4"
     assert any(isinstance(e, Saved) and e.kind == "adapter" for e in events)
+
+
+def test_crash_during_checkpoint_save_keeps_the_last_good_one(tiny_pipeline_dir, style_data, tmp_path, family_cases, monkeypatch):
+    from studio.train import checkpoint
+
+    original, calls = checkpoint.save_safetensors, []
+
+    def failing(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:  # adapter file of the second checkpoint
+            raise OSError("disk full")
+        return original(tensors, path, metadata)
+
+    monkeypatch.setattr(checkpoint, "save_safetensors", failing)
+    config = _config(tiny_pipeline_dir, style_data, tmp_path / "run", "lora", family_cases, steps=6, checkpoint_every=2)
+    with pytest.raises(OSError, match="disk full"):
+        run_to_end(train(config))
+    monkeypatch.setattr(checkpoint, "save_safetensors", original)
+    folder = tmp_path / "run" / "checkpoints"
+    assert checkpoint.latest(folder).name == "step-000002"
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step-000002"]
+    resumed = run_to_end(train(config, resume_dir=tmp_path / "run"))
+    assert resumed.status == "done" and resumed.steps == 6
