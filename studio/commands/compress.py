@@ -26,6 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--base", default="", help="base model id recorded in the file (default: the adapters' detected base)")
     parser.add_argument("--seed", type=int, default=0, help="seed of completion / augmentation components")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (math runs there; cuda:LOCAL_RANK under torchrun)")
+    parser.add_argument("--stats-dtype", choices=["float64", "float32"], default="float64",
+                        help="per-layer statistics precision (float32 halves their memory: SDXL 7.5 GiB instead of 15)")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     return parser
 
@@ -65,7 +67,10 @@ def run(args) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = compress_files(args.paths, args.output, k=args.k, energy=args.energy, augment=args.augment, base_id=args.base, seed=args.seed, device=device)
+            result = compress_files(
+                args.paths, args.output, k=args.k, energy=args.energy, augment=args.augment, base_id=args.base, seed=args.seed,
+                device=device, statistics_dtype=getattr(__import__("torch"), args.stats_dtype),
+            )
         import torch.distributed as dist
 
         if not dist.is_initialized() or dist.get_rank() == 0:

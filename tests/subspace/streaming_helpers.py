@@ -75,6 +75,15 @@ def distributed_worker(rank: int, world: int, port: int, output: str, count: int
         dist.destroy_process_group()
 
 
+def spawn_two(output: str, count: int, port: int) -> None:
+    """Run `distributed_worker` on 2 gloo ranks (called in a fresh interpreter: fast spawn)."""
+    import torch.multiprocessing as mp
+
+    from tests.subspace.synthetic import SHAPES
+
+    mp.spawn(distributed_worker, args=(2, port, output, count, dict(SHAPES)), nprocs=2, join=True)
+
+
 def peak_memory_main() -> None:
     """``python -m tests.subspace.streaming_helpers COUNT OUTPUT``: print ru_maxrss (KiB) after compressing."""
     import resource
