@@ -132,3 +132,25 @@ class EigenLoraAdapter(nn.Module):
             down_shape, up_shape = self.weight_shapes.get(layer, (tuple(down.shape), tuple(up.shape)))
             lora_layers[layer] = LoraLayer(down.reshape(down_shape), up.reshape(up_shape), float(down.shape[0]))
         return LoraAdapter(self.name, lora_layers, dict(self.metadata), "studio")
+
+
+FAMILY = "eigenlora"
+Config = EigenLoraConfig
+
+
+def build(config: EigenLoraConfig, tree) -> "EigenLoraAdapter":
+    """A new trainable adapter on the components of ``config.collection`` (only loadings train).
+
+    The components live in a compressed collection file; reading it is the subspace room's job,
+    so it is imported here, at build time, and never by the math above.
+    """
+    from studio.errors import ConfigError
+    from studio.subspace.collection import CompressedCollection
+
+    if not config.collection:
+        raise ConfigError("[adapter] family 'eigenlora' needs collection = <compressed collection file>")
+    adapter = CompressedCollection.load(config.collection).new_adapter(config, name=FAMILY)
+    unknown = [layer for layer in adapter.layers() if layer not in tree.modules]
+    if unknown:
+        raise ConfigError(f"collection {config.collection}: {len(unknown)} layer(s) not in base {tree.label}, e.g. {unknown[0]}")
+    return adapter

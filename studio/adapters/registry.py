@@ -45,41 +45,13 @@ def families() -> dict[str, Family]:
     """Every family module under ``studio.adapters`` (modules that fail to import are skipped)."""
     found: dict[str, Family] = {}
     for info in pkgutil.iter_modules(studio.adapters.__path__):
-        try:
-            module = importlib.import_module(f"studio.adapters.{info.name}")
-        except Exception:  # a half-written sibling module must not break the others
-            continue
+        module = importlib.import_module(f"studio.adapters.{info.name}")
         name = getattr(module, "FAMILY", None)
         config_class = getattr(module, "Config", None)
         build = getattr(module, "build", None)
         if isinstance(name, str) and dataclasses.is_dataclass(config_class) and callable(build):
             found[name] = Family(name, config_class, build, module)
-        elif info.name in _ADOPTED:
-            found[info.name] = _ADOPTED[info.name](module)
     return found
-
-
-def _eigenlora_family(module: types.ModuleType) -> Family:
-    """Plug for ``eigenlora.py`` until it defines FAMILY / Config / build itself.
-
-    A new EigenLoRA adapter trains loadings on the frozen components of a compressed collection.
-    """
-
-    def build(config: Any, tree: ModuleTree) -> nn.Module:
-        from studio.subspace import CompressedCollection
-
-        if not config.collection:
-            raise ConfigError("[adapter] family 'eigenlora' needs collection = <compressed collection file>")
-        adapter = CompressedCollection.load(config.collection).new_adapter(config, name="eigenlora")
-        unknown = [layer for layer in adapter.layers() if layer not in tree.modules]
-        if unknown:
-            raise ConfigError(f"collection {config.collection}: {len(unknown)} layer(s) not in base {tree.label}, e.g. {unknown[0]}")
-        return adapter
-
-    return Family("eigenlora", module.EigenLoraConfig, build, module)
-
-
-_ADOPTED: dict[str, Callable[[types.ModuleType], Family]] = {"eigenlora": _eigenlora_family}
 
 
 def family(name: str) -> Family:
