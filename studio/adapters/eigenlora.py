@@ -116,6 +116,17 @@ class EigenLoraAdapter(nn.Module):
     def delta(self, layer: str) -> Tensor:
         return self.layer(layer).delta()
 
+    def basis(self, layer: str) -> tuple[Tensor, Tensor]:
+        """``(down_components (K, in), up_components (out, K))``: the collection's own tensors, shared by
+        every adapter of one collection (engines compute ``x V_A^T`` once for a whole batch)."""
+        module = self.layer(layer)
+        return module.down_components, module.up_components
+
+    def core(self, layer: str) -> Tensor:
+        """``beta @ alpha`` (K, K), so that ``delta(layer) == up_components @ core @ down_components``."""
+        module = self.layer(layer)
+        return module.beta @ module.alpha
+
     def loadings(self) -> list[nn.Parameter]:
         """The trainable parameters (every alpha and beta)."""
         return [p for module in self.layer_modules for p in (module.alpha, module.beta)]

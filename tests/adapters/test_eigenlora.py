@@ -80,3 +80,16 @@ def test_bad_shapes_and_configs_are_refused():
         EigenLoraConfig(k=0)
     with pytest.raises(KeyError, match="no layer"):
         _adapter().delta("unet.missing")
+
+
+def test_collection_adapters_share_their_basis_and_core_rebuilds_delta(tmp_path):
+    from tests.subspace.synthetic import shared_collection
+    from studio.subspace.verbs import compress
+
+    adapters = shared_collection(n=3, true_k=4)
+    collection = compress(adapters, k=4).collection
+    first, second = collection.adapter(adapters[0].name), collection.adapter(adapters[1].name)
+    layer = first.layers()[0]
+    assert all(a is b for a, b in zip(first.basis(layer), second.basis(layer)))
+    down_basis, up_basis = first.basis(layer)
+    assert torch.allclose(up_basis @ first.core(layer) @ down_basis, first.delta(layer), atol=1e-5)
