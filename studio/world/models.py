@@ -75,7 +75,7 @@ def make_scheduler():
 
     return DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=0, timestep_spacing="trailing",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing",
         prediction_type="epsilon",
     )
 
