@@ -18,6 +18,12 @@ COLLECTION_COLUMNS = ["name", "format", "rank", "alpha", "layers", "targets", "s
 ERROR_COLUMNS = ["adapter", "rel error", "bytes in", "loadings bytes"]
 
 
+def typed_frame(rows: list[dict], columns: dict[str, str]) -> pd.DataFrame:
+    """A frame with fixed column dtypes even when empty (a plot reads its axis types from them)."""
+    frame = pd.DataFrame(rows, columns=list(columns))
+    return frame.astype(columns)
+
+
 def _short(value: Any) -> str:
     """A rank or alpha that may be one number or a list (mixed ranks)."""
     if isinstance(value, list):
@@ -72,7 +78,7 @@ def explained_curve(result) -> pd.DataFrame:
         for k in range(longest):
             values = [c[k] for c in curves if k < len(c)]
             rows.append({"components": k + 1, "explained energy": sum(values) / len(values), "factor": side})
-    return pd.DataFrame(rows, columns=["components", "explained energy", "factor"])
+    return typed_frame(rows, {"components": "int64", "explained energy": "float64", "factor": "str"})
 
 
 def compress_summary(outcome) -> dict[str, Any]:
@@ -116,7 +122,7 @@ class TrainView:
     def loss_frame(self) -> pd.DataFrame:
         rows = [{"step": s, "loss": v, "curve": "train"} for s, v in self.losses]
         rows += [{"step": s, "loss": v, "curve": "validation"} for s, v in self.validation]
-        return pd.DataFrame(rows, columns=["step", "loss", "curve"])
+        return typed_frame(rows, {"step": "int64", "loss": "float64", "curve": "str"})
 
     def status(self) -> str:
         head = f"step {self.step} / {self.total}" if self.total else "starting ..."

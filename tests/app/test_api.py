@@ -65,10 +65,11 @@ def test_train_a_few_steps_joins_the_collection(client):
     knobs, learning_rate = client.predict("lora", api_name="/family_defaults")
     assert json.loads(knobs)["rank"] == 4 and learning_rate == pytest.approx(1e-3)
     status, plot, samples, result = client.predict(
-        "noir-lora", folder, "lora", knobs, 3, 1e-3, 2, "", 0, "", 0, api_name="/train")
+        "noir-lora", folder, "lora", knobs, 3, 1e-3, 2, "", 3, "noirish style, a red circle", 0, api_name="/train")
     assert result["status"] == "done" and result["steps"] == 3
     assert len(result["losses"]) == 3 and all(0 < v < 10 for v in result["losses"].values())
     assert result["lora"] == "noir-lora.lora.safetensors"
+    assert len(samples) == 1 and "step 3" in samples[0]["caption"]
     _, table, _ = client.predict(api_name="/import_zoo")
     assert "noir-lora.lora" in {row[0] for row in rows(table)}
 

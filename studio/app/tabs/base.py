@@ -13,7 +13,7 @@ KINDS = {"the embedded world": "world", "a diffusers folder": "folder", "a singl
 
 def build(studio: Studio) -> Tab:
     """Lay out the tab and wire Load to `Studio.pick_base`."""
-    with gr.Tab("Base", id="base") as tab:
+    with gr.Tab("Base", id="base", elem_id="tab-base") as tab:
         gr.Markdown(f"Folders and files are named relative to the workspace `{studio.workspace.root}` "
                     "(put models under `bases/`). Adapters are re-checked against the new base.")
         kind = gr.Radio(list(KINDS), value="the embedded world", label="Base")

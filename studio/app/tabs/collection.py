@@ -13,7 +13,7 @@ from studio.errors import StudioError
 
 def build(studio: Studio) -> Tab:
     """Lay out the tab and wire its buttons to the studio's import / inspect functions."""
-    with gr.Tab("Collection", id="collection") as tab:
+    with gr.Tab("Collection", id="collection", elem_id="tab-collection") as tab:
         gr.Markdown("Import LoRA files (`.safetensors` only; pickles are refused unread). "
                     "Folders are named relative to the workspace.")
         with gr.Row():

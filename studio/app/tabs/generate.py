@@ -15,7 +15,7 @@ SCHEDULERS = ["default", "ddim", "euler", "euler_a", "dpm++", "dpm++_karras", "p
 
 def build(studio: Studio) -> Tab:
     """Lay out the tab and wire it to `Studio.switch` / `generate` / `gallery`."""
-    with gr.Tab("Generate", id="generate") as tab:
+    with gr.Tab("Generate", id="generate", elem_id="tab-generate") as tab:
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", value="a red circle on a white background", lines=2)

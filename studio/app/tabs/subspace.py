@@ -13,7 +13,7 @@ from studio.events import Done, Message, Progress
 
 def build(studio: Studio) -> Tab:
     """Lay out the tab and wire Compress to `Studio.compress` (which streams its events)."""
-    with gr.Tab("Subspace", id="subspace") as tab:
+    with gr.Tab("Subspace", id="subspace", elem_id="tab-subspace") as tab:
         gr.Markdown("Compress the collection into shared EigenLoRAx components plus small per-adapter loadings.")
         with gr.Row():
             size_by = gr.Radio(["K per layer", "energy threshold"], value="K per layer", label="Size the subspace by")
@@ -24,7 +24,7 @@ def build(studio: Studio) -> Tab:
         run = gr.Button("Compress", variant="primary")
         status = gr.Markdown(elem_id="subspace-status")
         with gr.Row():
-            plot = gr.LinePlot(views.explained_curve(_Empty()), x="components", y="explained energy", color="factor",
+            plot = gr.LinePlot(None, x="components", y="explained energy", color="factor", color_map={"down": "#1f77b4", "up": "#ff7f0e"},
                                title="Explained energy (mean over layers)", y_lim=[0, 1], height=300)
             errors = gr.Dataframe(views.error_table(_Empty()), label="Reconstruction error", interactive=False, elem_id="subspace-errors")
         files = gr.File(label="Download: compressed collection and exported LoRAs", file_count="multiple", interactive=False)

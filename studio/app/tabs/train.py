@@ -18,7 +18,7 @@ DEFAULT_FAMILY = "lora"
 
 def build(studio: Studio) -> Tab:
     """Lay out the tab and wire it to `Studio.train` / `resume` / `stop` and the dataset helpers."""
-    with gr.Tab("Train", id="train") as tab:
+    with gr.Tab("Train", id="train", elem_id="tab-train") as tab:
         with gr.Row():
             with gr.Column():
                 gr.Markdown("**Dataset**: a zip of images with same-named `.txt` captions, or one of the world's styles.")
@@ -50,8 +50,8 @@ def build(studio: Studio) -> Tab:
                     resume = gr.Button("Resume")
         status = gr.Markdown(elem_id="train-status")
         with gr.Row():
-            loss_plot = gr.LinePlot(views.TrainView().loss_frame(), x="step", y="loss", color="curve", title="Loss", height=280)
-            samples = gr.Gallery(label="Samples", columns=4, height=280)
+            loss_plot = gr.LinePlot(None, x="step", y="loss", color="curve", color_map={"train": "#1f77b4", "validation": "#ff7f0e"}, title="Loss", height=280)
+            samples = gr.Gallery(label="Samples", columns=4, height=280, elem_id="train-samples")
         result = gr.JSON(label="Result")
 
     upload.click(friendly(lambda path, label: _dataset(studio.upload_dataset(_need(path, "a dataset zip"), label), studio)),

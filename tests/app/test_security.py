@@ -1,0 +1,95 @@
+"""RELIABILITY 15 and 16 through the API: paths, names, uploads, simultaneous calls, determinism."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from gradio_client import handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+
+@pytest.fixture(scope="module", autouse=True)
+def zoo_imported(client):
+    client.predict(api_name="/import_zoo")
+
+
+@pytest.mark.parametrize("folder,message", [("../", "'..' is not accepted"), ("/etc", "absolute paths"), ("adapters/../../x", "'..' is not accepted")])
+def test_folders_outside_the_workspace_are_refused(client, folder, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(folder, api_name="/import_folder")
+
+
+@pytest.mark.parametrize("name", ["../style0", "/tmp/style0.safetensors", "style0/../../x", "C:\\x"])
+def test_adapter_names_that_are_paths_are_refused(client, name):
+    with pytest.raises(AppError, match="is not allowed"):
+        client.predict([name], 1.0, api_name="/switch_adapter")
+    with pytest.raises(AppError, match="is not allowed"):
+        client.predict("a red circle", "", [name], "", 1.0, "mix into one", 0, 1, None, 1, None, None, "default", api_name="/generate")
+
+
+def test_bases_outside_the_workspace_are_refused(client):
+    with pytest.raises(AppError, match="'..' is not accepted"):
+        client.predict("a diffusers folder", "../../", api_name="/load_base")
+    with pytest.raises(AppError, match="offline"):
+        client.predict("a hub id (online)", "org/model", api_name="/load_base")
+
+
+def test_dataset_folders_outside_the_workspace_are_refused(client):
+    with pytest.raises(AppError, match="absolute paths"):
+        client.predict("x", "/etc", "lora", "{}", 1, 1e-3, 1, "", 0, "", 0, api_name="/train")
+
+
+def test_oversized_upload_is_refused(client, running_app, tmp_path):
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(b"\0" * (running_app.studio.config.max_file_size + 1024))
+    with pytest.raises(Exception):
+        client.predict([handle_file(str(big))], api_name="/import_files")
+    assert not (running_app.studio.workspace.folder("adapters") / "big.safetensors").exists()
+
+
+class _Boom:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_pickles_are_never_unpickled(client, tmp_path, capsys):
+    evil = tmp_path / "evil.safetensors"  # a pickle wearing the right suffix
+    evil.write_bytes(pickle.dumps(_Boom()))
+    _, table, _ = client.predict([handle_file(str(evil))], api_name="/import_files")
+    row = next(r for r in table["data"] if r[0] == "evil")
+    assert row[-1].startswith("error:")
+    assert "unpickled!" not in capsys.readouterr().out
+    client.predict("evil", api_name="/remove_adapter")
+
+
+def _generate(client, adapter: str, seed: int):
+    return client.submit("a red circle", "", [adapter], "", 1.0, "mix into one", seed, 2, None, 1, None, None, "default", api_name="/generate")
+
+
+def _pixels(job) -> bytes:
+    with Image.open(job.result()[2][0]) as image:
+        return image.tobytes()
+
+
+def test_simultaneous_switch_and_generate_are_serialized(client):
+    references = {name: _pixels(_generate(client, name, 5)) for name in ("style0", "style1")}
+    assert references["style0"] != references["style1"]
+    jobs = []
+    for name in ("style0", "style1", "style0", "style1"):
+        jobs.append((name, _generate(client, name, 5)))
+        jobs.append((None, client.submit(["style2"], 1.7, api_name="/switch_adapter")))
+    for name, job in jobs:
+        if name is None:
+            assert "switched" in job.result()
+        else:
+            assert _pixels(job) == references[name]
+
+
+def test_png_info_reads_back(client, running_app):
+    from studio.engine import read_png_parameters
+
+    _, _, files, _, _, _ = client.predict("a red circle", "", ["style1"], "0.7", 1.0, "mix into one", 9, 2, 3.5, 1, None, None, "euler", api_name="/generate")
+    params = read_png_parameters(files[0])
+    assert params.seed == 9 and params.steps == 2 and params.cfg_scale == 3.5 and params.adapters == [("style1", 0.7)]
