@@ -26,6 +26,7 @@ from studio.app.workspace import Workspace, WorkspaceError, extract_dataset_zip
 BaseKind = Literal["world", "folder", "file", "hub"]
 GenerateMode = Literal["mix", "per_image", "grid"]
 COMPRESSED_SUFFIX = ".eigen"
+GRID_COLUMNS = 4  # a comparison of up to 4 adapters is one row
 
 
 @dataclass
@@ -347,7 +348,8 @@ class Studio:
         engine = self.require_engine()
         request = self.request(form)
         started = time.perf_counter()
-        images = [comparison_grid(request, engine)] if form.mode == "grid" else generate(request, engine)
+        columns = min(len(request.adapters), GRID_COLUMNS)
+        images = [comparison_grid(request, engine, columns)] if form.mode == "grid" else generate(request, engine)
         seconds = time.perf_counter() - started
         paths = self._save(images)
         return Generated(paths, [i.infotext for i in images], [i.image.size for i in images], seconds)
@@ -410,7 +412,7 @@ def write_style_dataset(style_name: str, target: Path, count: int, seed: int, si
     from studio.world.data import style_split
     from studio.world.styles import load_styles
 
-    styles = load_styles()
+    styles = load_styles(styles_file())
     index = next((i for i, s in enumerate(styles) if s.name == style_name), None)
     if index is None:
         raise ConfigError(f"no world style {style_name!r}; known: {', '.join(s.name for s in styles)}")
@@ -422,11 +424,20 @@ def write_style_dataset(style_name: str, target: Path, count: int, seed: int, si
     return target
 
 
+def styles_file() -> Path:
+    """The styles the embedded world (and its zoo) was built with; the package's own otherwise."""
+    from studio.bases import world_dir
+    from studio.world.styles import DEFAULT_STYLES
+
+    shipped = world_dir() / "styles.toml"
+    return shipped if shipped.is_file() else DEFAULT_STYLES
+
+
 def world_styles() -> list[str]:
     """Names of the world's styles (for the Train tab's picker)."""
     from studio.world.styles import load_styles
 
-    return [style.name for style in load_styles()]
+    return [style.name for style in load_styles(styles_file())]
 
 
 FAMILY_LEARNING_RATES = {"lora": 1e-3, "superlora": 1e-2, "unilora": 2e-2, "eigenlora": 1e-2}  # as pipelines/quality.toml

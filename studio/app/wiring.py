@@ -48,7 +48,8 @@ def optional_int(value: Any) -> int | None:
 
 
 def optional_float(value: Any) -> float | None:
-    return float(value) if value not in (None, "") else None
+    """A number box left empty (or 0) means 'the default' (a CFG scale of 0 is never wanted)."""
+    return float(value) if value not in (None, "", 0) else None
 
 
 def float_list(text: str) -> list[float]:

@@ -28,22 +28,22 @@ def build(studio: Studio) -> Tab:
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed")
                     steps = gr.Number(value=20, precision=0, minimum=1, label="Steps")
-                    guidance = gr.Number(value=None, label="CFG scale (empty: the base's usual)")
+                    guidance = gr.Number(value=0, minimum=0, label="CFG scale (0: the base's usual)")
                     batch = gr.Number(value=1, precision=0, minimum=1, maximum=16, label="Batch")
                 with gr.Row():
-                    width = gr.Number(value=None, precision=0, label="Width (empty: native)")
-                    height = gr.Number(value=None, precision=0, label="Height (empty: native)")
+                    width = gr.Number(value=0, precision=0, minimum=0, step=8, label="Width (0: native)")
+                    height = gr.Number(value=0, precision=0, minimum=0, step=8, label="Height (0: native)")
                     scheduler = gr.Dropdown(SCHEDULERS, value="default", label="Scheduler")
                 with gr.Row():
                     switch = gr.Button("Switch adapter")
                     run = gr.Button("Generate", variant="primary")
                 status = gr.Markdown(elem_id="generate-status")
             with gr.Column(scale=3):
-                images = gr.Gallery(label="Images", columns=4, height=360, elem_id="generate-images", format="png")
+                images = gr.Gallery(label="Images", columns=4, height=400, elem_id="generate-images", format="png", preview=True, object_fit="contain")
                 infotext = gr.Textbox(label="Parameters (written into each PNG)", lines=3)
                 files = gr.File(label="Download PNGs", file_count="multiple", interactive=False)
                 summary = gr.JSON(label="Summary")
-        history = gr.Gallery(label="Gallery (workspace outputs)", columns=8, height=220, format="png")
+        history = gr.Gallery(label="Gallery (workspace outputs)", columns=8, height=220, format="png", object_fit="contain")
         refresh_gallery = gr.Button("Refresh gallery")
 
     def switch_to(chosen: list[str], scale: float) -> str:
