@@ -106,3 +106,20 @@ def test_same_seed_same_image(client):
     second = client.predict(*args, api_name="/generate")[2][0]
     with Image.open(first) as a, Image.open(second) as b:
         assert a.tobytes() == b.tobytes()
+
+
+def test_stop_and_resume(client):
+    import time
+
+    folder, _ = client.predict("noir", 8, api_name="/style_dataset")
+    knobs, _ = client.predict("lora", api_name="/family_defaults")
+    job = client.submit("stop-me", folder, "lora", knobs, 60, 1e-3, 1, "", 0, "", 0, api_name="/train")
+    deadline = time.monotonic() + 60
+    while not any("step" in str(o[0]) for o in job.outputs()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "stopping" in client.predict(api_name="/stop_training")
+    stopped = job.result()[3]
+    assert stopped["status"] == "stopped" and 0 < stopped["steps"] < 60
+    resumed = client.predict("stop-me", api_name="/resume_training")[3]
+    assert resumed["status"] == "done" and resumed["steps"] == 60
+    assert set(map(int, resumed["losses"])) == set(range(1, 61))
