@@ -179,7 +179,8 @@ def module_tree(base: str) -> ModuleTree:
     raise BaseNotFoundError(f"base {base!r}: no such folder or file, and not an architecture ({', '.join(ARCHITECTURES)}) or hub id")
 
 
-def _offline() -> bool:
+def is_offline() -> bool:
+    """True when the hub must not be reached (HF_HUB_OFFLINE, or STUDIO_OFFLINE=1)."""
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get("STUDIO_OFFLINE") == "1"
 
 
@@ -202,11 +203,11 @@ def load_pipeline(base: str, dtype: torch.dtype = torch.float32, device: str | t
             if path.suffix != ".safetensors":
                 raise BaseNotFoundError(f"{path}: only .safetensors checkpoints are loaded (pickle files are refused)")
             cls = StableDiffusionXLPipeline if _arch_from_checkpoint(path) == "sdxl" else StableDiffusionPipeline
-            pipe = cls.from_single_file(str(path), dtype=dtype, local_files_only=_offline())
+            pipe = cls.from_single_file(str(path), dtype=dtype, local_files_only=is_offline())
         elif base == "world":
             raise BaseNotFoundError(f"the embedded world is missing at {path}; build it with `studio run pipelines/world.toml`")
         elif is_hub_id(base):
-            if _offline():
+            if is_offline():
                 raise BaseNotFoundError(f"base {base!r} is a hub id but the studio is offline (HF_HUB_OFFLINE); give a local folder")
             pipe = DiffusionPipeline.from_pretrained(base, dtype=dtype, use_safetensors=True)
         else:

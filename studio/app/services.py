@@ -385,7 +385,7 @@ class Studio:
 
 def resolve_base(workspace: Workspace, kind: BaseKind, value: str = "") -> str:
     """A BASE string from the picker: paths must lie in the workspace; hub ids need a network."""
-    from studio.bases import _offline, is_hub_id
+    from studio.bases import is_offline, is_hub_id
 
     if kind == "world":
         return "world"
@@ -399,7 +399,7 @@ def resolve_base(workspace: Workspace, kind: BaseKind, value: str = "") -> str:
     if kind == "hub":
         if not is_hub_id(value.strip()):
             raise BaseNotFoundError(f"{value!r} is not a hub id (org/name)")
-        if _offline():
+        if is_offline():
             raise BaseNotFoundError(f"{value!r}: the studio is offline (HF_HUB_OFFLINE); hub ids need a network")
         return value.strip()
     raise ConfigError(f"unknown base kind {kind!r}: world, folder, file or hub")
