@@ -3,6 +3,8 @@ procedure (centred, d x d covariance, general eig), on SDXL UNet attention-proje
 
   python benchmarks/subspace_extract.py --device cuda            # 20 rank-32 LoRAs, sampled layers
   python benchmarks/subspace_extract.py --device cpu --quick     # small, CPU-friendly
+  python benchmarks/subspace_extract.py --device cuda --max-layers 12 --profile   # + per-phase times
+  python benchmarks/subspace_extract.py --shapes 20x640x640,20x1280x2048 --max-layers 8 --profile  # CPU, no diffusers
   python benchmarks/subspace_extract.py --zoo assets/world/loras # quality table on real files
   python benchmarks/subspace_extract.py --make-zoo /tmp/zoo      # write synthetic SD1.5 files to try --zoo
 
@@ -31,7 +33,7 @@ from studio.adapters.lora import LoraAdapter, LoraLayer  # noqa: E402
 from studio.subspace.collection import CompressedCollection, LayerShape  # noqa: E402
 from studio.subspace.extract import SubspaceSpec  # noqa: E402
 from studio.subspace.verbs import (  # noqa: E402
-    AdapterRecord, adapter_factors, compress_sources, fit_subspaces, leave_one_out, pack_loadings, reconstruct, reconstruction_errors,
+    AdapterRecord, collection_factors, compress_sources, fit_subspaces, leave_one_out, pack_loadings, reconstruct_all, reconstruction_errors,
 )
 
 SDXL_UNET = dict(
@@ -91,17 +93,32 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_method(adapters: list[LoraAdapter], k: int, method: str, device: str) -> tuple[float, dict, list]:
-    """Extraction + projection time, the layer subspaces and the per-adapter reconstructions."""
+PHASES: dict[str, dict[str, float]] = {}  # label -> phase -> seconds, filled by timed_method
+
+
+def timed_method(adapters: list[LoraAdapter], k: int, method: str, device: str, label: str | None = None) -> tuple[float, dict, list]:
+    """Extraction + projection time, the layer subspaces and the per-adapter reconstructions.
+
+    Per-phase times (canonical / gram+eigh / projection, device-synchronised) go to PHASES[label]."""
+    phases, clock = {}, [time.perf_counter()]
+
+    def lap(phase: str) -> None:
+        _sync(device)
+        clock.append(time.perf_counter())
+        phases[phase] = clock[-1] - clock[-2]
+
     _sync(device)
-    start = time.perf_counter()
-    factors = [adapter_factors(a, method == "ours", device) for a in adapters]
+    clock[0] = time.perf_counter()
+    factors = collection_factors(adapters, method == "ours", device)
+    lap("canonical" if method == "ours" else "factors")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         layers = fit_subspaces(factors, SubspaceSpec(k=k), method)
-    rebuilt = [reconstruct(f, layers) for f in factors]
-    _sync(device)
-    return time.perf_counter() - start, layers, rebuilt
+    lap("gram+eigh" if method == "ours" else "cov+eig")
+    rebuilt = reconstruct_all(factors, layers)
+    lap("projection")
+    PHASES[label or method] = phases
+    return clock[-1] - clock[0], layers, rebuilt
 
 
 def collection_bytes(adapters: list[LoraAdapter], layers: dict, rebuilt: list, folder: Path, label: str) -> int:
@@ -128,8 +145,17 @@ class _Held:
         return sum(l.down.nbytes + l.up.nbytes for l in self.adapter.lora_layers.values())
 
 
+def custom_shapes(text: str) -> dict[str, tuple[int, int]]:
+    """``{layer: (out, in)}`` from "20x640x640,20x1280x2048" (count x out x in per group)."""
+    shapes = {}
+    for group, spec in enumerate(text.split(",")):
+        count, n_out, n_in = (int(v) for v in spec.split("x"))
+        shapes |= {f"unet.group{group}.layer{i}.to_q": (n_out, n_in) for i in range(count)}
+    return shapes
+
+
 def speed_table(args) -> None:
-    shapes = sdxl_attention_shapes()
+    shapes = custom_shapes(args.shapes) if args.shapes else sdxl_attention_shapes()
     sample = sample_layers(shapes, args.max_layers, 640 if args.quick else None)
     print(f"SDXL UNet: {len(shapes)} attention projections; timing both methods on {len(sample)} of them; "
           f"{args.n} rank-{args.rank} LoRAs, K={args.k}, device {args.device}")
@@ -141,7 +167,10 @@ def speed_table(args) -> None:
         for method in ("reference", "ours"):
             seconds, layers, rebuilt = timed_method(adapters, args.k, method, args.device)
             errors = [r.total.relative for r in rebuilt]
-            rows[method] = (seconds, collection_bytes(adapters, layers, rebuilt, Path(folder), method), sum(errors) / len(errors))
+            start = time.perf_counter()
+            size = collection_bytes(adapters, layers, rebuilt, Path(folder), method)
+            PHASES[method]["file"] = time.perf_counter() - start
+            rows[method] = (seconds, size, sum(errors) / len(errors))
         _sync(args.device)
         start = time.perf_counter()
         with warnings.catch_warnings():
@@ -156,11 +185,15 @@ def speed_table(args) -> None:
         print(f"{method:<24}{seconds:>10.3f}{seconds / ref_seconds:>12.3f}{size:>14,}{size / original:>12.4f}{size / ref_bytes:>12.4f}{error:>14.3e}{error / max(ref_error, 1e-30):>11.3f}")
     if not args.quick and len(sample) < len(shapes):
         full = synthetic_loras(shapes, args.n, args.rank)
-        seconds, layers, rebuilt = timed_method(full, args.k, "ours", args.device)
+        seconds, layers, rebuilt = timed_method(full, args.k, "ours", args.device, f"ours, all {len(shapes)} layers")
         size = sum(l.down.nbytes + l.up.nbytes for a in full for l in a.lora_layers.values())
         per_layer_ref = ref_seconds / len(sample)
         print(f"\nours on all {len(shapes)} layers: {seconds:.2f} s, mean rel err {sum(r.total.relative for r in rebuilt) / len(rebuilt):.3e} "
               f"(reference extrapolated: ~{per_layer_ref * len(shapes):.0f} s; originals {size:,} bytes)")
+    if args.profile:
+        print("\nper-phase seconds (device-synchronised; file = writing the collection, not in 'seconds' above)")
+        for label, phases in PHASES.items():
+            print(f"  {label:<28}" + "  ".join(f"{phase} {value:.3f}" for phase, value in phases.items()))
 
 
 def zoo_table(folder: Path, device: str) -> None:
@@ -202,6 +235,8 @@ def main() -> None:
     parser.add_argument("--max-layers", type=int, default=24, help="layers both methods are timed on (0: all)")
     parser.add_argument("--zoo", type=Path, help="folder of LoRA files: quality table at K = 2, 4, 8, 14, 24")
     parser.add_argument("--make-zoo", type=Path, help="write synthetic SD1.5 LoRA files there and exit")
+    parser.add_argument("--profile", action="store_true", help="per-phase times: canonical / gram+eigh / projection / file")
+    parser.add_argument("--shapes", help="synthetic layers instead of SDXL's, e.g. 20x640x640,20x1280x2048 (count x out x in)")
     parser.add_argument("--skip-speed", action="store_true", help="only the zoo table")
     args = parser.parse_args()
     if args.make_zoo:

@@ -24,6 +24,7 @@ from studio.subspace.canonical import fix_signs
 # this is a relative singular-value level of dW: directions below it carry < 1e-6 of an update.
 RANK_TOLERANCE = 1e-6
 MAX_CURVE = 1024  # explained-energy curves are kept up to this many components
+BATCH_ELEMENTS = 1 << 26  # numbers per stacked batch (512 MiB in float64): bounds batched memory
 
 
 class SubspaceWarning(UserWarning):
@@ -94,38 +95,66 @@ def layer_seed(seed: int, layer: str) -> int:
 
 
 def _sorted_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (descending, >= 0) and eigenvectors of symmetric matrices (..., d, d)."""
     energies, vectors = torch.linalg.eigh(gram)
-    return energies.flip(0).clamp_min(0.0), vectors.flip(1)
+    return energies.flip(-1).clamp_min(0.0), vectors.flip(-1)
+
+
+def _kept_counts(energies: Tensor, counts: list[int] | None = None) -> list[int]:
+    """Per matrix of a batch (L, m): how many eigenvalues lie above the rank tolerance, among the
+    first ``counts[i]`` (default all); one host sync for the whole batch."""
+    if energies.shape[-1] == 0:
+        return [0] * energies.shape[0]
+    top = energies[:, :1]
+    above = (energies > top * RANK_TOLERANCE) & (top > 0)
+    if counts is not None:
+        limit = torch.tensor(counts, device=energies.device).unsqueeze(1)
+        above &= torch.arange(energies.shape[-1], device=energies.device) < limit
+    return above.sum(-1).tolist()
 
 
 def _above_tolerance(energies: Tensor) -> int:
-    if energies.numel() == 0 or energies[0] <= 0:
-        return 0
-    return int((energies > energies[0] * RANK_TOLERANCE).sum())
+    return _kept_counts(energies.unsqueeze(0))[0]
+
+
+def chunks(count: int, per_item: int, budget: int = BATCH_ELEMENTS) -> list[range]:
+    """Consecutive ranges of ``count`` items, each holding at most ``budget`` numbers (>= 1 item)."""
+    step = max(1, budget // max(per_item, 1))
+    return [range(start, min(start + step, count)) for start in range(0, count, step)]
 
 
 def directions_from_rows(rows: Tensor) -> Directions:
     """Principal directions of the rows of ``rows`` (M, d), through the smaller Gram matrix."""
+    return directions_batch(rows.unsqueeze(0))[0]
+
+
+def directions_batch(rows: Tensor) -> list[Directions]:
+    """`directions_from_rows` of a stack of equal-shape row sets (L, M, d): one batched eigh."""
     rows64 = rows.double()
-    count, dim = rows64.shape
-    if count <= dim:
-        energies, mixing = _sorted_eigh(rows64 @ rows64.T)  # (M, M)
-        kept = _above_tolerance(energies)
-        vectors = (rows64.T @ mixing[:, :kept]) / energies[:kept].sqrt()
-    else:
-        energies, vectors = _sorted_eigh(rows64.T @ rows64)  # (d, d)
-        energies = energies[:count]
-        vectors = vectors[:, : _above_tolerance(energies)]
-    vectors, _ = fix_signs(vectors, dim=0)
-    return Directions(vectors, energies, count)
+    count, dim = rows64.shape[-2:]
+    if count > dim:
+        return directions_from_covariances(rows64.mT @ rows64, [count] * rows64.shape[0])
+    energies, mixing = _sorted_eigh(rows64 @ rows64.mT)  # (L, M, M)
+    kept = _kept_counts(energies)
+    widest = max(kept, default=0)
+    roots = energies[:, :widest].clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+    vectors, _ = fix_signs((rows64.mT @ mixing[:, :, :widest]) / roots.unsqueeze(1), dim=0)  # (L, d, widest)
+    return [Directions(vectors[i, :, : kept[i]], energies[i], count) for i in range(len(kept))]
 
 
 def directions_from_covariance(covariance: Tensor, count: int) -> Directions:
     """Principal directions from a summed outer-product matrix (d, d) of ``count`` vectors."""
-    energies, vectors = _sorted_eigh(covariance.double())
-    energies = energies[: min(count, energies.numel())]
-    vectors, _ = fix_signs(vectors[:, : _above_tolerance(energies)], dim=0)
-    return Directions(vectors, energies, count)
+    return directions_from_covariances(covariance.unsqueeze(0), [count])[0]
+
+
+def directions_from_covariances(covariances: Tensor, counts: list[int]) -> list[Directions]:
+    """`directions_from_covariance` of a stack (L, d, d): one batched eigh."""
+    energies, vectors = _sorted_eigh(covariances.double())
+    kept = _kept_counts(energies, counts)
+    energies = [energies[i, : min(c, energies.shape[-1])] for i, c in enumerate(counts)]
+    widest = max(kept, default=0)
+    vectors, _ = fix_signs(vectors[:, :, :widest], dim=0)
+    return [Directions(vectors[i, :, : kept[i]], energies[i], counts[i]) for i in range(len(counts))]
 
 
 def explained_curve(energies: Tensor) -> Tensor:

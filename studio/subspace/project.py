@@ -32,7 +32,10 @@ class ErrorParts:
 
 
 def project(down: Tensor, up: Tensor, down_components: Tensor, up_components: Tensor) -> tuple[Tensor, Tensor]:
-    """Loadings ``(alpha, beta)``: alpha = A V_A^T (r, K), beta = U_B^T B (K, r), float32."""
+    """Loadings ``(alpha, beta)``: alpha = A V_A^T (r, K), beta = U_B^T B (K, r), float32.
+
+    ``down`` (r, in) and ``up`` (out, r) may carry a leading batch axis (N adapters of one rank):
+    the loadings then do too."""
     alpha = down.float() @ down_components.float().T
     beta = up_components.float().T @ up.float()
     return alpha, beta
@@ -40,15 +43,24 @@ def project(down: Tensor, up: Tensor, down_components: Tensor, up_components: Te
 
 def error_parts(down: Tensor, up: Tensor, down_components: Tensor, up_components: Tensor) -> ErrorParts:
     """Residual and total energy of projecting dW = up @ down onto the components (float64)."""
-    a, b = down.double(), up.double()
+    residual, total = error_parts_batch(down.unsqueeze(0), up.unsqueeze(0), down_components, up_components)
+    return ErrorParts(float(residual[0]), float(total[0]))
+
+
+def error_parts_batch(downs: Tensor, ups: Tensor, down_components: Tensor, up_components: Tensor) -> tuple[Tensor, Tensor]:
+    """`error_parts` of N adapters of one rank at once: downs (N, r, in), ups (N, out, r).
+
+    Returns the squared residual and total norms as float64 tensors (N,), on the factors' device
+    (no host sync: the caller reads them all at once)."""
+    a, b = downs.double(), ups.double()
     v, u = down_components.double().to(a.device), up_components.double().to(a.device)
     a_hat = (a @ v.T) @ v
     b_hat = u @ (u.T @ b)
     residual_a, residual_b = a - a_hat, b - b_hat
-    gram_a = a @ a.T
-    residual = ((residual_b.T @ residual_b) * gram_a).sum() + ((b_hat.T @ b_hat) * (residual_a @ residual_a.T)).sum()
-    total = ((b.T @ b) * gram_a).sum()
-    return ErrorParts(float(residual), float(total))
+    gram_a = a @ a.mT
+    residual = ((residual_b.mT @ residual_b) * gram_a).sum((-2, -1)) + ((b_hat.mT @ b_hat) * (residual_a @ residual_a.mT)).sum((-2, -1))
+    total = ((b.mT @ b) * gram_a).sum((-2, -1))
+    return residual, total
 
 
 def total_error(parts: list[ErrorParts]) -> ErrorParts:

@@ -9,22 +9,42 @@ dropped; ranks of torch.distributed each sum their shard and the sums are all-re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from studio.adapters.lora import LoraAdapter, LoraLayer
 from studio.errors import StudioError
-from studio.subspace.canonical import canonical
+from studio.subspace.canonical import canonical_batch
 from studio.subspace.collection import LayerShape
 from studio.subspace.distributed import all_gather_json, all_reduce_sum
-from studio.subspace.extract import LayerSubspace, SubspaceSpec, build_subspace, directions_from_covariance, layer_seed
+from studio.subspace.extract import Directions, LayerSubspace, SubspaceSpec, build_subspace, chunks, directions_from_covariances, layer_seed
 
 
 def canonical_factors(layer: LoraLayer, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     """Balanced ``(A, B)`` of a LoRA layer (scale alpha / r folded in), on ``device``."""
-    down, up = layer.factors()
-    return canonical(down.to(device), up.to(device))
+    return canonical_layers([layer], device)[0]
+
+
+def canonical_layers(layers: Sequence[LoraLayer], device: torch.device | str = "cpu") -> list[tuple[Tensor, Tensor]]:
+    """`canonical_factors` of many layers, in order: layers of equal shape (rank, in, out) go
+    through one batched `canonical_batch` (in chunks of at most `BATCH_ELEMENTS` numbers),
+    stacked on the host and moved to ``device`` in one copy per chunk."""
+    factors = [layer.factors() for layer in layers]
+    groups: dict[tuple, list[int]] = {}
+    for index, (down, up) in enumerate(factors):
+        groups.setdefault((tuple(down.shape), tuple(up.shape)), []).append(index)
+    result: list = [None] * len(factors)
+    for (down_shape, up_shape), members in groups.items():
+        for part in chunks(len(members), 2 * (down_shape[0] * down_shape[1] + up_shape[0] * up_shape[1])):
+            indices = [members[j] for j in part]
+            downs = torch.stack([factors[i][0] for i in indices]).to(device)
+            ups = torch.stack([factors[i][1] for i in indices]).to(device)
+            new_downs, new_ups = canonical_batch(downs, ups)
+            for j, i in enumerate(indices):
+                result[i] = (new_downs[j], new_ups[j])
+    return result
 
 
 def check_shape(shapes: dict[str, LayerShape], layer: str, shape: LayerShape, adapter: str) -> None:
@@ -69,7 +89,8 @@ class CollectionStatistics:
         """Accumulate one adapter's canonical factors (the adapter can be dropped afterwards)."""
         for name, lora_layer in adapter.lora_layers.items():
             check_shape(self.shapes, name, LayerShape.of(lora_layer), adapter.name)
-            down, up = canonical_factors(lora_layer, self.device)
+        canonicals = canonical_layers(list(adapter.lora_layers.values()), self.device)
+        for name, (down, up) in zip(adapter.lora_layers, canonicals):
             stats = self._layer(name)
             stats.down_covariance.addmm_(down.T.to(self.dtype), down.to(self.dtype))
             stats.up_covariance.addmm_(up.to(self.dtype), up.T.to(self.dtype))
@@ -92,13 +113,29 @@ class CollectionStatistics:
         self.layers = reduced
 
     def subspaces(self, spec: SubspaceSpec) -> dict[str, LayerSubspace]:
-        """Components of every layer from the (reduced) sums; K clamping is left to the caller to report."""
+        """Components of every layer from the (reduced) sums; K clamping is left to the caller to report.
+
+        Covariances of equal size go through one batched eigh (in chunks of `BATCH_ELEMENTS`)."""
+        names = sorted(self.layers)
+        down = self._directions(names, lambda s: s.down_covariance)
+        up = self._directions(names, lambda s: s.up_covariance)
+        return {
+            name: build_subspace(down[name], up[name], spec, layer_seed(spec.seed, name), self.shapes[name].in_features, self.shapes[name].out_features)
+            for name in names
+        }
+
+    def _directions(self, names: list[str], side) -> dict[str, Directions]:
+        """Directions of one side (``side(stats)`` is its covariance) of every named layer."""
+        groups: dict[int, list[str]] = {}
+        for name in names:
+            groups.setdefault(side(self.layers[name]).shape[0], []).append(name)
         result = {}
-        for name in sorted(self.layers):
-            stats, shape = self.layers[name], self.shapes[name]
-            down = directions_from_covariance(stats.down_covariance, stats.count)
-            up = directions_from_covariance(stats.up_covariance, stats.count)
-            result[name] = build_subspace(down, up, spec, layer_seed(spec.seed, name), shape.in_features, shape.out_features)
+        for dim, members in groups.items():
+            for part in chunks(len(members), dim * dim):
+                batch = [members[j] for j in part]
+                stacked = torch.stack([side(self.layers[n]) for n in batch])
+                for name, found in zip(batch, directions_from_covariances(stacked, [self.layers[n].count for n in batch])):
+                    result[name] = found
         return result
 
     def nbytes(self) -> int:

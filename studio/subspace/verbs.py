@@ -22,10 +22,10 @@ from studio.adapters.lora import LoraAdapter, LoraLayer
 from studio.errors import StudioError
 from studio.subspace.collection import AdapterRecord, CompressedCollection, export_from_collection, LayerShape, collection_metadata, info_tensor, layer_tensors, pack_loadings
 from studio.subspace.distributed import all_gather_json, barrier, broadcast_json, broadcast_tensor, rank_and_world
-from studio.subspace.extract import LayerSubspace, SubspaceSpec, extract, layer_seed, reference_extract, warn_clamped
-from studio.subspace.project import ErrorParts, error_parts, project, total_error
+from studio.subspace.extract import Directions, LayerSubspace, SubspaceSpec, build_subspace, chunks, directions_batch, layer_seed, reference_extract, warn_clamped
+from studio.subspace.project import ErrorParts, error_parts, error_parts_batch, project, total_error
 from studio.subspace.spool import SpoolEntry, TensorSpool, write_spools
-from studio.subspace.statistics import CollectionStatistics, canonical_factors, check_shape
+from studio.subspace.statistics import CollectionStatistics, canonical_layers, check_shape
 
 Factors = dict[str, tuple[Tensor, Tensor]]
 Method = Literal["ours", "reference"]
@@ -97,27 +97,55 @@ class ProjectResult:
 
 def adapter_factors(adapter: LoraAdapter, canonicalise: bool = True, device: torch.device | str = "cpu") -> Factors:
     """``{layer: (A, B)}`` with the scale folded in: canonical (ours) or as stored (reference)."""
-    if canonicalise:
-        return {name: canonical_factors(layer, device) for name, layer in adapter.lora_layers.items()}
-    return {name: tuple(t.to(device) for t in layer.factors()) for name, layer in adapter.lora_layers.items()}
+    return collection_factors([adapter], canonicalise, device)[0]
+
+
+def collection_factors(adapters: Sequence[LoraAdapter], canonicalise: bool = True, device: torch.device | str = "cpu") -> list[Factors]:
+    """`adapter_factors` of every adapter; canonical forms of all equal-shape layers of all
+    adapters are computed in batched calls (`canonical_layers`)."""
+    if not canonicalise:
+        return [{name: tuple(t.to(device) for t in layer.factors()) for name, layer in adapter.lora_layers.items()} for adapter in adapters]
+    keys = [(i, name) for i, adapter in enumerate(adapters) for name in adapter.lora_layers]
+    canonicals = canonical_layers([adapters[i].lora_layers[name] for i, name in keys], device)
+    result: list[Factors] = [{} for _ in adapters]
+    for (i, name), factors in zip(keys, canonicals):
+        result[i][name] = factors
+    return result
 
 
 def fit_subspaces(collection: Sequence[Factors], spec: SubspaceSpec, method: Method = "ours") -> dict[str, LayerSubspace]:
-    """Per-layer components of a collection in memory; a layer uses the adapters that have it."""
+    """Per-layer components of a collection in memory; a layer uses the adapters that have it.
+
+    Ours stacks the layers whose stacked factors have equal shapes and eigendecomposes their
+    Gram matrices in one batched call (`directions_batch`)."""
     names = sorted({layer for factors in collection for layer in factors})
-    subspaces = {}
-    for name in names:
-        downs = [factors[name][0] for factors in collection if name in factors]
-        ups = [factors[name][1] for factors in collection if name in factors]
-        if method == "reference":
-            if spec.k is None:
-                raise ValueError("the reference procedure takes a fixed k, not an energy threshold")
-            subspaces[name] = reference_extract(downs, ups, spec.k)
-        else:
-            subspaces[name] = extract(downs, ups, spec, layer_seed(spec.seed, name), warn=False)
-    if method == "ours":
-        warn_clamped(subspaces, spec.augment)
+    members = {name: [factors[name] for factors in collection if name in factors] for name in names}
+    if method == "reference":
+        if spec.k is None:
+            raise ValueError("the reference procedure takes a fixed k, not an energy threshold")
+        return {name: reference_extract([d for d, _ in pairs], [u for _, u in pairs], spec.k) for name, pairs in members.items()}
+    down = _batched_directions({name: [d.reshape(d.shape[0], -1) for d, _ in pairs] for name, pairs in members.items()})
+    up = _batched_directions({name: [u.reshape(u.shape[0], -1).T for _, u in pairs] for name, pairs in members.items()})
+    subspaces = {
+        name: build_subspace(down[name], up[name], spec, layer_seed(spec.seed, name), down[name].vectors.shape[0], up[name].vectors.shape[0])
+        for name in names
+    }
+    warn_clamped(subspaces, spec.augment)
     return subspaces
+
+
+def _batched_directions(rows: dict[str, list[Tensor]]) -> dict[str, Directions]:
+    """Directions of each layer's stacked rows; layers of equal stacked shape share one eigh."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, parts in rows.items():
+        groups.setdefault((sum(p.shape[0] for p in parts), parts[0].shape[1]), []).append(name)
+    result = {}
+    for (count, dim), names in groups.items():
+        for part in chunks(len(names), count * max(count, dim)):
+            batch = [names[j] for j in part]
+            stacked = torch.stack([torch.cat(rows[name]) for name in batch])
+            result.update(zip(batch, directions_batch(stacked)))
+    return result
 
 
 @dataclass
@@ -133,18 +161,42 @@ class Reconstruction:
 
 def reconstruct(factors: Factors, layers: dict[str, LayerSubspace]) -> Reconstruction:
     """Loadings and error parts of one adapter; a layer without components counts as lost."""
-    loadings, parts, uncovered = {}, {}, []
-    for name, (down, up) in factors.items():
-        if name not in layers:
-            total = error_parts(down, up, down.new_zeros(0, down.shape[1]), up.new_zeros(up.shape[0], 0))
-            parts[name] = total
-            uncovered.append(name)
-            continue
-        sub = layers[name]
-        down_components, up_components = sub.down_components.to(down.device), sub.up_components.to(down.device)
-        loadings[name] = project(down, up, down_components, up_components)
-        parts[name] = error_parts(down, up, down_components, up_components)
-    return Reconstruction(loadings, parts, uncovered)
+    return reconstruct_all([factors], layers)[0]
+
+
+def reconstruct_all(collection: Sequence[Factors], layers: dict[str, LayerSubspace]) -> list[Reconstruction]:
+    """`reconstruct` of every adapter: per layer, the adapters of one rank are projected together
+    (batched matmuls); loadings come back on the CPU (one copy per layer and rank), error parts
+    are read from the device once for everything."""
+    loadings: list[dict] = [{} for _ in collection]
+    pending: list[tuple[list[tuple[int, str]], Tensor, Tensor]] = []  # (adapter, layer) keys, residuals, totals
+    for name, sub in layers.items():
+        groups: dict[tuple, list[int]] = {}
+        for i, factors in enumerate(collection):
+            if name in factors:
+                groups.setdefault(tuple(factors[name][0].shape), []).append(i)
+        for members in groups.values():
+            downs = torch.stack([collection[i][name][0] for i in members])
+            ups = torch.stack([collection[i][name][1] for i in members])
+            down_components, up_components = sub.down_components.to(downs.device), sub.up_components.to(downs.device)
+            alphas, betas = project(downs, ups, down_components, up_components)
+            alphas, betas = alphas.cpu(), betas.cpu()
+            for j, i in enumerate(members):
+                loadings[i][name] = (alphas[j], betas[j])
+            pending.append(([(i, name) for i in members], *error_parts_batch(downs, ups, down_components, up_components)))
+    values = torch.cat([torch.stack([r, t], dim=1).cpu() for _, r, t in pending]).tolist() if pending else []
+    found = dict(zip([key for keys, _, _ in pending for key in keys], values))
+    result = []
+    for i, factors in enumerate(collection):
+        parts, uncovered = {}, []
+        for name, (down, up) in factors.items():
+            if (i, name) in found:
+                parts[name] = ErrorParts(*found[(i, name)])
+            else:
+                parts[name] = error_parts(down, up, down.new_zeros(0, down.shape[1]), up.new_zeros(up.shape[0], 0))
+                uncovered.append(name)
+        result.append(Reconstruction(loadings[i], parts, uncovered))
+    return result
 
 
 def factor_bytes(adapter: LoraAdapter) -> int:
@@ -216,11 +268,10 @@ def compress(
     for adapter in adapters:
         for name, layer in adapter.lora_layers.items():
             check_shape(shapes, name, LayerShape.of(layer), adapter.name)
-    collection_factors = [adapter_factors(a, True, device) for a in adapters]
-    layers = {name: sub for name, sub in fit_subspaces(collection_factors, spec).items()}
+    factors = collection_factors(adapters, True, device)
+    layers = fit_subspaces(factors, spec)
     records, loadings, reports = [], [], []
-    for adapter, factors in zip(adapters, collection_factors):
-        rebuilt = reconstruct(factors, layers)
+    for adapter, rebuilt in zip(adapters, reconstruct_all(factors, layers)):
         flat = pack_loadings(rebuilt.loadings, list(layers))
         record = _record(adapter, content_sha256(adapter), rebuilt.total.relative, factor_bytes(adapter))
         records.append(record)
@@ -247,7 +298,7 @@ def leave_one_out(
 ) -> list[float]:
     """Error of each adapter projected onto the subspace of all the others (generalisation)."""
     spec = SubspaceSpec(k=k, energy=energy, augment=augment, seed=seed)
-    collection = [adapter_factors(a, method == "ours", device) for a in adapters]
+    collection = collection_factors(adapters, method == "ours", device)
     errors = []
     for i, factors in enumerate(collection):
         others = collection[:i] + collection[i + 1 :]
@@ -264,11 +315,11 @@ def leave_one_out(
 def reconstruction_errors(adapters: list[LoraAdapter], k: int, method: Method = "ours", seed: int = 0, device: torch.device | str = "cpu") -> list[float]:
     """Error of every adapter reconstructed from the subspace of the whole collection at ``k``."""
     spec = SubspaceSpec(k=k, seed=seed)
-    collection = [adapter_factors(a, method == "ours", device) for a in adapters]
+    collection = collection_factors(adapters, method == "ours", device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         layers = fit_subspaces(collection, spec, method)
-    return [reconstruct(factors, layers).total.relative for factors in collection]
+    return [rebuilt.total.relative for rebuilt in reconstruct_all(collection, layers)]
 
 
 def project_adapter(collection: CompressedCollection, adapter: LoraAdapter, device: torch.device | str = "cpu") -> ProjectResult:
