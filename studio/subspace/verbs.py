@@ -386,19 +386,10 @@ class FileSource:
 
 
 def adapter_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Files given directly, plus every ``*.safetensors`` under given folders (sorted)."""
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(path.rglob("*.safetensors"))
-            if not found:
-                raise StudioError(f"{path}: folder holds no .safetensors files")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise StudioError(f"{path}: no such file or folder")
-    return files
+    """Files given directly, plus the adapter files directly inside given folders (as `studio inspect` sees them)."""
+    from studio.collection import expand_paths
+
+    return expand_paths(list(paths))
 
 
 def _shard(count: int, rank: int, world: int) -> range:
