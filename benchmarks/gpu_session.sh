@@ -26,8 +26,8 @@ for s in $stages; do
   case $s in
     tests) stage tests 180 python3 -m pytest -q -m gpu tests/train tests/engine tests/subspace tests/adapters -p no:cacheprovider ;;
     engine) stage engine 240 python3 benchmarks/engine_switch.py ;;
-    subspace) stage subspace 150 python3 benchmarks/subspace_extract.py --device cuda --max-layers 12 --zoo assets/world/loras ;;
+    subspace) stage subspace 240 python3 benchmarks/subspace_extract.py --device cuda --max-layers 12 --profile ;;
     train_speed) stage train_speed 150 bash -c "python3 benchmarks/train_speed.py && python3 benchmarks/train_speed.py --k 7 --families lora,eigenlora" ;;
-    quality) stage quality 560 python3 benchmarks/quality.py --device cuda ;;
+    quality) stage quality 570 python3 benchmarks/quality.py --device cuda --out $OUT/quality.md ;;
   esac
 done
