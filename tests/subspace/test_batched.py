@@ -8,7 +8,7 @@ import torch
 
 from studio.adapters.lora import LoraAdapter, LoraLayer
 from studio.subspace import SubspaceSpec, canonical, extract
-from studio.subspace.canonical import canonical_batch, fix_signs
+from studio.subspace.canonical import _balanced, canonical_batch, fix_signs
 from studio.subspace.extract import directions_batch, layer_seed, directions_from_covariance, directions_from_covariances, directions_from_rows
 from studio.subspace.project import error_parts, project
 from studio.subspace.statistics import canonical_layers
@@ -78,6 +78,29 @@ def test_batched_canonical_equals_per_adapter():
     ups = torch.stack([l.factors()[1] for l in layers if l.rank == 6 and l.in_features == 40])
     batch_down, batch_up = canonical_batch(downs, ups)
     assert batch_down[:, 2:].abs().max() < 1e-6 and batch_up[:, :, 2:].abs().max() < 1e-6  # rank kept, zero tail
+
+
+def test_canonical_ill_conditioned_full_rank_pair():
+    """Gram matrices square the condition number: dW with singular values 1..1e-6, split between the
+    factors balanced, through a random mixing M, or with 1..1e-5 all in up, still reconstructs in float64."""
+    generator = torch.Generator().manual_seed(3)
+    rank, n_in, n_out = 32, 80, 96
+    u_, v_ = (torch.linalg.qr(torch.randn(n, rank, dtype=torch.float64, generator=generator))[0] for n in (n_out, n_in))
+    mixing = torch.randn(rank, rank, dtype=torch.float64, generator=generator)
+    for low, split in ((1e-6, "balanced"), (1e-6, "mixed"), (1e-5, "up")):
+        s = torch.logspace(0, torch.log10(torch.tensor(low)).item(), rank, dtype=torch.float64)
+        delta = (u_ * s) @ v_.T
+        down, up = s.sqrt().unsqueeze(1) * v_.T, u_ * s.sqrt()
+        if split == "mixed":
+            down, up = torch.linalg.solve(mixing, down), up @ mixing
+        elif split == "up":
+            down, up = v_.T.clone(), u_ * s
+        new_down, new_up = _balanced(down.unsqueeze(0), up.unsqueeze(0), 1.0)
+        assert (new_up[0] @ new_down[0] - delta).norm() / delta.norm() < 1e-8, split
+        assert torch.allclose((new_down[0] ** 2).sum(1), s, rtol=1e-6, atol=1e-12)  # balanced: |A rows|^2 = S
+        loop_down, loop_up = _canonical_unbatched(down.float(), up.float())
+        found_down, found_up = canonical_batch(down.float().unsqueeze(0), up.float().unsqueeze(0))
+        assert (found_down[0] - loop_down).norm() <= 1e-6 * loop_down.norm() and (found_up[0] - loop_up).norm() <= 1e-6 * loop_up.norm()
 
 
 def test_batched_directions_equal_per_layer():
