@@ -21,7 +21,6 @@ median of repeats (perf_counter on CPU).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys

@@ -28,6 +28,6 @@ for s in $stages; do
     engine) stage engine 240 python3 benchmarks/engine_switch.py ;;
     subspace) stage subspace 240 python3 benchmarks/subspace_extract.py --device cuda --max-layers 12 --profile ;;
     train_speed) stage train_speed 150 bash -c "python3 benchmarks/train_speed.py && python3 benchmarks/train_speed.py --k 7 --families lora,eigenlora" ;;
-    quality) stage quality 570 python3 benchmarks/quality.py --device cuda --out $OUT/quality.md ;;
+    quality) stage quality 590 python3 benchmarks/quality.py --device cuda --eval-every 30 --out $OUT/quality.md ;;
   esac
 done

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from studio.errors import ConfigError
-from studio.events import Done, run_to_end
+from studio.events import run_to_end
 from studio.recipes import run_recipe
 
 

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Literal
 from studio.collection import AdapterInfo, expand_paths, load_collection
 from studio.engine import Engine, GeneratedImage, GenerateRequest, check_name, comparison_grid, generate, get_engine
 from studio.errors import BaseNotFoundError, ConfigError, StudioError
-from studio.events import Done, Event, Message, Progress, Saved
+from studio.events import Done, Event, Message, Progress
 from studio.app.workspace import Workspace, WorkspaceError, extract_dataset_zip
 
 BaseKind = Literal["world", "folder", "file", "hub"]
@@ -233,8 +233,8 @@ class Studio:
     # -- subspace ---------------------------------------------------------------------------
 
     def compress(self, form: CompressForm) -> Iterator[Event]:
-        """`studio.subspace.compress` on the collection, then `studio.verbs.export` per adapter."""
-        from studio.subspace import compress
+        """`studio.subspace.compress_events` on the collection, then `studio.verbs.export` per adapter."""
+        from studio.subspace.verbs import HeldSource, compress_events
         from studio.verbs import export
 
         with self.lock:
@@ -243,8 +243,13 @@ class Studio:
             raise StudioError("the collection is empty: import adapters first")
         yield Message(f"compressing {len(adapters)} adapters ({_size_text(form)})")
         path = self.workspace.folder("compressed") / "collection.safetensors"
-        result = compress(adapters, k=form.k, energy=form.energy, augment=form.augment, base_id=self.base_label(), output=path)
-        yield Saved(path, "collection")
+        events = compress_events([HeldSource(a) for a in adapters], path, k=form.k, energy=form.energy, augment=form.augment, base_id=self.base_label())
+        result = None
+        for event in events:  # progress of both passes, then the saved file
+            if isinstance(event, Done):
+                result = event.result
+            else:
+                yield event
         exports = []
         for step, report in enumerate(result.adapters, start=1):
             target = self.workspace.folder("exports") / f"{report.name}.safetensors"

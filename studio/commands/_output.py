@@ -23,11 +23,12 @@ def drive(events: Iterable, quiet: bool = False) -> Any:
     """Consume a verb's events: a tqdm progress bar with loss, messages and saved files; return the result."""
     from tqdm import tqdm
 
-    bar = None
+    bar, stage = None, None
     result = None
     for event in events:
         if isinstance(event, Progress):
-            if bar is None or bar.total != event.total:
+            if bar is None or bar.total != event.total or stage != event.stage:  # a new bar per stage
+                stage = event.stage
                 if bar is not None:
                     bar.close()
                 bar = tqdm(total=event.total, desc=event.stage or "progress", disable=quiet, file=sys.stderr)

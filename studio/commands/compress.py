@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 
-from studio.commands._output import print_json, print_table
+from studio.commands._output import drive, print_json, print_table
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -61,19 +61,22 @@ def _print_result(result, as_json: bool) -> None:
 
 
 def run(args) -> int:
-    from studio.subspace.verbs import compress_files
+    import torch
+    import torch.distributed as dist
+
+    from studio.subspace.verbs import compress_events, file_sources
 
     device, started = _start_distributed(args.device)
     try:
+        first_rank = not dist.is_initialized() or dist.get_rank() == 0
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = compress_files(
-                args.paths, args.output, k=args.k, energy=args.energy, augment=args.augment, base_id=args.base, seed=args.seed,
-                device=device, statistics_dtype=getattr(__import__("torch"), args.stats_dtype),
+            events = compress_events(
+                file_sources(args.paths), args.output, k=args.k, energy=args.energy, augment=args.augment, base_id=args.base,
+                seed=args.seed, device=device, statistics_dtype=getattr(torch, args.stats_dtype),
             )
-        import torch.distributed as dist
-
-        if not dist.is_initialized() or dist.get_rank() == 0:
+            result = drive(events, quiet=args.json or not first_rank)  # bars on stderr, one per pass
+        if first_rank:
             for warning in caught:
                 print(f"warning: {warning.message}", file=sys.stderr)
             _print_result(result, args.json)

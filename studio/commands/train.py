@@ -12,6 +12,7 @@ checkpoint saved. A thin caller of ``studio.train.train``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -28,8 +29,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _drive(events, stop: threading.Event) -> object:
-    """Draw events; return the Done result. Ctrl-C sets the stop flag and lets the loop checkpoint."""
+def _drive(events, stop: threading.Event, quiet: bool = False) -> object:
+    """Draw events; return the Done result. Ctrl-C sets the stop flag and lets the loop checkpoint.
+    ``quiet`` (the other processes of a multi-process run) draws nothing."""
     from tqdm import tqdm
 
     from studio.events import Done, Message, Progress, Sample, Saved
@@ -44,6 +46,8 @@ def _drive(events, stop: threading.Event) -> object:
         except KeyboardInterrupt:
             stop.set()
             print("\nstopping after this step (checkpoint will be saved) ...", file=sys.stderr)
+            continue
+        if quiet and not isinstance(event, Done):
             continue
         if isinstance(event, Progress):
             if bar is None:
@@ -77,14 +81,16 @@ def run(args: argparse.Namespace) -> int:
     if args.resume is not None and len(configs) != 1:
         print("error: --resume takes a config with one run", file=sys.stderr)
         return 2
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch / torchrun only rank 0 prints
     rows = []
     for config in configs:
         started = time.perf_counter()
         stop = threading.Event()
-        result = _drive(train(config, resume_dir=args.resume, stop=stop), stop)
+        result = _drive(train(config, resume_dir=args.resume, stop=stop), stop, quiet=not main_process)
         rows.append((config, result, time.perf_counter() - started))
-        print(f"{config.run_name}: {result.status} after {result.steps} steps -> {result.adapter_path}")
-    if len(rows) > 1:
+        if main_process:
+            print(f"{config.run_name}: {result.status} after {result.steps} steps -> {result.adapter_path}")
+    if len(rows) > 1 and main_process:
         print(quality_table(rows))
     return 0 if all(r.status == "done" for _, r, _ in rows) else 1
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from studio.adapters.base import Adapter

@@ -7,7 +7,6 @@ repeated verb calls pay the pipeline load once.
 from __future__ import annotations
 
 import threading
-from typing import Sequence
 
 from studio.engine.engine import Engine, EngineConfig
 from studio.engine.infotext import ImageParameters

@@ -60,8 +60,9 @@ def _gram_basis(factor: Tensor) -> tuple[Tensor, Tensor]:
     return vecs * inverse.unsqueeze(-2), (root * keep).unsqueeze(-1) * vecs.mT
 
 
-def canonical_batch(downs: Tensor, ups: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """`canonical` of a batch of layers of one shape: downs (G, r, in), ups (G, out, r).
+def canonical_batch(downs: Tensor, ups: Tensor, scale: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
+    """`canonical` of a batch of layers of one shape: downs (G, r, in), ups (G, out, r), any float
+    dtype; ``scale`` is one number or one per layer (G,).
 
     dW = Q_up (R_up R_down^T) Q_down^T with Q_up R_up = up, Q_down R_down = down^T, and the r x r middle
     is SVD'd. The R factors come from eigh of the r x r Gram matrices (`_gram_basis`), not from thin QRs:
@@ -78,8 +79,10 @@ def canonical_batch(downs: Tensor, ups: Tensor, scale: float = 1.0) -> tuple[Ten
     return new_down.float(), new_up.float()
 
 
-def _balanced(downs: Tensor, ups: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _balanced(downs: Tensor, ups: Tensor, scale: float | Tensor) -> tuple[Tensor, Tensor]:
     """`canonical_batch` before the cast to float32 (float64 factors)."""
+    if isinstance(scale, Tensor):
+        scale = scale.to(device=ups.device, dtype=torch.float64).reshape(-1, 1, 1)
     up, down = ups.double() * scale, downs.double()
     p_up, r_up = _gram_basis(up)  # Q_up = up @ p_up
     p_down, r_down = _gram_basis(down.mT)  # Q_down = down^T @ p_down

@@ -10,8 +10,10 @@ reconstruction is a true orthogonal projection (`reference_extract` is the centr
 
 from __future__ import annotations
 
+import functools
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -94,9 +96,51 @@ def layer_seed(seed: int, layer: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(layer.encode())) % (2**63)
 
 
+CUDA_EIGH_STREAMS = 4  # concurrent eigh streams for a batch of large matrices on CUDA
+
+
+def batched_eigh(symmetric: Tensor) -> tuple[Tensor, Tensor]:
+    """`torch.linalg.eigh` of a batch (L, d, d); on CUDA, large matrices are split over a few streams.
+
+    cuSOLVER decomposes a batch of matrices larger than 32 x 32 one after another, each too small
+    to fill the GPU; host threads, each on its own stream, let several run at once (the GIL is
+    released inside the call). Same result as one call.
+    """
+    count = symmetric.shape[0] if symmetric.dim() == 3 else 1
+    if not symmetric.is_cuda or count < 2 or symmetric.shape[-1] <= 32:
+        return torch.linalg.eigh(symmetric)
+    _load_cuda_linalg(symmetric.device)
+    parts = symmetric.chunk(min(CUDA_EIGH_STREAMS, count))
+    results: list = [None] * len(parts)
+    caller = torch.cuda.current_stream(symmetric.device)
+    streams = [torch.cuda.Stream(symmetric.device) for _ in parts]
+
+    def decompose(index: int) -> None:
+        with torch.cuda.stream(streams[index]):
+            results[index] = torch.linalg.eigh(parts[index])
+
+    for stream in streams:
+        stream.wait_stream(caller)
+    with ThreadPoolExecutor(len(parts)) as pool:
+        list(pool.map(decompose, range(len(parts))))  # list() re-raises a worker's error here
+    for stream in streams:
+        caller.wait_stream(stream)
+    for values, vectors in results:  # allocated on the side streams, used on the caller's
+        values.record_stream(caller)
+        vectors.record_stream(caller)
+    return torch.cat([values for values, _ in results]), torch.cat([vectors for _, vectors in results])
+
+
+@functools.cache
+def _load_cuda_linalg(device: torch.device) -> None:
+    """torch loads its CUDA linear-algebra library lazily, and that first load is not thread-safe:
+    do it once on the calling thread before any worker thread decomposes."""
+    torch.linalg.eigh(torch.eye(33, dtype=torch.float64, device=device))
+
+
 def _sorted_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues (descending, >= 0) and eigenvectors of symmetric matrices (..., d, d)."""
-    energies, vectors = torch.linalg.eigh(gram)
+    energies, vectors = batched_eigh(gram)
     return energies.flip(-1).clamp_min(0.0), vectors.flip(-1)
 
 

@@ -28,20 +28,22 @@ def canonical_factors(layer: LoraLayer, device: torch.device | str = "cpu") -> t
 
 
 def canonical_layers(layers: Sequence[LoraLayer], device: torch.device | str = "cpu") -> list[tuple[Tensor, Tensor]]:
-    """`canonical_factors` of many layers, in order: layers of equal shape (rank, in, out) go
-    through one batched `canonical_batch` (in chunks of at most `BATCH_ELEMENTS` numbers),
-    stacked on the host and moved to ``device`` in one copy per chunk."""
-    factors = [layer.factors() for layer in layers]
+    """`canonical_factors` of many layers, in order: layers of equal shape (rank, in, out) and
+    dtype go through one batched `canonical_batch` (in chunks of at most `BATCH_ELEMENTS` numbers).
+    The stored factors are stacked as they are (often float16) and moved to ``device`` in one copy
+    per chunk; casting and the alpha / r scale happen there (on a GPU, host-side casts of thousands
+    of small tensors cost more than the whole decomposition)."""
     groups: dict[tuple, list[int]] = {}
-    for index, (down, up) in enumerate(factors):
-        groups.setdefault((tuple(down.shape), tuple(up.shape)), []).append(index)
-    result: list = [None] * len(factors)
-    for (down_shape, up_shape), members in groups.items():
-        for part in chunks(len(members), 2 * (down_shape[0] * down_shape[1] + up_shape[0] * up_shape[1])):
+    for index, layer in enumerate(layers):
+        groups.setdefault((layer.rank, layer.down[0].numel(), layer.out_features, layer.down.dtype, layer.up.dtype), []).append(index)
+    result: list = [None] * len(layers)
+    for (rank, in_size, out_features, _, _), members in groups.items():
+        for part in chunks(len(members), 2 * rank * (in_size + out_features)):
             indices = [members[j] for j in part]
-            downs = torch.stack([factors[i][0] for i in indices]).to(device)
-            ups = torch.stack([factors[i][1] for i in indices]).to(device)
-            new_downs, new_ups = canonical_batch(downs, ups)
+            downs = torch.stack([layers[i].down.reshape(rank, in_size) for i in indices]).to(device)
+            ups = torch.stack([layers[i].up.reshape(out_features, rank) for i in indices]).to(device)
+            scales = torch.tensor([layers[i].scale for i in indices], dtype=torch.float64, device=device)
+            new_downs, new_ups = canonical_batch(downs, ups, scales)
             for j, i in enumerate(indices):
                 result[i] = (new_downs[j], new_ups[j])
     return result

@@ -12,15 +12,16 @@ import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Protocol, Sequence
+from typing import Callable, Generator, Iterable, Iterator, Literal, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from studio.adapters.eigenlora import EigenLoraAdapter, EigenLoraLayer
-from studio.adapters.lora import LoraAdapter, LoraLayer
+from studio.adapters.lora import LoraAdapter
 from studio.errors import StudioError
-from studio.subspace.collection import AdapterRecord, CompressedCollection, export_from_collection, LayerShape, collection_metadata, info_tensor, layer_tensors, pack_loadings
+from studio.events import Done, Event, Progress, Saved, run_to_end
+from studio.subspace.collection import AdapterRecord, CompressedCollection, LayerShape, collection_metadata, info_tensor, layer_tensors, pack_loadings
 from studio.subspace.distributed import all_gather_json, barrier, broadcast_json, broadcast_tensor, rank_and_world
 from studio.subspace.extract import Directions, LayerSubspace, SubspaceSpec, build_subspace, chunks, directions_batch, layer_seed, reference_extract, warn_clamped
 from studio.subspace.project import ErrorParts, error_parts, error_parts_batch, project, total_error
@@ -385,6 +386,26 @@ class FileSource:
         return Path(self.path).stat().st_size
 
 
+@dataclass
+class HeldSource:
+    """An adapter already in memory, as an `AdapterSource` (the app's collection)."""
+
+    adapter: LoraAdapter
+
+    @property
+    def name(self) -> str:
+        return self.adapter.name
+
+    def load(self) -> LoraAdapter:
+        return self.adapter
+
+    def sha256(self) -> str:
+        return content_sha256(self.adapter)
+
+    def nbytes(self) -> int:
+        return factor_bytes(self.adapter)
+
+
 def adapter_files(paths: Iterable[str | Path]) -> list[Path]:
     """Files given directly, plus the adapter files directly inside given folders (as `studio inspect` sees them)."""
     from studio.collection import expand_paths
@@ -425,9 +446,26 @@ def compress_sources(
     group=None,
     statistics_dtype: torch.dtype = torch.float64,
 ) -> CompressResult:
-    """Streaming compression of ``sources`` into the file ``output``.
+    """Streaming compression of ``sources`` into the file ``output`` (`compress_events`, drained)."""
+    return run_to_end(compress_events(sources, output, k, energy, augment, base_id, seed, device, group, statistics_dtype))
 
-    Pass 1 adds each adapter's canonical factors to per-layer sums (then drops it); the sums are
+
+def compress_events(
+    sources: Sequence[AdapterSource],
+    output: str | Path,
+    k: int | None = None,
+    energy: float | None = None,
+    augment: int = 0,
+    base_id: str = "",
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    group=None,
+    statistics_dtype: torch.dtype = torch.float64,
+) -> Iterator[Event]:
+    """Streaming compression of ``sources`` into the file ``output``, as events.
+
+    Yields `Progress` per adapter of this rank's shard in each pass (stages "statistics" and
+    "projection"), `Saved` for the file (rank 0) and `Done` with the `CompressResult`. Pass 1 adds each adapter's canonical factors to per-layer sums (then drops it); the sums are
     all-reduced across ranks and rank 0's components are broadcast. Pass 2 projects each adapter
     and spools its loadings to disk; rank 0 writes the file from all ranks' spools. Every rank
     handles a contiguous shard of ``sources`` and returns the same result. The per-layer sums take
@@ -443,11 +481,12 @@ def compress_sources(
     shard = _shard(len(sources), rank, world)
     statistics = CollectionStatistics(device, statistics_dtype)
     arches = []
-    for index in shard:
+    for step, index in enumerate(shard, start=1):
         adapter = sources[index].load()
         arches.append(str(getattr(adapter, "base_arch", "")))
         statistics.add(adapter)
         del adapter
+        yield Progress(step, len(shard), stage="statistics")
     base_id = base_id or _check_bases(a for rank_arches in all_gather_json(arches, group) for a in rank_arches)
     statistics.all_reduce(group)
     layers = statistics.subspaces(spec) if rank == 0 else None
@@ -456,7 +495,7 @@ def compress_sources(
     layers = _broadcast_subspaces(layers, group)
     shapes = dict(statistics.shapes)
     del statistics
-    parts, reports = _second_pass(sources, shard, layers, output, rank, device)
+    parts, reports = yield from _second_pass(sources, shard, layers, output, rank, device)
     everything = all_gather_json(parts, group)
     reports = [AdapterReport(**r) for rank_reports in all_gather_json(reports, group) for r in rank_reports]
     if rank == 0:
@@ -466,12 +505,17 @@ def compress_sources(
     barrier(group)
     for part in parts:
         Path(part["path"]).unlink(missing_ok=True)
+    if rank == 0:
+        yield Saved(output, "collection")
     collection = CompressedCollection.load(output)
-    return CompressResult(reports, sum(r.bytes_in for r in reports), output.stat().st_size, collection.layers, collection, output)
+    yield Done(CompressResult(reports, sum(r.bytes_in for r in reports), output.stat().st_size, collection.layers, collection, output))
 
 
-def _second_pass(sources: Sequence[AdapterSource], shard: range, layers: dict[str, LayerSubspace], output: Path, rank: int, device) -> tuple[list[dict], list[dict]]:
-    """Project this rank's shard; spool loadings (and, on rank 0, the components first)."""
+def _second_pass(
+    sources: Sequence[AdapterSource], shard: range, layers: dict[str, LayerSubspace], output: Path, rank: int, device
+) -> Generator[Progress, None, tuple[list[dict], list[dict]]]:
+    """Project this rank's shard; spool loadings (and, on rank 0, the components first).
+    Yields `Progress` per adapter; returns the spool descriptions and the reports."""
     spools = []
     if rank == 0:
         components = TensorSpool(output.parent / f".{output.name}.components.spool")
@@ -483,7 +527,7 @@ def _second_pass(sources: Sequence[AdapterSource], shard: range, layers: dict[st
     loadings_spool = TensorSpool(output.parent / f".{output.name}.rank{rank}.spool")
     spools.append(loadings_spool)
     order, reports = list(layers), []
-    for index in shard:
+    for step, index in enumerate(shard, start=1):
         source = sources[index]
         adapter = source.load()
         rebuilt = reconstruct(adapter_factors(adapter, True, device), layers)
@@ -495,6 +539,7 @@ def _second_pass(sources: Sequence[AdapterSource], shard: range, layers: dict[st
         errors = {n: p.relative for n, p in rebuilt.parts.items()}
         reports.append({"name": record.name, "rel_error": record.rel_error, "bytes_in": record.bytes_in, "bytes_out": flat.nbytes, "layer_errors": errors, "sha256": record.sha256})
         del adapter, rebuilt
+        yield Progress(step, len(shard), stage="projection")
     loadings_spool.close()
     return [{"path": str(s.path), "entries": [e.as_json() for e in s.entries], "size": s.size} for s in spools], reports
 
@@ -513,5 +558,9 @@ def compress_files(
     statistics_dtype: torch.dtype = torch.float64,
 ) -> CompressResult:
     """`compress_sources` over LoRA files (folders expand to their ``*.safetensors``)."""
-    sources = [FileSource(path, loader) for path in adapter_files(paths)]
-    return compress_sources(sources, output, k, energy, augment, base_id, seed, device, group, statistics_dtype)
+    return compress_sources(file_sources(paths, loader), output, k, energy, augment, base_id, seed, device, group, statistics_dtype)
+
+
+def file_sources(paths: Iterable[str | Path], loader: Callable[[Path], LoraAdapter] | None = None) -> list[FileSource]:
+    """One `FileSource` per LoRA file (folders expand to their ``*.safetensors``), for `compress_events`."""
+    return [FileSource(path, loader) for path in adapter_files(paths)]

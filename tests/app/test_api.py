@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-from gradio_client import handle_file
 from PIL import Image
 
 from tests.app.conftest import ZOO_SIZE

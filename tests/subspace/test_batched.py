@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 
 from studio.adapters.lora import LoraAdapter, LoraLayer
 from studio.subspace import SubspaceSpec, canonical, extract
 from studio.subspace.canonical import _balanced, canonical_batch, fix_signs
-from studio.subspace.extract import directions_batch, layer_seed, directions_from_covariance, directions_from_covariances, directions_from_rows
+from studio.subspace.extract import batched_eigh, directions_batch, layer_seed, directions_from_covariance, directions_from_covariances, directions_from_rows
 from studio.subspace.project import error_parts, project
 from studio.subspace.statistics import canonical_layers
 from studio.subspace.verbs import collection_factors, fit_subspaces, reconstruct, reconstruct_all
@@ -137,3 +138,31 @@ def test_batched_fit_and_reconstruct_equal_per_layer_path():
             single = error_parts(down, up, layers[name].down_components, layers[name].up_components)
             assert abs(rebuilt.parts[name].residual - single.residual) <= 1e-9 * max(single.total, 1.0)
         assert rebuilt.total.relative == reconstruct(factors, layers).total.relative
+
+
+def test_canonical_layers_of_mixed_dtypes_and_alphas_equal_per_layer():
+    """Stored float16 and float32 factors with different alphas are cast and scaled after stacking."""
+    generator = torch.Generator().manual_seed(3)
+    layers = []
+    for i, dtype in enumerate((torch.float16, torch.float32, torch.float16, torch.bfloat16)):
+        down, up = torch.randn(4, 24, generator=generator), torch.randn(16, 4, generator=generator)
+        layers.append(LoraLayer(down.to(dtype), up.to(dtype), alpha=1.0 + i))
+    for layer, (down, up) in zip(layers, canonical_layers(layers)):
+        single_down, single_up = canonical(*layer.factors())
+        assert down.dtype == torch.float32
+        assert torch.allclose(down, single_down, atol=1e-5) and torch.allclose(up, single_up, atol=1e-5)
+        assert torch.allclose(up @ down, layer.delta(), atol=1e-5 * layer.delta().abs().max().item())
+
+
+@pytest.mark.gpu
+def test_batched_eigh_over_cuda_streams_equals_one_call():
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(9, 80, 120, generator=generator, dtype=torch.float64).cuda()
+    gram = rows @ rows.mT
+    values, vectors = batched_eigh(gram)
+    expected_values, expected_vectors = torch.linalg.eigh(gram)
+    assert values.shape == (9, 80) and vectors.shape == (9, 80, 80)
+    assert torch.allclose(values, expected_values, rtol=1e-10, atol=1e-8)
+    # eigenvectors up to sign: compare the reconstructions
+    assert torch.allclose(vectors @ torch.diag_embed(values) @ vectors.mT, gram, atol=1e-8 * gram.abs().max().item())
+    assert torch.allclose(vectors.abs(), expected_vectors.abs(), atol=1e-6)

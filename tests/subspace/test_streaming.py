@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from studio.subspace import CompressedCollection, compress, compress_files, compress_sources
+from studio.events import Done, Progress, Saved
+from studio.subspace import CompressedCollection, compress, compress_events, compress_files, compress_sources
+from studio.subspace.verbs import HeldSource, content_sha256
 from tests.subspace.streaming_helpers import load_plain, save_plain, sources
 from tests.subspace.synthetic import SHAPES, shared_collection
 
@@ -53,6 +54,20 @@ class _Held:
 
     def nbytes(self):
         return 0
+
+
+def test_compress_events_report_both_passes_per_adapter(tmp_path):
+    adapters = shared_collection(5, rank=4, true_k=6)
+    output = tmp_path / "c.safetensors"
+    events = list(compress_events([HeldSource(a) for a in adapters], output, k=6))
+    progress = [(e.stage, e.step, e.total) for e in events if isinstance(e, Progress)]
+    assert progress == [("statistics", i, 5) for i in range(1, 6)] + [("projection", i, 5) for i in range(1, 6)]
+    assert [e.path for e in events if isinstance(e, Saved)] == [output]
+    assert isinstance(events[-1], Done) and events[-1].result.path == output
+    result = events[-1].result
+    assert max(a.rel_error for a in result.adapters) < 1e-5  # the synthetic collection spans K=6 exactly
+    assert [a.sha256 for a in result.adapters] == [content_sha256(a) for a in adapters]
+    _assert_same(result.collection, compress(adapters, k=6).collection)
 
 
 def test_compress_files_from_folder_records_file_hashes(tmp_path):

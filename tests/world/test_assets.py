@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from studio.world.data import style_split, tokenize
+from studio.world.data import style_split
 from studio.world.evaluate import caption_accuracy, style_improvement
 from studio.world.models import make_scheduler
-from studio.world.scene import COLOURS, SHAPES, world_words
+from studio.world.scene import world_words
 from studio.world.styles import load_styles
 
 WORLD = Path(__file__).resolve().parents[2] / "assets" / "world"
