@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call that runs every GPU check of the studio and keeps each log under $OUT.
 # Usage (on the device machine, repo root, wheels carried in .whl): bash benchmarks/gpu_session.sh STAGE...
-# Stages: tests engine subspace train_speed quality (default: all but quality).
+# Stages: tests engine subspace train_speed quality multi_gpu (default: all but quality and multi_gpu; multi_gpu wants 2 GPUs).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -28,6 +28,7 @@ for s in $stages; do
     engine) stage engine 240 python3 benchmarks/engine_switch.py ;;
     subspace) stage subspace 240 python3 benchmarks/subspace_extract.py --device cuda --max-layers 12 --profile ;;
     train_speed) stage train_speed 150 bash -c "python3 benchmarks/train_speed.py && python3 benchmarks/train_speed.py --k 7 --families lora,eigenlora" ;;
+    multi_gpu) stage multi_gpu 590 python3 benchmarks/multi_gpu_train.py --processes 2 ;;
     quality) stage quality 590 python3 benchmarks/quality.py --device cuda --eval-every 30 --out $OUT/quality.md ;;
   esac
 done
