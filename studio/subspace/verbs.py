@@ -12,7 +12,7 @@ import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Generator, Iterable, Iterator, Literal, Protocol, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Literal, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -434,20 +434,9 @@ def _broadcast_subspaces(layers: dict[str, LayerSubspace] | None, group) -> dict
     return result
 
 
-def compress_sources(
-    sources: Sequence[AdapterSource],
-    output: str | Path,
-    k: int | None = None,
-    energy: float | None = None,
-    augment: int = 0,
-    base_id: str = "",
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    group=None,
-    statistics_dtype: torch.dtype = torch.float64,
-) -> CompressResult:
-    """Streaming compression of ``sources`` into the file ``output`` (`compress_events`, drained)."""
-    return run_to_end(compress_events(sources, output, k, energy, augment, base_id, seed, device, group, statistics_dtype))
+def compress_sources(sources: Sequence[AdapterSource], output: str | Path, **options: Any) -> CompressResult:
+    """`compress_events` drained: the `CompressResult` (same options: k or energy, augment, ...)."""
+    return run_to_end(compress_events(sources, output, **options))
 
 
 def compress_events(
@@ -465,7 +454,8 @@ def compress_events(
     """Streaming compression of ``sources`` into the file ``output``, as events.
 
     Yields `Progress` per adapter of this rank's shard in each pass (stages "statistics" and
-    "projection"), `Saved` for the file (rank 0) and `Done` with the `CompressResult`. Pass 1 adds each adapter's canonical factors to per-layer sums (then drops it); the sums are
+    "projection"), `Saved` for the file (rank 0) and `Done` with the `CompressResult`.
+    Pass 1 adds each adapter's canonical factors to per-layer sums (then drops it); the sums are
     all-reduced across ranks and rank 0's components are broadcast. Pass 2 projects each adapter
     and spools its loadings to disk; rank 0 writes the file from all ranks' spools. Every rank
     handles a contiguous shard of ``sources`` and returns the same result. The per-layer sums take
@@ -545,20 +535,10 @@ def _second_pass(
 
 
 def compress_files(
-    paths: Iterable[str | Path],
-    output: str | Path,
-    k: int | None = None,
-    energy: float | None = None,
-    augment: int = 0,
-    base_id: str = "",
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    loader: Callable[[Path], LoraAdapter] | None = None,
-    group=None,
-    statistics_dtype: torch.dtype = torch.float64,
+    paths: Iterable[str | Path], output: str | Path, loader: Callable[[Path], LoraAdapter] | None = None, **options: Any
 ) -> CompressResult:
     """`compress_sources` over LoRA files (folders expand to their ``*.safetensors``)."""
-    return compress_sources(file_sources(paths, loader), output, k, energy, augment, base_id, seed, device, group, statistics_dtype)
+    return compress_sources(file_sources(paths, loader), output, **options)
 
 
 def file_sources(paths: Iterable[str | Path], loader: Callable[[Path], LoraAdapter] | None = None) -> list[FileSource]:

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.ports import free_port
+
 ZOO_SIZE = 4
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (on 127.0.0.1)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def write_zoo(pipeline_dir: Path, folder: Path, count: int = ZOO_SIZE, rank: int = 4) -> Path:

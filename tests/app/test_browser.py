@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.conftest import ZOO_SIZE, free_port
+from tests.app.conftest import ZOO_SIZE
+from tests.ports import free_port
 
 pytestmark = pytest.mark.browser
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from studio.events import Done, Progress, Saved
 from studio.subspace import CompressedCollection, compress, compress_events, compress_files, compress_sources
 from studio.subspace.verbs import HeldSource, content_sha256
+from tests.ports import free_port
 from tests.subspace.streaming_helpers import load_plain, save_plain, sources
 from tests.subspace.synthetic import SHAPES, shared_collection
 
@@ -36,24 +36,10 @@ def _assert_same(a: CompressedCollection, b: CompressedCollection, tolerance: fl
 def test_streaming_equals_in_memory(tmp_path, spec):
     adapters = shared_collection(7, rank=4, true_k=12)  # 28 rows: Gram route in memory for the wide layers
     in_memory = compress(adapters, **spec)
-    streamed = compress_sources([_Held(a) for a in adapters], tmp_path / "s.safetensors", **spec)
+    streamed = compress_sources([HeldSource(a) for a in adapters], tmp_path / "s.safetensors", **spec)
     _assert_same(streamed.collection, in_memory.collection)
     for x, y in zip(streamed.adapters, in_memory.adapters):
         assert x.rel_error == pytest.approx(y.rel_error, rel=1e-4, abs=1e-7)
-
-
-class _Held:
-    def __init__(self, adapter):
-        self.adapter, self.name = adapter, adapter.name
-
-    def load(self):
-        return self.adapter
-
-    def sha256(self):
-        return ""
-
-    def nbytes(self):
-        return 0
 
 
 def test_compress_events_report_both_passes_per_adapter(tmp_path):
@@ -106,18 +92,12 @@ def test_peak_memory_does_not_grow_with_collection_size(tmp_path):
     assert CompressedCollection.load(tmp_path / "large.safetensors").names[-1] == "gen_0099"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_two_processes_give_the_single_process_result(tmp_path):
     shapes = dict(SHAPES)
     single = compress_sources(sources(9, shapes), tmp_path / "single.safetensors", k=10)
     output = tmp_path / "two.safetensors"
     # A fresh interpreter spawns its two ranks without re-importing pytest (4 s instead of 14 s).
-    code = f"from tests.subspace.streaming_helpers import spawn_two; spawn_two({str(output)!r}, 9, {_free_port()})"
+    code = f"from tests.subspace.streaming_helpers import spawn_two; spawn_two({str(output)!r}, 9, {free_port()})"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     both = CompressedCollection.load(output)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +13,11 @@ import pytest
 from studio.events import run_to_end
 from studio.train import train
 from studio.train.config import dumps
+from tests.ports import free_port
 from tests.train.helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _validation(folder: Path) -> dict[int, float]:
@@ -38,7 +32,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_pipeline_d
     config = tmp_path / "two.toml"
     config.write_text(dumps(tiny_config(tiny_pipeline_dir, style_data, tmp_path / "two", batch_size=2, **common)))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "-m", "studio.cli", "train", str(config)]
+               "--master_port", str(free_port()), "-m", "studio.cli", "train", str(config)]
     environment = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
