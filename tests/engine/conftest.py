@@ -9,17 +9,9 @@ import torch
 from torch import Tensor
 
 from studio.adapters.lora import LoraAdapter, LoraLayer
+from tests.threads import one_cpu_thread  # noqa: F401  (autouse here)
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """Tiny models run fastest (and steadily on a shared 2-core box) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
