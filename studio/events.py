@@ -25,6 +25,7 @@ class Sample:
     step: int
     image: Any  # PIL.Image.Image
     prompt: str = ""
+    label: str = ""  # "base": the same prompt and seed without the adapter, for comparison
 
 
 @dataclass

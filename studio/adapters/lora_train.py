@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from studio.adapters.registry import DEFAULT_TARGETS, in_features, select_layers
+from studio.adapters.layers import DEFAULT_TARGETS, in_features, select_layers
 from studio.bases import ModuleTree
+from studio.options import option
 
 FAMILY = "lora"
 
@@ -22,14 +23,10 @@ FAMILY = "lora"
 class Config:
     """Plain LoRA knobs: rank r, alpha (scale alpha / r), which modules to target."""
 
-    rank: int = 4
-    alpha: float = 4.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    components: tuple[str, ...] = ("unet",)
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
+    rank: int = option(8, "LoRA rank r (trainable numbers per layer: r * (in + out))", minimum=1, maximum=1024)
+    alpha: float = option(8.0, "LoRA alpha: the update is scaled by alpha / r", minimum=0, exclusive_minimum=True)
+    targets: tuple[str, ...] = option(DEFAULT_TARGETS, "module name suffixes or globs to adapt (text encoders: also q/k/v/out_proj)")
+    components: tuple[str, ...] = option(("unet",), "pipeline components to adapt: unet, text_encoder, text_encoder_2")
 
 
 def _key(layer: str) -> str:

@@ -1,69 +1,89 @@
-"""Find trainable adapter families by module, so the training loop never learns their names.
+"""The table of trainable adapter families: name -> config class, builder, training defaults.
 
-A family is a module in ``studio.adapters`` that defines
-
-- ``FAMILY``: its name as written in configs (``"lora"``, ``"superlora"``, ...);
-- ``Config``: a dataclass of its knobs (the ``[adapter]`` table of a train config);
-- ``build(config, tree) -> nn.Module``: a fresh trainable adapter for a base's module tree.
-
-The module ``build`` returns answers the adapter contract (``layers()``, ``delta(layer)``, optionally
-``factors(layer)``); its trainable numbers are its ``requires_grad`` parameters. Two optional bulk
-methods let families whose layers share one vector compute everything once per forward:
-``deltas() -> {layer: dW}`` and ``all_factors() -> {layer: (down, up)}``.
+A family is one module (pure torch): a ``Config`` dataclass of its knobs (fields declared with
+``studio.options.option``, so the CLI, the app and recipes show the same help) and
+``build(config, tree) -> nn.Module`` returning a fresh trainable adapter that answers the
+adapter contract (``layers()``, ``delta(layer)``, optionally ``factors(layer)``). Families are
+registered here explicitly, as peft's ``register_peft_method`` does; nothing is found by scanning.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import importlib
-import pkgutil
-import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import nn
 
-import studio.adapters
+from studio.adapters import eigenlora, lora_train, superlora, unilora
+from studio.adapters.layers import DEFAULT_TARGETS, in_features, matches, select_layers
 from studio.bases import ModuleTree
-from studio.errors import ConfigError
+from studio.errors import ConfigError, StudioError
+from studio.options import check
 
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+__all__ = ["DEFAULT_TARGETS", "Family", "TrainingDefaults", "build_adapter", "families", "family", "in_features",
+           "make_config", "matches", "register_family", "select_layers"]
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """Settings measured to give a good adapter of the family on the embedded world
+    (BENCHMARKS.md, training quality); the app's form and `studio train` start from them."""
+
+    learning_rate: float
+    batch_size: int = 8
+    steps: int = 300
 
 
 @dataclass(frozen=True)
 class Family:
-    """One discovered family: its name, config class and builder."""
+    """One registered family."""
 
     name: str
     config_class: type
     build: Callable[[Any, ModuleTree], nn.Module]
-    module: types.ModuleType
+    defaults: TrainingDefaults
+    summary: str = ""
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(name: str, config_class: type, build: Callable[[Any, ModuleTree], nn.Module],
+                    defaults: TrainingDefaults, summary: str = "") -> Family:
+    """Add a family to the table (a name registered twice is an error)."""
+    if name in _FAMILIES:
+        raise StudioError(f"adapter family {name!r} is registered twice")
+    if not dataclasses.is_dataclass(config_class):
+        raise StudioError(f"adapter family {name!r}: its config must be a dataclass")
+    _FAMILIES[name] = Family(name, config_class, build, defaults, summary)
+    return _FAMILIES[name]
+
+
+register_family("lora", lora_train.Config, lora_train.build, TrainingDefaults(learning_rate=1e-3),
+                "plain LoRA: A and B per layer")
+register_family("eigenlora", eigenlora.Config, eigenlora.build, TrainingDefaults(learning_rate=1e-2),
+                "EigenLoRAx: only the loadings against a compressed collection's components train")
+register_family("superlora", superlora.Config, superlora.build, TrainingDefaults(learning_rate=1e-2),
+                "SuperLoRA: grouped / Kronecker / Tucker factors shared across layers")
+register_family("unilora", unilora.Config, unilora.build, TrainingDefaults(learning_rate=2e-2),
+                "Uni-LoRA: one d-vector spread over all layers by a fixed seeded projection")
 
 
 def families() -> dict[str, Family]:
-    """Every family module under ``studio.adapters`` (modules that fail to import are skipped)."""
-    found: dict[str, Family] = {}
-    for info in pkgutil.iter_modules(studio.adapters.__path__):
-        module = importlib.import_module(f"studio.adapters.{info.name}")
-        name = getattr(module, "FAMILY", None)
-        config_class = getattr(module, "Config", None)
-        build = getattr(module, "build", None)
-        if isinstance(name, str) and dataclasses.is_dataclass(config_class) and callable(build):
-            found[name] = Family(name, config_class, build, module)
-    return found
+    """Every registered family by name."""
+    return dict(_FAMILIES)
 
 
 def family(name: str) -> Family:
     """The family called ``name``, or a ConfigError listing the known ones."""
-    known = families()
-    if name not in known:
-        raise ConfigError(f"adapter family {name!r} is not known; known families: {', '.join(sorted(known))}")
-    return known[name]
+    if name not in _FAMILIES:
+        raise ConfigError(f"adapter family {name!r} is not known; known families: {', '.join(sorted(_FAMILIES))}")
+    return _FAMILIES[name]
 
 
 def make_config(name: str, knobs: dict[str, Any]) -> Any:
-    """Build a family's config dataclass from a TOML table, refusing unknown keys by name."""
+    """Build a family's config dataclass from a TOML table, refusing unknown keys and bad values by name."""
     config_class = family(name).config_class
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     unknown = sorted(set(knobs) - set(fields))
@@ -71,42 +91,13 @@ def make_config(name: str, knobs: dict[str, Any]) -> Any:
         raise ConfigError(f"[adapter] family {name!r}: unknown key(s) {unknown}; known: {sorted(fields)}")
     values = {key: tuple(value) if isinstance(value, list) else value for key, value in knobs.items()}
     try:
-        return config_class(**values)
+        config = config_class(**values)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"[adapter] family {name!r}: {error}") from error
+    check(config, f"[adapter] family {name!r}")
+    return config
 
 
 def build_adapter(name: str, config: Any, tree: ModuleTree) -> nn.Module:
     """Build a trainable adapter of family ``name`` for ``tree``."""
     return family(name).build(config, tree)
-
-
-def matches(layer: str, targets: tuple[str, ...]) -> bool:
-    """Whether a prefixed module name matches a target: a name suffix (``to_q``) or a glob."""
-    module = layer.partition(".")[2]
-    for target in targets:
-        if any(ch in target for ch in "*?["):
-            if fnmatch.fnmatchcase(layer, target) or fnmatch.fnmatchcase(module, target):
-                return True
-        elif module == target or module.endswith("." + target):
-            return True
-    return False
-
-
-def select_layers(tree: ModuleTree, targets: tuple[str, ...] = DEFAULT_TARGETS, components: tuple[str, ...] = ("unet",)) -> list[str]:
-    """The targeted layers of a module tree, in the tree's order; error when nothing matches."""
-    chosen = [
-        name for name in tree.modules
-        if name.partition(".")[0] in components and matches(name, tuple(targets))
-    ]
-    if not chosen:
-        raise ConfigError(f"targets {list(targets)} match no layer of {list(components)} in base {tree.label}")
-    return chosen
-
-
-def in_features(shape: tuple[int, ...]) -> int:
-    """The flattened input size of a weight (in * kh * kw for convs)."""
-    size = 1
-    for dim in shape[1:]:
-        size *= dim
-    return size

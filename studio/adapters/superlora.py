@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from studio.adapters.registry import DEFAULT_TARGETS, in_features, select_layers
+from studio.adapters.layers import DEFAULT_TARGETS, in_features, select_layers
 from studio.bases import ModuleTree
+from studio.options import option
 
 FAMILY = "superlora"
 _HASH = 2654435761  # Knuth's multiplicative hash constant
@@ -34,16 +35,16 @@ _HASH = 2654435761  # Knuth's multiplicative hash constant
 class Config:
     """SuperLoRA knobs: groups G, Kronecker splits K, rank, tensor order M, ratio rho, shuffle."""
 
-    groups: int = 1
-    splits: int = 1
-    rank: int = 4
-    order: int = 2
-    rho: float = 1.0
-    shuffle: bool = False
-    seed: int = 0
-    alpha: float = 4.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    components: tuple[str, ...] = ("unet",)
+    groups: int = option(1, "G: the targeted layers' weights are grouped into G super-weights, one LoRA each", minimum=1, maximum=100_000)
+    splits: int = option(1, "K: Kronecker factors per group (K > 1: LoNKr)", minimum=1, maximum=64)
+    rank: int = option(4, "rank of each group's factors", minimum=1, maximum=1024)
+    order: int = option(2, "M: tensor order of a group (2: matrix LoRA; 3+: Tucker)", minimum=2, maximum=8)
+    rho: float = option(1.0, "share of each group's super-weight that is learned (the rest is a fixed projection)", minimum=0, exclusive_minimum=True, maximum=1.0)
+    shuffle: bool = option(False, "shuffle weights across groups with a fixed hash before grouping")
+    seed: int = option(0, "seed of the shuffle and fixed projections", minimum=0)
+    alpha: float = option(4.0, "update scale alpha / rank", minimum=0, exclusive_minimum=True)
+    targets: tuple[str, ...] = option(DEFAULT_TARGETS, "module name suffixes or globs to adapt")
+    components: tuple[str, ...] = option(("unet",), "pipeline components to adapt: unet, text_encoder, text_encoder_2")
 
     def __post_init__(self) -> None:
         if self.groups < 1 or self.splits < 1 or self.rank < 1 or self.order < 2:

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from studio.adapters.registry import DEFAULT_TARGETS, in_features, select_layers
+from studio.adapters.layers import DEFAULT_TARGETS, in_features, select_layers
 from studio.bases import ModuleTree
+from studio.options import option
 
 FAMILY = "unilora"
 
@@ -25,13 +26,13 @@ FAMILY = "unilora"
 class Config:
     """Uni-LoRA knobs: trainable length d, the projection seed, LoRA rank r and alpha, targets."""
 
-    d: int = 256
-    seed: int = 42
-    rank: int = 4
-    alpha: float = 4.0
-    init_bound: float = 0.02
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    components: tuple[str, ...] = ("unet",)
+    d: int = option(256, "length of the one trainable vector shared by all layers", minimum=1, maximum=100_000_000)
+    seed: int = option(42, "seed of the fixed projection that spreads the vector over the layers", minimum=0)
+    rank: int = option(4, "rank of the LoRA factors the projection fills", minimum=1, maximum=1024)
+    alpha: float = option(4.0, "update scale alpha / rank", minimum=0, exclusive_minimum=True)
+    init_bound: float = option(0.02, "the vector starts uniform in [-bound, bound] (B factors start at zero)", minimum=0)
+    targets: tuple[str, ...] = option(DEFAULT_TARGETS, "module name suffixes or globs to adapt")
+    components: tuple[str, ...] = option(("unet",), "pipeline components to adapt: unet, text_encoder, text_encoder_2")
 
     def __post_init__(self) -> None:
         if self.d < 1 or self.rank < 1:

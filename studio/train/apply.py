@@ -1,13 +1,14 @@
-"""Put a trainable adapter onto a frozen UNet without knowing its family.
+"""Attach a trainable adapter to a pipeline's modules without touching their weights.
 
-Two mechanisms, chosen by what the adapter answers:
-- ``factors(layer)``: an unmerged forward hook, ``y = W0 x + up(down x)`` (for convs, ``down`` is
-  a conv with the layer's kernel, stride and padding and ``up`` a 1x1 conv); never builds dW.
-- otherwise ``delta(layer)``: ``torch.nn.utils.parametrize`` on the weight, ``W = W0 + dW``.
+Every targeted Linear / Conv2d gets a forward hook that adds the adapter's term to the module's
+output: ``up(down(x))`` for families with low-rank factors, ``x @ dW^T`` (a convolution with the
+dW kernel) for families that only give ``delta(layer)``. The frozen weights are never rewritten:
+a bf16 base weight plus a small dW would be rounded to bf16 in every forward, so the adapter the
+optimizer sees would differ from the one generation applies in full precision.
 
 Families whose layers share one vector answer ``all_factors()`` / ``deltas()``; a forward
-pre-hook on the UNet then computes every layer once per UNet call and the layers read the cache.
-The adapter is never registered as a submodule of the UNet (its parameters stay its own).
+pre-hook on each component then computes every layer once per forward and the layers read the
+cache. The adapter is never registered as a submodule of the pipeline (its parameters stay its own).
 """
 
 from __future__ import annotations
@@ -17,20 +18,16 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from studio.errors import ConfigError
 
 
-class _AddDelta(nn.Module):
-    """Parametrisation ``W0 -> W0 + dW`` reading dW through a getter (holds no parameters)."""
-
-    def __init__(self, get: Callable[[], Tensor]):
-        super().__init__()
-        self._get = get
-
-    def forward(self, weight: Tensor) -> Tensor:
-        return weight + self._get().reshape(weight.shape).to(weight.dtype)
+def _dense(module: nn.Module, x: Tensor, delta: Tensor) -> Tensor:
+    """x through dW alone, for a Linear or Conv2d module, in x's dtype."""
+    delta = delta.to(x.dtype).reshape(module.weight.shape)
+    if isinstance(module, nn.Linear):
+        return F.linear(x, delta)
+    return F.conv2d(x, delta, None, module.stride, module.padding, module.dilation, module.groups)
 
 
 def _lowrank(module: nn.Module, x: Tensor, down: Tensor, up: Tensor) -> Tensor:
@@ -46,27 +43,29 @@ def _lowrank(module: nn.Module, x: Tensor, down: Tensor, up: Tensor) -> Tensor:
 
 
 class Attached:
-    """A live attachment of ``adapter`` to ``unet``; ``detach()`` restores the pristine modules."""
+    """A live attachment of ``adapter`` to a pipeline's ``components`` ({"unet": ..., "text_encoder": ...});
+    ``detach()`` takes every hook off again."""
 
-    def __init__(self, unet: nn.Module, adapter: Any, component: str = "unet"):
-        self.unet, self.adapter = unet, adapter
+    def __init__(self, components: dict[str, nn.Module], adapter: Any):
+        self.components, self.adapter = components, adapter
         self.use_factors = callable(getattr(adapter, "factors", None))
         bulk_name = "all_factors" if self.use_factors else "deltas"
         self.bulk: Callable[[], dict] | None = getattr(adapter, bulk_name, None)
         self.cache: dict[str, Any] = {}
         self.handles: list[Any] = []
-        self.parametrized: list[nn.Module] = []
-        self.modules = {layer: self._module(layer, component) for layer in adapter.layers()}
+        self.enabled = True  # False: the hooks pass outputs through (baseline samples)
+        self.modules = {layer: self._module(layer) for layer in adapter.layers()}
         if self.bulk is not None:
-            self.handles.append(unet.register_forward_pre_hook(self._refresh))
+            owners = {layer.partition(".")[0] for layer in self.modules}
+            self.handles += [components[owner].register_forward_pre_hook(self._refresh) for owner in sorted(owners)]
         for layer, module in self.modules.items():
             self._attach(layer, module)
 
-    def _module(self, layer: str, component: str) -> nn.Module:
+    def _module(self, layer: str) -> nn.Module:
         owner, _, name = layer.partition(".")
-        if owner != component:
-            raise ConfigError(f"layer {layer!r}: only {component} layers can be trained (text encoder training is not supported)")
-        module = self.unet.get_submodule(name)
+        if owner not in self.components:
+            raise ConfigError(f"layer {layer!r}: the base has no {owner!r} to train (it has {', '.join(self.components)})")
+        module = self.components[owner].get_submodule(name)
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise ConfigError(f"layer {layer!r} is a {type(module).__name__}, not a Linear or Conv2d")
         return module
@@ -79,7 +78,8 @@ class Attached:
             return fn()
 
     def _refresh(self, *_: Any) -> None:
-        self.cache = dict(self._exact(self.bulk))
+        if self.enabled:
+            self.cache = dict(self._exact(self.bulk))
 
     def _get(self, layer: str) -> Any:
         if layer in self.cache:
@@ -87,26 +87,24 @@ class Attached:
         return self._exact(lambda: self.adapter.factors(layer) if self.use_factors else self.adapter.delta(layer))
 
     def _attach(self, layer: str, module: nn.Module) -> None:
-        if self.use_factors:
-            def hook(mod: nn.Module, args: tuple, output: Tensor, layer: str = layer) -> Tensor:
+        def hook(mod: nn.Module, args: tuple, output: Tensor, layer: str = layer) -> Tensor:
+            if not self.enabled:
+                return output
+            if self.use_factors:
                 down, up = self._get(layer)
-                return output + _lowrank(mod, args[0], down, up)
-            self.handles.append(module.register_forward_hook(hook))
-        else:
-            parametrize.register_parametrization(module, "weight", _AddDelta(lambda layer=layer: self._get(layer)), unsafe=True)
-            self.parametrized.append(module)
+                return output + _lowrank(mod, args[0], down, up).to(output.dtype)
+            return output + _dense(mod, args[0], self._get(layer)).to(output.dtype)
+        self.handles.append(module.register_forward_hook(hook))
 
     def clear(self) -> None:
         """Drop the per-forward cache (and the graph it may hold)."""
         self.cache = {}
 
     def detach(self) -> None:
-        """Remove every hook and parametrisation; the UNet is as before."""
+        """Remove every hook; the modules are as before."""
         for handle in self.handles:
             handle.remove()
-        for module in self.parametrized:
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-        self.handles, self.parametrized, self.cache = [], [], {}
+        self.handles, self.cache = [], {}
 
 
 class Trainee(nn.Module):
@@ -117,8 +115,8 @@ class Trainee(nn.Module):
         self.unet = unet
         self.adapter = adapter
 
-    def forward(self, sample: Tensor, timesteps: Tensor, encoder_hidden_states: Tensor) -> Tensor:
-        return self.unet(sample, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample: Tensor, timesteps: Tensor, conditioning: dict[str, Any]) -> Tensor:
+        return self.unet(sample, timesteps, **conditioning, return_dict=False)[0]
 
 
 def trainable_parameters(adapter: nn.Module) -> list[nn.Parameter]:

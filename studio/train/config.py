@@ -19,11 +19,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from studio.errors import ConfigError
+from studio.options import check, option
 
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 LrSchedule = Literal["constant", "cosine"]
@@ -31,53 +32,66 @@ ExportFormat = Literal["kohya", "diffusers", "none"]
 NOT_COMPARED = ("output_dir",)  # fields a resume may change
 
 
+LossWeighting = Literal["none", "min_snr", "debiased", "sampler"]
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on; the same dataclass the app's form fills in."""
 
-    base: str
-    data: str
-    output_dir: str
-    family: str = "lora"
-    adapter: dict[str, Any] = field(default_factory=dict)
-    name: str = ""
-    steps: int = 500
-    batch_size: int = 1
-    grad_accumulation: int = 1
-    learning_rate: float = 1e-4
-    lr_schedule: LrSchedule = "constant"
-    lr_warmup_steps: int = 0
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    mixed_precision: MixedPrecision = "auto"
-    seed: int = 0
-    resolution: int = 0
-    trigger_word: str = ""
-    validation_split: float = 0.0
-    validation_every: int = 0
-    sample_every: int = 0
-    sample_prompts: list[str] = field(default_factory=list)
-    sample_seeds: list[int] = field(default_factory=lambda: [0])
-    sample_steps: int = 20
-    sample_guidance: float = 5.0
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    export_format: ExportFormat = "kohya"
-    export_rank: int = 0
-    tensorboard: bool = True
+    base: str = option(help="BASE: world, sd15/sdxl folder or .safetensors checkpoint, or a hub id (online only)")
+    data: str = option(help="folder of images with same-named .txt captions (kohya N_name repeat folders accepted)")
+    output_dir: str = option(help="folder the run writes (config, checkpoints, samples, loss.csv, the adapter)")
+    family: str = option("lora", "adapter family: lora, eigenlora, superlora, unilora")
+    adapter: dict[str, Any] = option(default_factory=dict, help="the family's knobs (the [adapter] table)")
+    name: str = option("", "name of the result (default: the output folder's name)")
+    steps: int = option(0, "optimizer steps (0: the family's default)", minimum=0, maximum=10_000_000)
+    batch_size: int = option(0, "images per step and process (0: the family's default)", minimum=0, maximum=4096)
+    grad_accumulation: int = option(1, "micro-batches summed into one step", minimum=1, maximum=1024)
+    learning_rate: float = option(0.0, "peak learning rate of AdamW (0: the family's default)", minimum=0, maximum=10.0)
+    lr_schedule: LrSchedule = option("cosine", "constant, or cosine decay to 5% of the peak after the warm-up")
+    lr_warmup_steps: int = option(0, "steps of linear warm-up", minimum=0, maximum=10_000_000)
+    weight_decay: float = option(0.0, "AdamW weight decay", minimum=0, maximum=1.0)
+    max_grad_norm: float = option(1.0, "clip the adapter's gradient norm to this (0: no clipping)", minimum=0)
+    loss_weighting: LossWeighting = option(
+        "sampler", "timestep weighting of the noise-prediction loss: none (plain MSE), min_snr (min(SNR, gamma)/SNR), "
+        "debiased (1/sqrt(SNR)), sampler (max(1, 1/sqrt(SNR)): errors at high noise weigh as much as the sampler "
+        "amplifies them)")
+    min_snr_gamma: float = option(5.0, "gamma of min_snr weighting", minimum=0, exclusive_minimum=True)
+    mixed_precision: MixedPrecision = option("auto", "auto (bf16 where supported, else fp16; fp32 on CPU), no, fp16, bf16")
+    seed: int = option(0, "seed of the initialisation, batches, noise and samples", minimum=0, maximum=2**63 - 1)
+    resolution: int = option(0, "training side in pixels (0: the base's native size; a multiple of 8)", minimum=0, maximum=8192)
+    trigger_word: str = option("", "word put before every caption (not repeated when a caption already starts with it)")
+    validation_split: float = option(0.1, "share of the pairs held out for the validation loss", minimum=0, maximum=0.9)
+    validation_every: int = option(0, "steps between validation losses (0: ten times per run)", minimum=0)
+    divergence_factor: float = option(1.5, "stop when the validation loss exceeds this multiple of its start twice in a row (0: never)", minimum=0)
+    sample_every: int = option(0, "steps between sample images (0: none during the run)", minimum=0)
+    sample_prompts: list[str] = option(default_factory=list, help="prompts of the sample images (default: the first caption)")
+    sample_seeds: list[int] = option(default_factory=lambda: [0], help="seeds of the sample images")
+    sample_steps: int = option(20, "denoising steps of a sample image", minimum=1, maximum=1000)
+    sample_guidance: float = option(4.0, "CFG scale of the sample images", minimum=0, maximum=100)
+    checkpoint_every: int = option(0, "steps between checkpoints (0: only at the end or when stopped)", minimum=0)
+    keep_checkpoints: int = option(2, "checkpoints kept", minimum=1, maximum=1000)
+    export_format: ExportFormat = option("kohya", "layout of the standard LoRA written at the end: kohya, diffusers, none")
+    export_rank: int = option(0, "rank of the exported LoRA (0: exact where the family allows it)", minimum=0, maximum=4096)
+    tensorboard: bool = option(True, "also write TensorBoard logs")
 
     def __post_init__(self) -> None:
-        checks = {
-            "steps": self.steps >= 1, "batch_size": self.batch_size >= 1,
-            "grad_accumulation": self.grad_accumulation >= 1, "learning_rate": self.learning_rate > 0,
-            "validation_split": 0 <= self.validation_split < 1, "keep_checkpoints": self.keep_checkpoints >= 1,
-            "mixed_precision": self.mixed_precision in ("auto", "no", "fp16", "bf16"),
-            "lr_schedule": self.lr_schedule in ("constant", "cosine"),
-            "export_format": self.export_format in ("kohya", "diffusers", "none"),
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(f"train config: invalid value for {', '.join(bad)}: " + ", ".join(f"{b}={getattr(self, b)!r}" for b in bad))
+        check(self, "train config")
+        self._fill_family_defaults()
+        if self.resolution and self.resolution % 8:
+            raise ConfigError(f"train config: resolution = {self.resolution}: must be a multiple of 8")
+        if self.lr_warmup_steps > self.steps:
+            raise ConfigError(f"train config: lr_warmup_steps = {self.lr_warmup_steps}: must not exceed steps ({self.steps})")
+
+    def _fill_family_defaults(self) -> None:
+        """Steps, batch size and learning rate left at 0 take the family's measured defaults."""
+        from studio.adapters import registry
+
+        defaults = registry.family(self.family).defaults
+        self.steps = self.steps or defaults.steps
+        self.batch_size = self.batch_size or defaults.batch_size
+        self.learning_rate = self.learning_rate or defaults.learning_rate
 
     @property
     def run_name(self) -> str:

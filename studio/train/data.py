@@ -20,6 +20,7 @@ from torch import Tensor
 from studio.errors import DatasetError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_IMAGE_PIXELS = 64_000_000  # larger images are skipped before they are decoded (a 20000 x 20000 PNG is a few KB)
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -68,9 +69,12 @@ def open_rgb(path: Path) -> tuple[Image.Image, str]:
         raise ValueError("image file is empty (0 bytes)")
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"image is {width} x {height} pixels, more than the {MAX_IMAGE_PIXELS:,} the studio decodes")
             image.load()
             return _to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(f"image cannot be decoded ({error})") from error
 
 
@@ -125,9 +129,24 @@ def _add_pair(image: Path, caption_path: Path | None, repeats: int, trigger: str
         return
     if note:
         scan.converted.append(f"{image}: {note}")
-    if trigger:
+    if trigger and not _starts_with_word(caption, trigger):
         caption = f"{trigger}, {caption}" if caption else trigger
     scan.pairs.append(Pair(image, caption, repeats))
+
+
+def _starts_with_word(caption: str, word: str) -> bool:
+    """Whether the caption already begins with the trigger word (kohya datasets often carry it)."""
+    return caption == word or any(caption.startswith(word + sep) for sep in (" ", ",", ".", ":"))
+
+
+def fingerprint(scan: Scan) -> dict[str, str]:
+    """Each pair's image (relative path -> size, modification time, repeats, caption), so a
+    resume can tell whether the data changed since the run started."""
+    out = {}
+    for pair in scan.pairs:
+        stat = pair.image.stat()
+        out[str(pair.image.relative_to(scan.folder))] = f"{stat.st_size}:{stat.st_mtime_ns}:{pair.repeats}:{pair.caption}"
+    return out
 
 
 def scan_folder(folder: str | Path, trigger: str = "") -> Scan:

@@ -27,10 +27,15 @@ from studio.train import checkpoint, session as session_mod
 from studio.train import config as config_mod
 from studio.train.apply import count_trainable, trainable_parameters
 from studio.train.config import TrainConfig
-from studio.train.data import scan_folder
+from studio.train.data import fingerprint, scan_folder
+from studio.formats import save_adapter
 from studio.train.export import to_lora
 
 Status = Literal["done", "stopped", "diverged"]
+EXPORT_ERROR_WARNING = 0.01  # an export further than 1% from the trained adapter is a warning
+DATASET_FILE = "dataset.json"
+BEST_DIR = "best"
+DIVERGENCE_PATIENCE = 2  # validations in a row above divergence_factor x the start
 
 
 @dataclass
@@ -46,6 +51,9 @@ class TrainResult:
     validation: dict[int, float] = field(default_factory=dict)
     parameters: int = 0
     export_error: float | None = None
+    best_step: int | None = None
+    best_validation: float | None = None
+    best_path: Path | None = None
 
 
 class _Log:
@@ -92,10 +100,26 @@ def _prepare_output(config: TrainConfig, resume: bool) -> TrainConfig:
             raise ConfigError(f"{out}: resume refused, the config changed since the run started:\n  " + "\n  ".join(changes))
         return config
     if checkpoint.latest(out / "checkpoints") is not None:
-        raise ConfigError(f"{out}: already holds a run with checkpoints; resume it (--resume {out}) or choose another output_dir")
+        raise ConfigError(f"{out}: already holds a run with checkpoints; resume that run or choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
     write_text(saved_path, config_mod.dumps(config))
     return config
+
+
+def _check_dataset(out: Path, scan, resume: bool) -> None:
+    """Record the data's fingerprint at the start; on resume refuse data that changed since."""
+    path = out / DATASET_FILE
+    current = fingerprint(scan)
+    if not resume or not path.exists():
+        write_text(path, json.dumps(current, indent=1, sort_keys=True))
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    changed = sorted(k for k in saved.keys() & current.keys() if saved[k] != current[k])
+    added, removed = sorted(current.keys() - saved.keys()), sorted(saved.keys() - current.keys())
+    if changed or added or removed:
+        parts = [f"{what} {len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                 for what, names in (("changed", changed), ("added", added), ("removed", removed)) if names]
+        raise ConfigError(f"{scan.folder}: resume refused, the training data changed since the run started: " + "; ".join(parts))
 
 
 def train(config: TrainConfig, resume_dir: str | Path | None = None, stop: threading.Event | None = None) -> Iterator[Event]:
@@ -104,14 +128,17 @@ def train(config: TrainConfig, resume_dir: str | Path | None = None, stop: threa
         config = dataclasses.replace(config, output_dir=str(resume_dir))
     config = _prepare_output(config, resume_dir is not None)
     scan = scan_folder(config.data, config.trigger_word)
+    _check_dataset(Path(config.output_dir), scan, resume_dir is not None)
     for line in scan.skipped:
         yield Message(f"skipped {line}", "warning")
     for line in scan.converted:
         yield Message(line, "info")
     run = session_mod.start(config, scan)
+    held = f"{len(run.validation.captions)} held out for validation" if config.validation_split > 0 and len(scan.pairs) > 1 \
+        else f"validation on {len(run.validation.captions)} of them (no held-out split)"
     yield Message(f"training {config.family} ({count_trainable(run.adapter):,} trainable numbers) on "
-                  f"{len(run.train.captions)} pairs, {len(run.validation.captions)} for validation, "
-                  f"device {run.accelerator.device}, precision {session_mod.precision(config)}")
+                  f"{len(run.train.captions)} pairs, {held}; lr {config.learning_rate:g}, batch {config.batch_size}, "
+                  f"{config.steps} steps, device {run.accelerator.device}, precision {session_mod.precision(config)}")
     yield from _Runner(run, stop).execute(resume_dir is not None)
 
 
@@ -124,9 +151,10 @@ class _Runner:
         self.out = Path(self.config.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.main = run.accelerator.is_main_process
-        self.initial = checkpoint.adapter_tensors(run.adapter)
-        self.initial = {k: v.clone() for k, v in self.initial.items()}
+        self.initial = {k: v.clone() for k, v in checkpoint.adapter_tensors(run.adapter).items()}
         self.result = TrainResult("done", self.out, None, None, 0, parameters=count_trainable(run.adapter))
+        self.validation_every = self.config.validation_every or max(1, self.config.steps // 10)
+        self.above = 0  # validations in a row above the divergence threshold
 
     def execute(self, resume: bool) -> Iterator[Event]:
         step = self._resume() if resume else 0
@@ -147,28 +175,34 @@ class _Runner:
         state = checkpoint.load(path, self.run.adapter, self.run.optimizer, self.run.lr_schedule)
         self.result.losses = {int(k): v for k, v in state.get("losses", {}).items()}
         self.result.validation = {int(k): v for k, v in state.get("validation", {}).items()}
+        best = state.get("best")
+        if best:
+            self.result.best_step, self.result.best_validation = int(best[0]), float(best[1])
+            self.result.best_path = self.out / BEST_DIR / "adapter.safetensors"
         return int(state["step"])
 
     def _steps(self, step: int, log: _Log | None) -> Iterator[Event]:
         config = self.config
         if step == 0:
-            self.result.validation[0] = session_mod.validation_loss(self.run)
-            if log:
-                log.write(0, None, None, self.result.validation[0])
+            yield from self._validate(0, log)
+            if config.sample_every:
+                yield from self._samples(0, baseline=True)
         started, first = time.perf_counter(), step
         while step < config.steps:
             if self.stop is not None and self.stop.is_set():
                 self.result.status = "stopped"
                 yield from self._checkpoint(step)
-                yield Message(f"stopped at step {step}; checkpoint saved, resume with --resume {self.out}")
+                yield Message(f"stopped at step {step}; a checkpoint is saved and the run can be resumed")
                 break
             loss = self._optimizer_step(step)
             if not math.isfinite(loss):
-                yield from self._diverged(step + 1, loss)
+                yield from self._diverged(step + 1, f"the loss became {loss}")
                 break
             step += 1
             self.result.losses[step] = loss
             yield from self._after_step(step, loss, log, (step - first) / max(1e-9, time.perf_counter() - started))
+            if self.result.status == "diverged":
+                break
         if self.result.status != "diverged":
             self.result.steps = step
 
@@ -194,49 +228,77 @@ class _Runner:
         run.attached.clear()
         return sum(losses) / len(losses)
 
+    def _validate(self, step: int, log: _Log | None) -> Iterator[Event]:
+        """The validation loss at ``step``; keeps the best adapter; trips the divergence guard."""
+        value = self.result.validation[step] = self.last_validation = session_mod.validation_loss(self.run)
+        if step == 0 and log:
+            log.write(0, None, None, value)
+        if step > 0 and (self.result.best_validation is None or value < self.result.best_validation):
+            yield from self._save_best(step, value)
+        start, factor = self.result.validation.get(0), self.config.divergence_factor
+        self.above = self.above + 1 if (factor and start and step > 0 and value > factor * start) else 0
+        if self.above >= DIVERGENCE_PATIENCE:
+            yield from self._diverged(step, f"the validation loss rose to {value:.4f}, more than {factor:g} x its start {start:.4f}")
+
+    def _save_best(self, step: int, value: float) -> Iterator[Event]:
+        self.result.best_step, self.result.best_validation = step, value
+        if self.main:
+            metadata = result_metadata(self.run, self.result) | {"studio.best_step": str(step), "studio.best_validation": f"{value:.8g}"}
+            path = save_safetensors(checkpoint.adapter_tensors(self.run.adapter), self.out / BEST_DIR / "adapter.safetensors", metadata)
+            self.result.best_path = path
+            yield Saved(path, "best")
+
     def _after_step(self, step: int, loss: float, log: _Log | None, speed: float) -> Iterator[Event]:
         config = self.config
         lr = self.run.lr_schedule.get_last_lr()[0]
         val = None
-        if (config.validation_every and step % config.validation_every == 0) or step == config.steps:
-            val = self.result.validation[step] = session_mod.validation_loss(self.run)
+        if step % self.validation_every == 0 or step == config.steps:
+            yield from self._validate(step, log)
+            val = self.last_validation
         if log:
             log.write(step, loss, lr, val)
-        metrics = {"lr": lr, "steps_per_s": speed, "images_per_s": speed * config.batch_size * config.grad_accumulation * self.run.accelerator.num_processes}
+        metrics = {"lr": lr, "steps_per_s": speed, "eta_s": (config.steps - step) / max(speed, 1e-9),
+                   "images_per_s": speed * config.batch_size * config.grad_accumulation * self.run.accelerator.num_processes}
         if val is not None:
             metrics["val_loss"] = val
         yield Progress(step, config.steps, loss, "train", metrics)
+        if self.result.status == "diverged":
+            return
         if config.sample_every and step % config.sample_every == 0:
             yield from self._samples(step)
         if config.checkpoint_every and step % config.checkpoint_every == 0:
             yield from self._checkpoint(step)
 
-    def _samples(self, step: int) -> Iterator[Event]:
+    def _samples(self, step: int, baseline: bool = False) -> Iterator[Event]:
+        """Sample images at the config's prompts and seeds; ``baseline``: without the adapter."""
         if self.main:
             prompts = self.config.sample_prompts or self.run.train.captions[:1]
-            for index, (prompt, seed, image) in enumerate(session_mod.sample_images(self.run, prompts)):
-                path = self.out / "samples" / f"step-{step:06d}-{index:02d}-seed{seed}.png"
+            label = "base" if baseline else ""
+            for index, (prompt, seed, image) in enumerate(session_mod.sample_images(self.run, prompts, adapter=not baseline)):
+                name = f"base-{index:02d}-seed{seed}.png" if baseline else f"step-{step:06d}-{index:02d}-seed{seed}.png"
+                path = self.out / "samples" / name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 image.save(path)
-                yield Sample(step, image, prompt)
+                yield Sample(step, image, prompt, label)
                 yield Saved(path, "sample")
         self.run.accelerator.wait_for_everyone()
 
     def _checkpoint(self, step: int) -> Iterator[Event]:
         if self.main:
-            extra = {"losses": self.result.losses, "validation": self.result.validation}
+            extra = {"losses": self.result.losses, "validation": self.result.validation,
+                     "best": [self.result.best_step, self.result.best_validation] if self.result.best_step is not None else None}
             path = checkpoint.save(self.ckpt_dir, step, self.run.adapter, self.run.optimizer, self.run.lr_schedule, extra, self.config.keep_checkpoints)
             yield Saved(path, "checkpoint")
         self.run.accelerator.wait_for_everyone()
 
-    def _diverged(self, step: int, loss: float) -> Iterator[Event]:
+    def _diverged(self, step: int, why: str) -> Iterator[Event]:
         """Stop, restore the last good checkpoint (or the initial adapter) and say so."""
         self.result.status = "diverged"
         path = checkpoint.latest(self.ckpt_dir)
         if path is not None:
             state = checkpoint.load(path, self.run.adapter, self.run.optimizer, self.run.lr_schedule)
             good = int(state["step"])
-            where = f"restored the last good checkpoint (step {good}, {path})"
+            where = f"restored the last good checkpoint (step {good})"
         else:
             checkpoint.load_adapter_tensors(self.run.adapter, self.initial, "initial adapter")
             good = 0
@@ -244,8 +306,9 @@ class _Runner:
         self.result.losses = {k: v for k, v in self.result.losses.items() if k <= good}
         self.result.validation = {k: v for k, v in self.result.validation.items() if k <= good}
         self.result.steps = good
-        yield Message(f"loss became {loss} at step {step}; training stopped and {where}. "
-                      f"Lower the learning rate ({self.config.learning_rate}) and resume or restart.", "error")
+        yield Message(f"training diverged at step {step}: {why}; training stopped and {where}. "
+                      f"The learning rate {self.config.learning_rate:g} is too high for this run: start again with a lower one "
+                      f"(e.g. {self.config.learning_rate / 4:g}). No LoRA was exported.", "error")
 
     def _finish(self) -> Iterator[Event]:
         saved = checkpoint.latest(self.ckpt_dir)
@@ -260,20 +323,19 @@ class _Runner:
         metadata = result_metadata(run, self.result)
         self.result.adapter_path = save_safetensors(checkpoint.adapter_tensors(run.adapter), self.out / "adapter.safetensors", metadata)
         yield Saved(self.result.adapter_path, "adapter")
-        if config.export_format == "none":
+        if config.export_format == "none" or self.result.status == "diverged":
             return
         export = to_lora(run.adapter, config.export_rank, config.run_name, run.tree, metadata)
         self.result.export_error = export.relative_error
-        how = "exactly" if export.exact else f"by truncated SVD at rank {config.export_rank or 16}, relative error {export.relative_error:.4f}"
-        try:
-            from studio.formats import save_adapter
-        except ImportError as error:
-            yield Message(f"standard LoRA export skipped: studio.formats.save_adapter unavailable ({error})", "warning")
-            return
         path = self.out / f"{config.run_name}.lora.safetensors"
         save_adapter(export.adapter, path, format=config.export_format)
         self.result.lora_path = path
-        yield Message(f"exported as a standard {config.export_format} LoRA {how}")
+        if export.exact:
+            yield Message(f"exported as a standard {config.export_format} LoRA, exactly")
+        else:
+            level = "warning" if export.relative_error > EXPORT_ERROR_WARNING else "info"
+            yield Message(f"exported as a standard {config.export_format} LoRA by truncated SVD at rank {config.export_rank or 16}: "
+                          f"relative error {export.relative_error:.2%} (the native adapter.safetensors is exact)", level)
         yield Saved(path, "lora")
 
 

@@ -19,20 +19,24 @@ from torch import Tensor, nn
 from studio.adapters import registry
 from studio.bases import ModuleTree, load_pipeline, module_tree, pipeline_tree
 from studio.errors import BaseNotFoundError, ConfigError
+from studio.train import conditioning as conditioning_mod
 from studio.train import data as data_mod
 from studio.train.apply import Attached, Trainee, freeze, trainable_parameters
 from studio.train.config import TrainConfig
 
-VALIDATION_TIMESTEPS = 4
+VALIDATION_TIMESTEPS = 8  # evenly spread over the whole range: the high-noise end is where samples break
 VALIDATION_ITEMS = 8
+SNR_CAP = 1000.0  # as kohya's debiased estimation: the weights of the last few low-noise steps stay bounded
+COSINE_FLOOR = 0.05  # cosine schedules end at 5% of the peak learning rate
 
 
 @dataclass
 class Encoded:
-    """Cached latents and text embeddings of a set of pairs."""
+    """Cached latents, token ids and (when the text encoders stay frozen) conditioning of pairs."""
 
     latents: Tensor
-    embeddings: Tensor
+    tokens: conditioning_mod.Tokens
+    conditioning: conditioning_mod.Conditioning | None
     weights: list[int]
     captions: list[str]
 
@@ -57,7 +61,13 @@ class Session:
     scan: data_mod.Scan
     resolution: int
     weight_dtype: torch.dtype
+    conditioner: Any = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether any adapter layer sits in a text encoder (then embeddings are live, not cached)."""
+        return any(not layer.startswith("unet.") for layer in self.adapter.layers())
 
 
 def precision(config: TrainConfig) -> str:
@@ -91,40 +101,52 @@ def _encode_images(pipe: Any, pairs: list[data_mod.Pair], resolution: int, dtype
     return torch.cat(chunks)
 
 
-def encode_prompts(pipe: Any, prompts: list[str], device: Any) -> Tensor:
-    """Text-encoder hidden states of each prompt (padded to the tokenizer's max length)."""
-    tokens = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        return pipe.text_encoder(tokens.input_ids.to(device))[0].float()
+@torch.no_grad()
+def _cached_conditioning(conditioner: Any, tokens: conditioning_mod.Tokens, resolution: int, chunk: int = 64) -> conditioning_mod.Conditioning:
+    count = next(iter(tokens.values())).shape[0]
+    parts = [conditioner.embed({k: v[i:i + chunk] for k, v in tokens.items()}, resolution) for i in range(0, count, chunk)]
+    return conditioning_mod.detached(conditioning_mod.concat(parts))
 
 
-def encode(pipe: Any, pairs: list[data_mod.Pair], resolution: int, dtype: torch.dtype, device: Any) -> Encoded:
-    """Latents and embeddings of ``pairs`` (empty tensors for no pairs)."""
+def encode(pipe: Any, conditioner: Any, pairs: list[data_mod.Pair], resolution: int, dtype: torch.dtype, device: Any,
+           cache_conditioning: bool = True) -> Encoded:
+    """Latents, token ids and (``cache_conditioning``) the frozen text encoders' conditioning of ``pairs``."""
     if not pairs:
-        return Encoded(torch.empty(0), torch.empty(0), [], [])
+        return Encoded(torch.empty(0), {}, None, [], [])
     latents = _encode_images(pipe, pairs, resolution, dtype, device)
     captions = [p.caption for p in pairs]
-    return Encoded(latents, encode_prompts(pipe, captions, device), [p.repeats for p in pairs], captions)
+    tokens = conditioner.tokens(captions)
+    cached = _cached_conditioning(conditioner, tokens, resolution) if cache_conditioning else None
+    return Encoded(latents, tokens, cached, [p.repeats for p in pairs], captions)
 
 
 def lr_lambda(config: TrainConfig):
-    """Linear warmup, then constant or cosine to zero."""
+    """Linear warmup, then constant or cosine down to ``COSINE_FLOOR`` of the peak."""
     def factor(step: int) -> float:
         if step < config.lr_warmup_steps:
             return (step + 1) / (config.lr_warmup_steps + 1)
         if config.lr_schedule == "cosine":
             progress = (step - config.lr_warmup_steps) / max(1, config.steps - config.lr_warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            return COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
     return factor
 
 
+TRAINABLE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def components(pipe: Any) -> dict[str, nn.Module]:
+    """The pipeline's modules an adapter may target, by component name."""
+    return {name: getattr(pipe, name) for name in TRAINABLE_COMPONENTS if getattr(pipe, name, None) is not None}
+
+
 def _load(config: TrainConfig, device: Any, weight_dtype: torch.dtype) -> Any:
     pipe = load_pipeline(config.base, torch.float32, device)
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ConfigError(f"base {config.base!r}: SDXL training is not supported yet (SD1.x/SD2.x-style bases only)")
-    freeze(pipe.unet, pipe.vae, pipe.text_encoder)
+    conditioning_mod.conditioner_for(pipe)  # refuses bases the loop cannot condition, before any work
+    freeze(pipe.vae, *components(pipe).values())
     pipe.to(device, weight_dtype)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -142,16 +164,18 @@ def start(config: TrainConfig, scan: data_mod.Scan) -> Session:
     torch.manual_seed(config.seed)
     adapter = registry.build_adapter(config.family, family_config, tree).to(accelerator.device)
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    conditioner = conditioning_mod.conditioner_for(pipe)
+    live_text = any(not layer.startswith("unet.") for layer in adapter.layers())
     train_pairs, val_pairs = data_mod.split(scan.pairs, config.validation_split, config.seed)
-    train_set = encode(pipe, train_pairs, resolution, weight_dtype, accelerator.device)
-    val_set = encode(pipe, val_pairs or train_pairs[:VALIDATION_ITEMS], resolution, weight_dtype, accelerator.device)
-    attached = Attached(pipe.unet, adapter)
+    train_set = encode(pipe, conditioner, train_pairs, resolution, weight_dtype, accelerator.device, not live_text)
+    val_set = encode(pipe, conditioner, val_pairs or train_pairs[:VALIDATION_ITEMS], resolution, weight_dtype, accelerator.device, not live_text)
+    attached = Attached(components(pipe), adapter)
     optimizer = torch.optim.AdamW(trainable_parameters(adapter), lr=config.learning_rate, weight_decay=config.weight_decay)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     model, optimizer = accelerator.prepare(Trainee(pipe.unet, adapter), optimizer)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return Session(config, accelerator, pipe, tree, family_config, adapter, attached, model, optimizer, lr_schedule,
-                   noise_scheduler, train_set, val_set, scan, resolution, weight_dtype)
+                   noise_scheduler, train_set, val_set, scan, resolution, weight_dtype, conditioner)
 
 
 def _target(session: Session, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
@@ -163,13 +187,51 @@ def _target(session: Session, latents: Tensor, noise: Tensor, timesteps: Tensor)
     raise ConfigError(f"scheduler prediction_type {kind!r} is not supported (epsilon or v_prediction)")
 
 
-def _mse(session: Session, model: nn.Module, latents: Tensor, embeddings: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+def timestep_weights(scheduler: Any, timesteps: Tensor, kind: str, gamma: float = 5.0) -> Tensor:
+    """Per-sample loss weights of a noise-prediction loss (config ``loss_weighting``).
+
+    With SNR = a / (1 - a) (a = alphas_cumprod[t]): an error e in the predicted noise is an error
+    e / sqrt(SNR) in the clean image the sampler estimates from it, so at high noise (SNR -> 0)
+    a tiny error in the noise becomes noise left in the image. ``sampler`` weighs each step's
+    error at least as much as that amplification (never below 1); ``debiased`` is 1/sqrt(SNR)
+    (kohya's debiased estimation); ``min_snr`` is min(SNR, gamma)/SNR (Hang et al. 2023); ``none``
+    is the plain mean."""
+    if kind == "none":
+        return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = (alphas / (1 - alphas)).clamp(max=SNR_CAP)
+    if kind == "min_snr":
+        return snr.clamp(max=gamma) / snr
+    if kind == "debiased":
+        return snr.rsqrt()
+    if kind == "sampler":
+        return snr.rsqrt().clamp(min=1.0)
+    raise ConfigError(f"loss_weighting {kind!r} is not known (none, min_snr, debiased, sampler)")
+
+
+def conditioning_of(session: Session, data: Encoded, items: Tensor | list[int]) -> conditioning_mod.Conditioning:
+    """The denoiser's conditioning of rows ``items``: cached, or computed now through the trained
+    text-encoder layers (with gradients)."""
+    device = session.accelerator.device
+    if data.conditioning is not None:
+        return conditioning_mod.select(data.conditioning, items, device, session.weight_dtype)
+    tokens = {key: value[items] for key, value in data.tokens.items()}
+    with session.accelerator.autocast():
+        live = session.conditioner.embed(tokens, session.resolution)
+    return conditioning_mod.select(live, slice(None), device, session.weight_dtype)
+
+
+def _mse(session: Session, model: nn.Module, latents: Tensor, conditioning: conditioning_mod.Conditioning, noise: Tensor,
+         timesteps: Tensor, weighting: str = "none") -> Tensor:
+    """Mean (weighted) squared error of the model's prediction at ``timesteps``."""
     device = session.accelerator.device
     latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
     noisy = session.noise_scheduler.add_noise(latents, noise, timesteps)
     with session.accelerator.autocast():
-        prediction = model(noisy.to(session.weight_dtype), timesteps, embeddings.to(device, session.weight_dtype))
-    return F.mse_loss(prediction.float(), _target(session, latents, noise, timesteps).float())
+        prediction = model(noisy.to(session.weight_dtype), timesteps, conditioning)
+    errors = (prediction.float() - _target(session, latents, noise, timesteps).float()).pow(2).flatten(1).mean(dim=1)
+    weights = timestep_weights(session.noise_scheduler, timesteps, weighting, session.config.min_snr_gamma)
+    return (errors * weights).mean()
 
 
 def step_loss(session: Session, micro_step: int) -> Tensor:
@@ -181,7 +243,8 @@ def step_loss(session: Session, micro_step: int) -> Tensor:
     latents = session.train.latents[items]
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, session.noise_scheduler.config.num_train_timesteps, (len(items),), generator=generator)
-    return _mse(session, session.model, latents, session.train.embeddings[items], noise, timesteps)
+    conditioning = conditioning_of(session, session.train, items)
+    return _mse(session, session.model, latents, conditioning, noise, timesteps, config.loss_weighting)
 
 
 @torch.no_grad()
@@ -192,26 +255,32 @@ def validation_loss(session: Session) -> float:
     generator = torch.Generator().manual_seed(session.config.seed + 12_345)
     model = session.accelerator.unwrap_model(session.model)
     losses = []
+    conditioning = conditioning_of(session, val, list(range(len(val.latents))))
     for k in range(VALIDATION_TIMESTEPS):
         timesteps = torch.full((len(val.latents),), int(total * (k + 0.5) / VALIDATION_TIMESTEPS), dtype=torch.long)
         noise = torch.randn(val.latents.shape, generator=generator)
-        losses.append(float(_mse(session, model, val.latents, val.embeddings, noise, timesteps)))
+        losses.append(float(_mse(session, model, val.latents, conditioning, noise, timesteps)))
     session.attached.clear()
     return sum(losses) / len(losses)
 
 
 @torch.no_grad()
-def sample_images(session: Session, prompts: list[str]) -> list[tuple[str, int, Any]]:
-    """Images at the config's fixed seeds for each prompt, with the adapter applied."""
+def sample_images(session: Session, prompts: list[str], adapter: bool = True) -> list[tuple[str, int, Any]]:
+    """Images at the config's fixed seeds for each prompt, with the adapter applied (or, for the
+    baseline next to them, without it)."""
     config, pipe = session.config, session.pipe
     out = []
-    for prompt in prompts:
-        for seed in config.sample_seeds:
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            image = pipe(prompt, num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance,
-                         height=session.resolution, width=session.resolution, generator=generator).images[0]
-            out.append((prompt, seed, image))
-    session.attached.clear()
+    session.attached.enabled = adapter
+    try:
+        for prompt in prompts:
+            for seed in config.sample_seeds:
+                generator = torch.Generator(device="cpu").manual_seed(seed)
+                image = pipe(prompt, num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance,
+                             height=session.resolution, width=session.resolution, generator=generator).images[0]
+                out.append((prompt, seed, image))
+    finally:
+        session.attached.enabled = True
+        session.attached.clear()
     return out
 
 

@@ -41,10 +41,13 @@ class Verdict:
     shape_scores: dict[str, float]
 
 
-def classify_pixels(image: np.ndarray) -> np.ndarray:
-    """(H, W) palette indices of an (H, W, 3) uint8 image; -1 where no colour is near."""
+def classify_pixels(image: np.ndarray, palette: np.ndarray = PALETTE) -> np.ndarray:
+    """(H, W) palette indices of an (H, W, 3) uint8 image; -1 where no colour is near.
+
+    ``palette`` (C, 3) defaults to the world's colours; a style's judge passes the colours as
+    that style shows them (``quality.StyledJudge``)."""
     pixels = image.reshape(-1, 3).astype(np.float32)
-    dist = np.linalg.norm(pixels[:, None, :] - PALETTE[None], axis=2)
+    dist = np.linalg.norm(pixels[:, None, :] - palette[None], axis=2)
     labels = dist.argmin(1)
     labels[dist.min(1) > MAX_DISTANCE] = -1
     return labels.reshape(image.shape[:2])
@@ -97,12 +100,17 @@ def _symmetry(crop: np.ndarray, axis: int) -> float:
     return float(np.logical_and(crop, flipped).sum() / max(np.logical_or(crop, flipped).sum(), 1))
 
 
-def judge(image, colour: str, shape: str, background: str, min_pixels: int = 12) -> Verdict:
-    """Judge one image (PIL image, (H, W, 3) uint8 array or (3, H, W) tensor) against a request."""
+def judge(image, colour: str, shape: str, background: str, min_pixels: int = 12,
+          palette: np.ndarray = PALETTE, background_labels: tuple[int, ...] | None = None) -> Verdict:
+    """Judge one image (PIL image, (H, W, 3) uint8 array or (3, H, W) tensor) against a request.
+
+    ``background_labels`` are the palette indices that count as background (default: the
+    requested background colour alone; a style that paints stripes or dots on the background
+    adds their colours)."""
     array = _as_array(image)
-    labels = classify_pixels(array)
-    background_index = NAMES.index(background)
-    foreground = (labels != background_index) & (labels >= 0)
+    labels = classify_pixels(array, palette)
+    ignored = background_labels if background_labels is not None else (NAMES.index(background),)
+    foreground = ~np.isin(labels, ignored) & (labels >= 0)
     counts = np.bincount(labels[foreground], minlength=len(NAMES)) if foreground.any() else np.zeros(len(NAMES), int)
     if counts.max() < min_pixels:
         return Verdict(None, None, False, False, 0.0, 0.0, 0.0, {})

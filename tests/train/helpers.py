@@ -42,7 +42,7 @@ def tiny_config(base: Path, data: Path, out: Path, family: str = "lora", **overr
     knobs = overrides.pop("adapter", {})
     values = dict(base=str(base), data=str(data), output_dir=str(out), family=family, adapter=knobs,
                   steps=30, batch_size=4, learning_rate=3e-3, seed=0, tensorboard=False, export_format="none",
-                  validation_split=0.25)
+                  validation_split=0.25, loss_weighting="none", lr_schedule="constant")
     values.update(overrides)
     return TrainConfig(**values)
 

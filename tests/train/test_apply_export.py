@@ -53,7 +53,7 @@ def test_attached_forward_equals_merged_weights(case, family_cases, unet_and_tre
             module = merged.get_submodule(layer.partition(".")[2])
             module.weight += adapter.delta(layer).reshape(module.weight.shape)
         expected = merged(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
-        attached = Attached(unet, adapter)
+        attached = Attached({"unet": unet}, adapter)
         got = unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
         attached.detach()
         after = unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample

@@ -53,6 +53,6 @@ def test_every_family_is_found_by_module():
 
 
 def test_diff_lists_changes():
-    a = config_mod.TrainConfig("w", "d", "o", adapter={"rank": 4})
+    a = config_mod.TrainConfig("w", "d", "o", adapter={"rank": 4}, steps=500)
     b = config_mod.TrainConfig("w", "d", "elsewhere", adapter={"rank": 8}, steps=7)
     assert config_mod.diff(a, b) == ["adapter.rank: 4 -> 8", "steps: 500 -> 7"]

@@ -69,15 +69,23 @@ def test_injected_nan_restores_last_good_checkpoint(tiny_pipeline_dir, style_dat
     assert max(result.losses) == 4
 
 
-def test_huge_learning_rate_stops_the_run(tiny_pipeline_dir, style_data, tmp_path, family_cases):
-    config = _config(tiny_pipeline_dir, style_data, tmp_path / "run", "lora", family_cases, steps=40,
-                     learning_rate=1e12, max_grad_norm=0.0, checkpoint_every=1000)
+def test_rising_validation_loss_stops_the_run_and_exports_nothing(tiny_pipeline_dir, style_data, tmp_path, family_cases, monkeypatch):
+    """The divergence guard: validation above divergence_factor x its start twice in a row."""
+    from studio.train import session as session_mod
+
+    values = iter([1.0, 1.2, 1.6, 1.7, 1.8, 1.9, 2.0, 2.1, 2.2, 2.3, 2.4])
+    monkeypatch.setattr(session_mod, "validation_loss", lambda run: next(values))
+    config = _config(tiny_pipeline_dir, style_data, tmp_path / "run", "lora", family_cases, steps=40, validation_every=4,
+                     learning_rate=0.5, export_format="kohya", checkpoint_every=1000)
     events = list(train(config))
     result = events[-1].result
-    assert result.status == "diverged"
-    assert any(isinstance(e, Message) and "restored the initial adapter" in e.text for e in events)
+    assert result.status == "diverged" and result.steps == 0 and result.lora_path is None
+    errors = [e.text for e in events if isinstance(e, Message) and e.level == "error"]
+    assert len(errors) == 1 and "step 12" in errors[0] and "learning rate 0.5" in errors[0] and "restored the initial adapter" in errors[0]
+    assert max(e.step for e in events if isinstance(e, Progress)) == 12
+    assert not list((tmp_path / "run").glob("*.lora.safetensors"))
     final = load_file(str(tmp_path / "run" / "adapter.safetensors"))
-    assert all(torch.isfinite(t).all() for t in final.values())
+    assert all(float(t.abs().max()) == 0 for k, t in final.items() if k.startswith("up."))  # B back to its zero start
 
 
 def test_resume_with_changed_config_is_refused_with_a_diff(tiny_pipeline_dir, style_data, tmp_path, family_cases):
@@ -99,14 +107,15 @@ def test_outputs_samples_metadata_and_export(tiny_pipeline_dir, style_data, tmp_
     events = list(train(config))
     out = tmp_path / "run"
     samples = [e for e in events if isinstance(e, Sample)]
-    assert len(samples) == 4 and samples[0].prompt.startswith("zxq style, a red")
-    assert len(list((out / "samples").glob("*.png"))) == 4
+    assert [s.label for s in samples] == ["base", "base", "", "", "", ""]  # the baseline (no adapter) first
+    assert [s.step for s in samples] == [0, 0, 2, 2, 4, 4] and samples[0].prompt.startswith("zxq style, a red")
+    assert len(list((out / "samples").glob("step-*.png"))) == 4 and len(list((out / "samples").glob("base-*.png"))) == 2
     assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-000004"]
     assert (out / "config.toml").exists() and list((out / "tensorboard").iterdir())
     rows = (out / "loss.csv").read_text().splitlines()
     assert rows[0] == "step,loss,lr,val_loss" and len(rows) == 6
     progress = [e for e in events if isinstance(e, Progress)]
-    assert [p.step for p in progress] == [1, 2, 3, 4] and "steps_per_s" in progress[0].metrics
+    assert [p.step for p in progress] == [1, 2, 3, 4] and {"steps_per_s", "eta_s"} <= set(progress[0].metrics)
     with safe_open(str(out / "adapter.safetensors"), "pt") as handle:
         meta = handle.metadata()
     assert meta["studio.family"] == "superlora" and json.loads(meta["studio.adapter"])["groups"] == 4

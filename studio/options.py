@@ -1,0 +1,144 @@
+"""Typed options: dataclass fields that carry their help text and bounds, checked in one place.
+
+Every request of a verb, every train config and every family config is a dataclass whose fields
+are declared with ``option(...)``. The metadata is what the CLI's ``--help``, the app's forms and
+the recipes show, so all three say the same words and defaults; ``check(instance)`` validates
+every field against its annotation and bounds and raises one ``ConfigError`` naming the field,
+its value and what was expected (a string ``"5"`` is not an int, ``true`` is not a step count,
+2.5 steps are refused rather than rounded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import MISSING, Field
+from typing import Any, Literal, get_args, get_origin
+
+from studio.errors import ConfigError
+
+_NO_BOUND = None
+
+
+def option(default: Any = MISSING, help: str = "", *, minimum: float | None = _NO_BOUND, maximum: float | None = _NO_BOUND,
+           exclusive_minimum: bool = False, default_factory: Any = MISSING, cli: bool = True) -> Any:
+    """A dataclass field with its help text and numeric bounds in the metadata.
+
+    ``minimum`` / ``maximum`` bound numbers (and the length of nothing else); ``exclusive_minimum``
+    makes the lower bound strict (learning rates > 0). ``cli=False`` keeps a field off the
+    command line (values the front end fills in itself)."""
+    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "exclusive_minimum": exclusive_minimum, "cli": cli}
+    if default_factory is not MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def help_of(item: Field) -> str:
+    """The help text of a field ('' when it has none)."""
+    return str(item.metadata.get("help", ""))
+
+
+def default_of(item: Field) -> Any:
+    """The field's default value (a fresh one for factories); MISSING when required."""
+    if item.default is not MISSING:
+        return item.default
+    if item.default_factory is not MISSING:  # type: ignore[misc]
+        return item.default_factory()  # type: ignore[misc]
+    return MISSING
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotations of a dataclass (``from __future__ import annotations`` safe)."""
+    return typing.get_type_hints(cls, include_extras=False)
+
+
+def check(instance: Any, where: str = "") -> None:
+    """Validate every field of a dataclass instance; raise ConfigError naming the first bad one."""
+    label = where or type(instance).__name__
+    hints = field_types(type(instance))
+    for item in dataclasses.fields(instance):
+        value = getattr(instance, item.name)
+        problem = _type_problem(value, hints[item.name]) or _bound_problem(value, item)
+        if problem:
+            raise ConfigError(f"{label}: {item.name} = {value!r}: {problem}")
+
+
+def _type_problem(value: Any, annotation: Any) -> str:
+    """'' when value fits annotation, else what was expected."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation is Any:
+        return ""
+    if origin is Literal:
+        return "" if value in args else f"expected one of {', '.join(repr(a) for a in args)}"
+    if origin in (typing.Union, types.UnionType):
+        problems = [_type_problem(value, arg) for arg in args]
+        return "" if any(not p for p in problems) else " or ".join(p for p in problems if p)
+    if annotation is type(None):
+        return "" if value is None else "expected nothing (None)"
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return f"expected a list, got {type(value).__name__}"
+        inner = args[0] if args else Any
+        for element in value:
+            problem = _type_problem(element, inner)
+            if problem:
+                return f"element {element!r}: {problem}"
+        return ""
+    if origin is dict:
+        return "" if isinstance(value, dict) else f"expected a table, got {type(value).__name__}"
+    return _scalar_problem(value, annotation)
+
+
+def _scalar_problem(value: Any, annotation: Any) -> str:
+    if annotation is bool:
+        return "" if isinstance(value, bool) else f"expected true or false, got {type(value).__name__}"
+    if annotation is int:
+        return "" if isinstance(value, int) and not isinstance(value, bool) else f"expected a whole number, got {type(value).__name__}"
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"expected a number, got {type(value).__name__}"
+        return "" if math.isfinite(value) else "expected a finite number"
+    if annotation is str:
+        return "" if isinstance(value, str) else f"expected text, got {type(value).__name__}"
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        return f"expected {annotation.__name__}, got {type(value).__name__}"
+    return ""
+
+
+def _bound_problem(value: Any, item: Field) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return ""
+    low, high = item.metadata.get("minimum"), item.metadata.get("maximum")
+    strict = item.metadata.get("exclusive_minimum", False)
+    if low is not None and (value <= low if strict else value < low):
+        return f"must be {'>' if strict else '>='} {low:g}"
+    if high is not None and value > high:
+        return f"must be <= {high:g}"
+    return ""
+
+
+def describe(cls: type) -> list[dict[str, Any]]:
+    """One entry per field: name, type text, default, help, bounds (for forms and docs)."""
+    hints = field_types(cls)
+    rows = []
+    for item in dataclasses.fields(cls):
+        default = default_of(item)
+        rows.append({
+            "name": item.name, "type": _type_text(hints[item.name]), "default": None if default is MISSING else default,
+            "required": default is MISSING, "help": help_of(item), "minimum": item.metadata.get("minimum"),
+            "maximum": item.metadata.get("maximum"), "choices": list(get_args(hints[item.name])) if get_origin(hints[item.name]) is Literal else None,
+        })
+    return rows
+
+
+def _type_text(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return "choice"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_text(a) for a in get_args(annotation))
+    if origin in (list, tuple):
+        return "list"
+    return getattr(annotation, "__name__", str(annotation))

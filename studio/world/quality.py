@@ -1,0 +1,181 @@
+"""Judge an adapter of a world style by the images it makes, not by its loss.
+
+Two measures, both from pixels of generated images (same prompts, same seeds for every adapter):
+
+- **style score**: how far the images moved from the base's own images toward the style.
+  Image statistics (a coarse colour histogram, directional gradient energy, a radial power
+  spectrum, brightness and saturation) are averaged over a set of images; ``d`` is the move of
+  the means from plain to styled renders of the same scenes (the world's own renderer: the
+  ground truth of the style), ``b`` the mean over the base's generated images and ``g`` over the
+  adapter's. The target is ``b + d`` (the base's images, styled as the renders are) and the score
+  ``1 - |g - (b + d)| / |d|``: 1 = on target, 0 = no nearer than the base, below 0 = further
+  than the base (noise lands there). ``along`` is the plain projection of ``g - b`` on ``d``.
+- **caption following**: the world's pixel judge (``judge.py``) reads the object's colour and
+  shape; ``kept`` is the share of the prompts the base gets right that the adapter also gets right.
+
+Prompts are the world's evaluation scenes ("a red circle on a white background"); adapters get
+their trigger word in front (as a user would type it), the base gets the plain prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from studio.world import judge as pixel_judge
+from studio.world.scene import Scene, render, sample_scenes
+from studio.world.styles import Style
+
+HISTOGRAM_LEVELS = 4  # per channel: 4^3 colour bins
+SPECTRUM_BANDS = 6
+EVAL_SEED = 2024
+MIN_SPREAD = 0.02  # floor of a statistic's scale (2% of the pixels for a histogram bin)
+
+
+@dataclass
+class ImageScore:
+    """What the images of one adapter (or the base) showed."""
+
+    label: str
+    style_score: float
+    along: float
+    colour: float
+    shape: float
+    kept: float | None = None  # share of the base's correct prompts still correct
+    correct: list[bool] = field(default_factory=list, repr=False)
+
+    def as_json(self) -> dict[str, Any]:
+        values = asdict(self)
+        values.pop("correct")
+        return values
+
+
+def image_statistics(images: np.ndarray) -> np.ndarray:
+    """(N, F) statistics of uint8 images (N, H, W, 3): colour histogram, gradients, spectrum, tone."""
+    x = images.astype(np.float32) / 255.0
+    n = len(x)
+    bins = np.clip((x * HISTOGRAM_LEVELS).astype(np.int64), 0, HISTOGRAM_LEVELS - 1)
+    codes = (bins[..., 0] * HISTOGRAM_LEVELS + bins[..., 1]) * HISTOGRAM_LEVELS + bins[..., 2]
+    histogram = np.stack([np.bincount(c.ravel(), minlength=HISTOGRAM_LEVELS**3) for c in codes]) / codes[0].size
+    gray = x.mean(axis=3)
+    gradients = np.stack([
+        np.abs(np.diff(gray, axis=2)).mean(axis=(1, 2)),
+        np.abs(np.diff(gray, axis=1)).mean(axis=(1, 2)),
+        np.abs(gray[:, 1:, 1:] - gray[:, :-1, :-1]).mean(axis=(1, 2)),
+    ], axis=1)
+    spectrum = _radial_spectrum(gray)
+    saturation = (x.max(axis=3) - x.min(axis=3)).mean(axis=(1, 2))
+    tone = np.stack([gray.mean(axis=(1, 2)), gray.std(axis=(1, 2)), saturation], axis=1)
+    return np.concatenate([histogram, gradients * 4, spectrum, tone], axis=1).reshape(n, -1)
+
+
+def _radial_spectrum(gray: np.ndarray) -> np.ndarray:
+    """Log power in ``SPECTRUM_BANDS`` rings of spatial frequency, per image."""
+    power = np.abs(np.fft.fftshift(np.fft.fft2(gray - gray.mean(axis=(1, 2), keepdims=True)), axes=(1, 2))) ** 2
+    h, w = gray.shape[1:]
+    yy, xx = np.mgrid[:h, :w]
+    radius = np.hypot(yy - h / 2, xx - w / 2) / (min(h, w) / 2)
+    edges = np.linspace(0, 1.0, SPECTRUM_BANDS + 1)
+    bands = [power[:, (radius >= lo) & (radius < hi)].mean(axis=1) for lo, hi in zip(edges[:-1], edges[1:])]
+    return np.log1p(np.stack(bands, axis=1)) / 10.0
+
+
+@dataclass
+class StyleReference:
+    """Mean statistics of plain and styled renders of the evaluation scenes, and their spread."""
+
+    plain: np.ndarray
+    styled: np.ndarray
+    spread: np.ndarray
+
+    @classmethod
+    def of(cls, style: Style, scenes: list[Scene], size: int, seed: int) -> "StyleReference":
+        plain_images = render(scenes, size)
+        styled_images = style.apply(plain_images, seed=seed)
+        plain = image_statistics(_hwc(plain_images))
+        styled = image_statistics(_hwc(styled_images))
+        spread = np.concatenate([plain, styled]).std(axis=0)
+        spread = np.maximum(spread, MIN_SPREAD)  # statistics the renders never vary must not dominate
+        return cls(plain.mean(axis=0) / spread, styled.mean(axis=0) / spread, spread)
+
+    def mean(self, images: np.ndarray) -> np.ndarray:
+        """Mean scaled statistics of images (N, H, W, 3) uint8."""
+        return image_statistics(images).mean(axis=0) / self.spread
+
+    def score(self, generated: np.ndarray, base: np.ndarray) -> tuple[float, float]:
+        """(score, along) of mean statistics ``generated`` against the base's ``base``:
+        ``1 - |g - (b + d)| / |d|`` and the projection of ``g - b`` on ``d``, d = styled - plain."""
+        direction = self.styled - self.plain
+        unit = max(float(np.linalg.norm(direction)), 1e-9)
+        score = 1.0 - float(np.linalg.norm(generated - (base + direction))) / unit
+        return score, float((generated - base) @ direction) / unit**2
+
+
+def _hwc(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) uint8 tensor -> (N, H, W, 3) numpy."""
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def evaluation_scenes(count: int, seed: int = EVAL_SEED) -> list[Scene]:
+    """The fixed evaluation scenes (the same as the world's caption-following report)."""
+    return sample_scenes(count, seed)
+
+
+def prompts_for(scenes: list[Scene], trigger: str = "") -> list[str]:
+    """Short prompts of the scenes ('a red circle on a white background'), trigger in front."""
+    plain = [scene.caption(size=False, position=False) for scene in scenes]
+    return [f"{trigger} style, {prompt}" for prompt in plain] if trigger else plain
+
+
+def score_images(label: str, images: torch.Tensor, scenes: list[Scene], reference: StyleReference,
+                 base_images: torch.Tensor, judge: "StyledJudge", base_correct: list[bool] | None = None) -> ImageScore:
+    """Style score and caption following of generated images (N, 3, H, W) uint8, against the
+    base's images of the same scenes and seeds; ``judge`` reads colour and shape."""
+    verdicts = [judge(image, scene) for image, scene in zip(images, scenes)]
+    correct = [v.colour_ok and v.shape_ok for v in verdicts]
+    kept = None
+    if base_correct is not None:
+        wanted = [i for i, ok in enumerate(base_correct) if ok]
+        kept = sum(correct[i] for i in wanted) / len(wanted) if wanted else float("nan")
+    score, along = reference.score(reference.mean(_hwc(images)), reference.mean(_hwc(base_images)))
+    return ImageScore(
+        label, score, along, float(np.mean([v.colour_ok for v in verdicts])),
+        float(np.mean([v.shape_ok for v in verdicts])), kept, correct,
+    )
+
+
+PATTERN_SHARE = 0.04  # a colour covering this share of a styled empty background is background
+
+
+class StyledJudge:
+    """The world's pixel judge seen through a style: palette colours as the style shows them,
+    and the colours the style paints on an empty background (stripes, dots, frames) counted as
+    background. ``accuracy_on_renders`` says how far it can be trusted for that style."""
+
+    def __init__(self, style: Style | None, size: int = 64):
+        names, classify = pixel_judge.NAMES, pixel_judge.classify_pixels
+        self.style = style
+        swatches = torch.tensor(pixel_judge.PALETTE, dtype=torch.uint8)[:, :, None, None].expand(-1, -1, size, size).contiguous()
+        shown = style.apply(swatches, seed=0) if style is not None else swatches
+        self.palette = shown.float().flatten(2).median(dim=2).values.numpy()
+        self.background_labels: dict[str, tuple[int, ...]] = {}
+        for index, name in enumerate(names):
+            labels = classify(shown[index].permute(1, 2, 0).numpy(), self.palette)
+            share = np.bincount(labels[labels >= 0], minlength=len(names)) / labels.size
+            self.background_labels[name] = tuple(sorted({index, *np.nonzero(share >= PATTERN_SHARE)[0].tolist()}))
+
+    def __call__(self, image, scene: Scene):
+        
+        return pixel_judge.judge(image, scene.colour, scene.shape, scene.background, palette=self.palette,
+                     background_labels=self.background_labels[scene.background])
+
+    def accuracy_on_renders(self, scenes: list[Scene], size: int = 64, seed: int = 0) -> float:
+        """Share of the style's own renders of ``scenes`` it judges right (colour and shape)."""
+        images = render(scenes, size)
+        if self.style is not None:
+            images = self.style.apply(images, seed=seed)
+        verdicts = [self(image, scene) for image, scene in zip(images, scenes)]
+        return float(np.mean([v.colour_ok and v.shape_ok for v in verdicts]))
