@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from studio.adapters.base import AdapterBase
 from studio.adapters.lora import LoraAdapter, LoraLayer
 from tests.threads import one_cpu_thread  # noqa: F401  (autouse here)
 
@@ -56,7 +57,7 @@ def random_lora(engine, name: str, seed: int, layers: list[str] | None = None, r
 
 @dataclass(eq=False)
 class DeltaOnlyAdapter:
-    """An adapter family that only answers ``delta`` (like a Kronecker SuperLoRA group)."""
+    """An adapter that only follows the ``Adapter`` protocol (``layers`` and ``delta``), declaring nothing."""
 
     name: str
     deltas: dict[str, Tensor]
@@ -69,8 +70,11 @@ class DeltaOnlyAdapter:
 
 
 @dataclass(eq=False)
-class SharedBasisMember:
+class SharedBasisMember(AdapterBase):
     """One adapter of a shared-basis collection: delta = U @ core @ V with U, V shared."""
+
+    has_factors = True
+    has_shared_basis = True
 
     name: str
     bases: dict[str, tuple[Tensor, Tensor]]

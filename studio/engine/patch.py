@@ -1,0 +1,613 @@
+"""One way of putting an update onto a module: merged into its weight, or added by a hook.
+
+Merged (switching adapters, evaluating one adapter): ``MergedWeights`` writes
+``W = W0 + sum_t w_t * dW_t`` into the live weights, always from a pristine copy ``W0``, so
+switching never drifts (A -> B -> A gives the bits of applying A once) and ``restore()`` puts
+W0 back by construction. Layers of one weight shape, device and dtype form a group whose weights
+are re-homed into one stacked tensor (the modules' parameters become views of it, as FSDP's flat
+parameters are), so a switch is one batched kernel per group and term
+(``torch.baddbmm(W0, up, down, alpha=w, out=W)``), not one per layer. Before a write goes live
+the written groups are checked finite (peft's ``safe_merge``); a non-finite merge is undone.
+
+Hooked (per-image batches, training, a multi-LoRA zoo): ``UpdateHooks`` adds ``chain(x)`` to a
+layer's output, where a chain is a sequence of matrices applied in turn (``(down, up)`` for a
+LoRA, ``(V, core, U)`` for a shared basis, ``(dW,)`` for a dense update). A 2-D matrix applies to
+every row of the batch; a 3-D one (n, o, i) gives row b its entry ``b % n`` (classifier-free
+guidance runs ``[uncond; cond]``, so rows i and n + i are image i), as one batched matmul.
+With ``inference=True`` the last step is fused into the output (GEMM epilogue, no extra add).
+``Attachment`` is the trainer's form: hooks for factor families, a weight parametrization for
+delta-only ones, adapter math in fp32 outside autocast, autograd through the adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from studio.adapters.base import capabilities
+from studio.errors import ConfigError, KeyMismatchError
+
+Chain = Sequence[Tensor]
+MergeFrom = Literal["auto", "dense", "factors"]
+
+
+# ---------------------------------------------------------------------------------- merged
+
+
+@dataclass(eq=False)
+class FactorTerm:
+    """One adapter's low-rank update of every row of a group: ``dW_b = up[b] @ down[b]``.
+
+    Rows the adapter does not target hold zeros (exact: ``W0 + 0 == W0``); ranks are zero-padded.
+    """
+
+    down: Tensor  # (n, R, in_flat)
+    up: Tensor  # (n, out, R)
+
+    @property
+    def nbytes(self) -> int:
+        return self.down.numel() * self.down.element_size() + self.up.numel() * self.up.element_size()
+
+    def apply(self, live: Tensor, base: Tensor | None, weight: float) -> None:
+        """``live = base + weight * up @ down`` (base None: add to live)."""
+        if base is None:
+            live.baddbmm_(self.up, self.down, alpha=weight)
+        else:
+            torch.baddbmm(base, self.up, self.down, alpha=weight, out=live)
+
+
+@dataclass(eq=False)
+class DenseTerm:
+    """One adapter's dense dW of some rows of a group (``rows`` None: every row, in order)."""
+
+    dense: Tensor  # (m, out, in_flat)
+    rows: Tensor | None = None  # (m,) int64 on the group's device
+
+    @property
+    def nbytes(self) -> int:
+        return self.dense.numel() * self.dense.element_size()
+
+    def apply(self, live: Tensor, base: Tensor | None, weight: float) -> None:
+        if self.rows is None:
+            if base is None:
+                live.add_(self.dense, alpha=weight)
+            else:
+                torch.add(base, self.dense, alpha=weight, out=live)
+            return
+        if base is not None:
+            live.copy_(base)
+        live.index_add_(0, self.rows, self.dense, alpha=weight)
+
+
+Term = FactorTerm | DenseTerm
+Planned = list[tuple[Term, float, str]]  # (term, weight, label of its adapter) per group
+
+
+class WeightGroup:
+    """Layers of one weight shape, device and dtype whose weights live in one stacked tensor."""
+
+    def __init__(self, layers: list[str], modules: list[nn.Module]):
+        self.layers = layers
+        self.modules = modules
+        self.params = [module.weight for module in modules]
+        self.shape = tuple(self.params[0].shape)
+        stacked = torch.stack([param.detach() for param in self.params])
+        for row, param in enumerate(self.params):
+            param.data = stacked[row]
+        self.live = stacked.view(len(layers), self.shape[0], -1)  # (n, out, in_flat)
+        self.pristine = self.live.clone()
+        self.written: Planned | None = None  # what is merged now; None: pristine
+        self._pointers = [param.data_ptr() for param in self.params]
+
+    @property
+    def device(self) -> torch.device:
+        return self.live.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.live.dtype
+
+    def intact(self) -> bool:
+        """True while every module still holds its parameter, still a view of the stack."""
+        return all(
+            module._parameters.get("weight") is param and param.data_ptr() == pointer
+            for module, param, pointer in zip(self.modules, self.params, self._pointers)
+        )
+
+    def write(self, terms: Planned) -> None:
+        base: Tensor | None = self.pristine
+        for term, weight, _ in terms:
+            term.apply(self.live, base, weight)
+            base = None
+        if base is not None:
+            self.live.copy_(self.pristine)
+        self.written = list(terms) if terms else None
+
+    def restore(self) -> None:
+        if self.written is not None:
+            self.live.copy_(self.pristine)
+            self.written = None
+
+    def release(self) -> None:
+        """Put W0 into every member and give each module its own weight storage again.
+
+        A member whose weight was moved or replaced behind the group's back (``pipe.to(...)``)
+        gets W0 copied into whatever tensor it holds now.
+        """
+        for row, (module, param) in enumerate(zip(self.modules, self.params)):
+            pristine = self.pristine[row].view(self.shape)
+            current = module._parameters.get("weight")
+            if current is param and param.data_ptr() == self._pointers[row]:
+                param.data = pristine.clone()
+            elif current is not None and tuple(current.shape) == self.shape:
+                current.data.copy_(pristine.to(current.device, current.dtype))
+        self.written = None
+
+
+class NonFiniteMerge(Exception):
+    """Raised by ``MergedWeights.write`` with the groups whose merged weights are not finite."""
+
+    def __init__(self, groups: list[tuple[WeightGroup, Planned]]):
+        super().__init__(f"{len(groups)} weight group(s) not finite after merging")
+        self.groups = groups
+
+
+class MergedWeights:
+    """Pristine copies of the touched weights of some modules, and what is merged into them now."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = modules
+        self.groups: list[WeightGroup] = []
+        self._where: dict[str, tuple[WeightGroup, int]] = {}
+
+    def shape2d(self, layer: str) -> tuple[int, int]:
+        weight = self.modules[layer].weight
+        return int(weight.shape[0]), int(weight[0].numel())
+
+    def place(self, layers: Sequence[str]) -> dict[WeightGroup, list[tuple[int, str]]]:
+        """The (row, layer) pairs of ``layers`` per group, forming groups for layers not in one yet.
+
+        Layers are only ever written through groups, so a layer outside every group is pristine.
+        Groups never change once formed (their stacks are what prepared terms are built for).
+        """
+        new: dict[tuple, list[str]] = {}
+        for layer in layers:
+            if layer not in self._where:
+                weight = self.modules[layer].weight
+                new.setdefault((weight.device, weight.dtype, tuple(weight.shape)), []).append(layer)
+        with torch.no_grad():
+            for members in new.values():
+                group = WeightGroup(members, [self.modules[layer] for layer in members])
+                self.groups.append(group)
+                self._where.update({layer: (group, row) for row, layer in enumerate(members)})
+        placed: dict[WeightGroup, list[tuple[int, str]]] = {}
+        for layer in layers:
+            group, row = self._where[layer]
+            placed.setdefault(group, []).append((row, layer))
+        return placed
+
+    def live2d(self, layer: str) -> Tensor:
+        """The live weight of a layer as a 2-D view."""
+        if layer in self._where:
+            group, row = self._where[layer]
+            return group.live[row]
+        weight = self.modules[layer].weight
+        return weight.detach().view(weight.shape[0], -1)
+
+    def pristine2d(self, layer: str) -> Tensor:
+        """W0 of a layer (the live weight itself for layers never written)."""
+        if layer in self._where:
+            group, row = self._where[layer]
+            return group.pristine[row]
+        return self.live2d(layer)
+
+    @property
+    def touched(self) -> list[str]:
+        """Layers of groups whose live weights differ from W0 now."""
+        return [layer for group in self.groups if group.written is not None for layer in group.layers]
+
+    def intact(self) -> bool:
+        return all(group.intact() for group in self.groups)
+
+    @torch.no_grad()
+    def write(self, plan: dict[WeightGroup, Planned], check_finite: bool = True) -> None:
+        """Make each planned group ``W0 + sum(w * dW)``, every other group W0.
+
+        Groups whose terms are already merged are not rewritten. With ``check_finite`` the groups
+        written now are checked (one fp32 sum each, one sync); if any is not finite every group
+        is put back to W0 and ``NonFiniteMerge`` names them.
+        """
+        written: list[WeightGroup] = []
+        try:
+            for group in self.groups:
+                terms = plan.get(group)
+                if not terms:
+                    group.restore()
+                elif not _same(group.written, terms):
+                    group.write(terms)
+                    written.append(group)
+            if check_finite and written:
+                sums = torch.stack([group.live.sum(dtype=torch.float32) for group in written])
+                finite = torch.isfinite(sums).tolist()
+                if not all(finite):
+                    bad = [(group, list(group.written or [])) for group, ok in zip(written, finite) if not ok]
+                    raise NonFiniteMerge(bad)
+        except BaseException:
+            self.restore()
+            raise
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put W0 back into every group."""
+        for group in self.groups:
+            group.restore()
+
+    @torch.no_grad()
+    def release(self) -> None:
+        """W0 back into every module, each with its own weight storage; the groups are forgotten.
+
+        Call it before handing the modules to code that expects ordinary parameters (saving a
+        pipeline, moving it to another device); the next write forms the groups again.
+        """
+        for group in self.groups:
+            group.release()
+        self.groups, self._where = [], {}
+
+
+def _same(old: Planned | None, new: Planned) -> bool:
+    if old is None or len(old) != len(new):
+        return False
+    return all(a is b and wa == wb for (a, wa, _), (b, wb, _) in zip(old, new))
+
+
+def culprit(group: WeightGroup, terms: Planned) -> tuple[str, float, str]:
+    """(adapter label, weight, layer) of the term that alone makes a group non-finite (failure path)."""
+    with torch.no_grad():
+        for term, weight, label in terms:
+            scratch = group.pristine.clone()
+            term.apply(scratch, group.pristine, weight)
+            rows = (~torch.isfinite(scratch.flatten(1).sum(1, dtype=torch.float32))).nonzero().flatten().tolist()
+            if rows:
+                return label, weight, group.layers[rows[0]]
+    label = " + ".join(f"{label} ({weight:g})" for _, weight, label in terms)
+    return label, float("nan"), group.layers[0]
+
+
+# ---------------------------------------------------------------------------------- preparing
+
+
+def factors_cheaper(rank: int, shape: tuple[int, int]) -> bool:
+    """Factors are kept when they take at most half the memory of the dense dW."""
+    return rank * (shape[0] + shape[1]) * 2 <= shape[0] * shape[1]
+
+
+def _check_shape(layer: str, got: tuple[int, ...], want: tuple[int, int]) -> None:
+    if tuple(got) != tuple(want):
+        raise KeyMismatchError(f"layer {layer}: the adapter's update has shape {tuple(got)}, the pipeline's weight is {tuple(want)}")
+
+
+def layer_update(adapter: Any, layer: str, shape: tuple[int, int], merge_from: MergeFrom) -> tuple[Tensor, Tensor] | Tensor:
+    """One layer's update at strength 1 as ``(down (r, in), up (out, r))`` or a dense ``(out, in)``.
+
+    ``merge_from``: ``factors`` (where declared), ``dense``, or ``auto`` (factors where declared
+    and at most half the size of dW).
+    """
+    if merge_from != "dense" and capabilities(adapter).factors:
+        down, up = adapter.factors(layer)
+        rank = int(down.shape[0])
+        if merge_from == "factors" or factors_cheaper(rank, shape):
+            down, up = down.detach().reshape(rank, -1), up.detach().reshape(-1, rank)
+            _check_shape(layer, (up.shape[0], down.shape[1]), shape)
+            return down, up
+    dense = adapter.delta(layer).detach()
+    if dense.numel() != shape[0] * shape[1]:
+        _check_shape(layer, tuple(dense.shape), shape)
+    return dense.reshape(shape)
+
+
+@torch.no_grad()
+def group_terms(adapter: Any, weights: MergedWeights, merge_from: MergeFrom = "auto") -> dict[WeightGroup, list[Term]]:
+    """An adapter's updates as terms per group, on each group's device and dtype."""
+    terms: dict[WeightGroup, list[Term]] = {}
+    for group, rows in weights.place(adapter.layers()).items():
+        shape = (group.live.shape[1], group.live.shape[2])
+        factored: list[tuple[int, Tensor, Tensor]] = []
+        dense: list[tuple[int, Tensor]] = []
+        for row, layer in rows:
+            update = layer_update(adapter, layer, shape, merge_from)
+            if isinstance(update, tuple):
+                factored.append((row, *update))
+            else:
+                dense.append((row, update))
+        terms[group] = _factor_term(group, factored) + _dense_term(group, dense)
+    return terms
+
+
+def _factor_term(group: WeightGroup, factored: list[tuple[int, Tensor, Tensor]]) -> list[Term]:
+    if not factored:
+        return []
+    n, out_features, in_features = group.live.shape
+    rank = max(int(down.shape[0]) for _, down, _ in factored)
+    downs = torch.zeros(n, rank, in_features)
+    ups = torch.zeros(n, out_features, rank)
+    for row, down, up in factored:
+        downs[row, : down.shape[0]] = down.float().cpu()
+        ups[row, :, : up.shape[1]] = up.float().cpu()
+    return [FactorTerm(downs.to(group.device, group.dtype), ups.to(group.device, group.dtype))]
+
+
+def _dense_term(group: WeightGroup, dense: list[tuple[int, Tensor]]) -> list[Term]:
+    if not dense:
+        return []
+    rows = [row for row, _ in dense]
+    stacked = torch.stack([matrix.to(group.device, group.dtype) for _, matrix in dense]).contiguous()
+    if rows == list(range(group.live.shape[0])):
+        return [DenseTerm(stacked)]
+    return [DenseTerm(stacked, torch.tensor(rows, device=group.device, dtype=torch.int64))]
+
+
+def first_non_finite(terms: dict[WeightGroup, list[Term]]) -> str | None:
+    """The first layer whose prepared update (cast to the weight's dtype) is not finite, if any."""
+    for group, group_list in terms.items():
+        for term in group_list:
+            if isinstance(term, FactorTerm):
+                per_row = term.down.flatten(1).sum(1, dtype=torch.float32) + term.up.flatten(1).sum(1, dtype=torch.float32)
+                rows = list(range(group.live.shape[0]))
+            else:
+                per_row = term.dense.flatten(1).sum(1, dtype=torch.float32)
+                rows = term.rows.tolist() if term.rows is not None else list(range(group.live.shape[0]))
+            bad = (~torch.isfinite(per_row)).nonzero().flatten().tolist()
+            if bad:
+                return group.layers[rows[bad[0]]]
+    return None
+
+
+@contextlib.contextmanager
+def merged(modules: dict[str, nn.Module], adapter: Any, weight: float = 1.0, merge_from: MergeFrom = "auto") -> Iterator[MergedWeights]:
+    """``with merged(modules, adapter, 0.8): ...``: W0 + weight * dW written in, W0 back in ``finally``.
+
+    ``modules`` maps the adapter's layer names to modules (e.g. ``{"unet." + name: module}``).
+    The modules get their own weight storage back on exit. Raises ``NonFiniteMerge`` (weights
+    restored) if the merged weights are not finite.
+    """
+    missing = [layer for layer in adapter.layers() if layer not in modules]
+    if missing:
+        raise KeyMismatchError(f"adapter targets {len(missing)} layers the modules lack, e.g. {missing[0]}")
+    weights = MergedWeights(modules)
+    try:
+        plan = {group: [(term, weight, "") for term in terms] for group, terms in group_terms(adapter, weights, merge_from).items()}
+        weights.write(plan)
+        yield weights
+    finally:
+        weights.release()
+
+
+# ---------------------------------------------------------------------------------- hooked
+
+
+def _per_row(step: Tensor, rows: int, memo: dict | None, key: tuple) -> Tensor:
+    """A per-sample step (n, o, i) repeated so that row b gets entry b % n (memoised for inference)."""
+    n = step.shape[0]
+    if rows % n:
+        raise RuntimeError(f"a batch of {rows} rows does not split into {n} samples")
+    if rows == n:
+        return step
+    if memo is not None and key in memo:
+        return memo[key]
+    repeated = step.repeat(rows // n, 1, 1)
+    if memo is not None:
+        memo[key] = repeated
+    return repeated
+
+
+def _linear_step(h: Tensor, step: Tensor, memo: dict | None, index: int) -> Tensor:
+    if step.dim() == 2:
+        return F.linear(h, step)
+    weights = _per_row(step, h.shape[0], memo, (index, h.shape[0]))
+    h3 = h.reshape(h.shape[0], -1, h.shape[-1])
+    return torch.bmm(h3, weights.transpose(1, 2)).reshape(*h.shape[:-1], step.shape[1])
+
+
+def _linear_chain(x: Tensor, chain: Chain, out: Tensor | None, memo: dict | None) -> Tensor | None:
+    """The chain applied to x; with ``out`` the last step is added into it in place (returns None)."""
+    h = x
+    last = len(chain) - 1
+    for index, step in enumerate(chain):
+        step = step if step.dtype == x.dtype else step.to(x.dtype)
+        if out is not None and index == last and out.is_contiguous():
+            if step.dim() == 2:
+                out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), step.t())
+            else:
+                weights = _per_row(step, h.shape[0], memo, (index, h.shape[0]))
+                out.view(out.shape[0], -1, out.shape[-1]).baddbmm_(h.reshape(h.shape[0], -1, h.shape[-1]), weights.transpose(1, 2))
+            return None
+        h = _linear_step(h, step, memo, index)
+    if out is not None:
+        out.add_(h)
+        return None
+    return h
+
+
+def _conv_shared(module: nn.Conv2d, x: Tensor, chain: Chain) -> Tensor:
+    """A chain on a conv: the first step is a kernel with the layer's own geometry, the rest 1x1."""
+    first = chain[0].to(x.dtype)
+    kernel = first.reshape(first.shape[0], module.in_channels, *module.kernel_size)
+    h = module._conv_forward(x, kernel, None)
+    for step in chain[1:]:
+        h = F.conv2d(h, step.to(x.dtype).reshape(step.shape[0], step.shape[1], 1, 1))
+    return h
+
+
+def _conv_chain(module: nn.Conv2d, x: Tensor, chain: Chain, out: Tensor | None, memo: dict | None) -> Tensor | None:
+    if module.groups != 1:
+        raise ConfigError(f"grouped convolutions (groups={module.groups}) cannot be targeted")
+    if all(step.dim() == 2 for step in chain):
+        term = _conv_shared(module, x, chain)
+        if out is None:
+            return term
+        out.add_(term)
+        return None
+    n = next(step.shape[0] for step in chain if step.dim() == 3)
+    if x.shape[0] % n:
+        raise RuntimeError(f"a batch of {x.shape[0]} rows does not split into {n} samples")
+    pieces = []
+    for entry in range(n):
+        if memo is not None and _zero_entry(chain, entry, memo):
+            continue  # an image without an update of this layer: skip its convolution
+        term = _conv_shared(module, x[entry::n], [step[entry] if step.dim() == 3 else step for step in chain])
+        if out is not None:
+            out[entry::n].add_(term)
+        else:
+            pieces.append((entry, term))
+    if out is not None or not pieces:
+        return None if out is not None else x.new_zeros(0)
+    result = pieces[0][1].new_zeros((x.shape[0], *pieces[0][1].shape[1:]))
+    for entry, term in pieces:
+        result[entry::n] = term
+    return result
+
+
+def _zero_entry(chain: Chain, entry: int, memo: dict) -> bool:
+    key = ("zero", entry)
+    if key not in memo:
+        memo[key] = any(step.dim() == 3 and not bool(step[entry].any()) for step in chain)
+    return memo[key]
+
+
+def apply_chain(module: nn.Module, x: Tensor, chain: Chain, out: Tensor | None = None, memo: dict | None = None) -> Tensor | None:
+    """``chain(x)`` for a Linear or Conv2d module (see the module docstring).
+
+    Without ``out`` returns the term (autograd flows through x and the chain); with ``out`` adds
+    it into ``out`` in place and returns None (inference).
+    """
+    if isinstance(module, nn.Linear):
+        return _linear_chain(x, chain, out, memo)
+    if isinstance(module, nn.Conv2d):
+        return _conv_chain(module, x, chain, out, memo)
+    raise ConfigError(f"a {type(module).__name__} cannot take an update (Linear and Conv2d only)")
+
+
+class UpdateHooks:
+    """Forward hooks adding ``source(layer)``'s chain to each layer's output; ``remove()`` undoes.
+
+    ``source(layer)`` returns a chain (or None: nothing this call). ``inference``: the chains are
+    fixed tensors on the layer's device and dtype, added in place under no_grad (per-image
+    batches); otherwise the term is added out of place with autograd (training). ``exact``: call
+    ``source`` with autocast disabled, so adapter math runs in the adapter's own precision.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], source: Callable[[str], Chain | None], inference: bool = False,
+                 exact: bool = False):
+        self.source, self.inference, self.exact = source, inference, exact
+        self._memo: dict[str, dict] = {layer: {} for layer in modules}
+        self.handles = [module.register_forward_hook(self._hook(layer)) for layer, module in modules.items()]
+
+    def _chain(self, layer: str, device_type: str) -> Chain | None:
+        if not self.exact:
+            return self.source(layer)
+        with torch.autocast(device_type, enabled=False):
+            return self.source(layer)
+
+    def _hook(self, layer: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            x = args[0]
+            chain = self._chain(layer, x.device.type)
+            if chain is None:
+                return output
+            if self.inference:
+                apply_chain(module, x, chain, output, self._memo[layer])
+                return output
+            term = apply_chain(module, x, chain)
+            return output + term.to(output.dtype)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+class _AddDelta(nn.Module):
+    """Parametrization ``W0 -> W0 + dW``, reading dW through a getter (holds no parameters)."""
+
+    def __init__(self, get: Callable[[], Tensor]):
+        super().__init__()
+        self._get = get
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight + self._get().reshape(weight.shape).to(weight.dtype)
+
+
+class Attachment:
+    """A trainable adapter attached to a frozen component (e.g. a UNet); ``detach()`` undoes it.
+
+    Capabilities decide the mechanism: ``has_factors`` -> ``UpdateHooks`` with ``(down, up)``
+    (never builds dW); otherwise a ``torch.nn.utils.parametrize`` of the weight, ``W0 + dW``.
+    ``computes_layers_together``: ``all_factors()`` / ``deltas()`` run once per call of ``root``
+    (a forward pre-hook) and the layers read that cache. Adapter math runs in fp32 outside
+    autocast; the adapter is never registered as a submodule of ``root``.
+    """
+
+    def __init__(self, root: nn.Module, adapter: Any, component: str = "unet"):
+        self.root, self.adapter = root, adapter
+        caps = capabilities(adapter)
+        self.use_factors, self.together = caps.factors, caps.layers_together
+        self.cache: dict[str, Any] = {}
+        self.handles: list[Any] = []
+        self.parametrized: list[nn.Module] = []
+        modules = {layer: _component_module(root, layer, component) for layer in adapter.layers()}
+        if self.together:
+            self.handles.append(root.register_forward_pre_hook(self._refresh))
+        if self.use_factors:
+            self.hooks: UpdateHooks | None = UpdateHooks(modules, self._get, exact=True)
+        else:
+            self.hooks = None
+            for layer, module in modules.items():
+                getter = (lambda layer=layer: self._exact(lambda: self._get(layer)))
+                parametrize.register_parametrization(module, "weight", _AddDelta(getter), unsafe=True)
+                self.parametrized.append(module)
+
+    def _exact(self, fn: Callable[[], Any]) -> Any:
+        device_type = next((p.device.type for p in self.root.parameters()), "cpu")
+        with torch.autocast(device_type, enabled=False):
+            return fn()
+
+    def _refresh(self, *_: Any) -> None:
+        bulk = self.adapter.all_factors if self.use_factors else self.adapter.deltas
+        self.cache = dict(self._exact(bulk))
+
+    def _get(self, layer: str) -> Any:
+        if layer in self.cache:
+            return self.cache[layer]
+        return self.adapter.factors(layer) if self.use_factors else self.adapter.delta(layer)
+
+    def clear(self) -> None:
+        """Drop the per-forward cache (and the autograd graph it may hold)."""
+        self.cache = {}
+
+    def detach(self) -> None:
+        """Remove every hook and parametrization; the component is as before."""
+        if self.hooks is not None:
+            self.hooks.remove()
+        for handle in self.handles:
+            handle.remove()
+        for module in self.parametrized:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        self.handles, self.parametrized, self.cache, self.hooks = [], [], {}, None
+
+
+def _component_module(root: nn.Module, layer: str, component: str) -> nn.Module:
+    owner, _, name = layer.partition(".")
+    if owner != component:
+        raise ConfigError(f"layer {layer!r}: only {component} layers can be attached here")
+    module = root.get_submodule(name)
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise ConfigError(f"layer {layer!r} is a {type(module).__name__}, not a Linear or Conv2d")
+    return module
