@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -87,6 +88,7 @@ class Engine:
         self._registry: dict[str, Adapter] = {}
         self._files: dict[tuple, Any] = {}
         self._tree = None
+        self._batcher = None
 
     @classmethod
     def load(cls, base: str, config: EngineConfig | None = None) -> "Engine":
@@ -266,6 +268,27 @@ class Engine:
             self.restore()
             with per_image_hooks(self.live.modules, [m if m else None for m in mixes]):
                 yield mixes
+
+    # -- serving ------------------------------------------------------------------------------
+
+    def submit(self, request: GenerateRequest) -> "Future[list[GeneratedImage]]":
+        """Queue a request on this engine's batcher (``studio.engine.batcher``, started on first use):
+        concurrent requests are gathered into per-image batches; the future holds this request's
+        own images. Bad requests raise here, before anything is queued."""
+        from studio.engine.batcher import Batcher
+
+        with self._catalog:
+            if self._batcher is None:
+                self._batcher = Batcher(self)
+            batcher = self._batcher
+        return batcher.submit(request)
+
+    def close(self) -> None:
+        """Stop this engine's batcher after what it has queued (the engine stays usable)."""
+        with self._catalog:
+            batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
 
     # -- generation ---------------------------------------------------------------------------
 

@@ -22,6 +22,17 @@ def session_engine(tiny_pipeline_dir):
     return Engine.load(str(tiny_pipeline_dir), EngineConfig(device="cpu", dtype="float32"))
 
 
+@pytest.fixture(scope="session")
+def world_engine():
+    """The embedded world pipeline on the CPU in float32 (skipped when assets/world is missing)."""
+    from studio.bases import world_dir
+    from studio.engine import Engine, EngineConfig
+
+    if not (world_dir() / "model_index.json").is_file():
+        pytest.skip("assets/world is not built")
+    return Engine.load("world", EngineConfig(device="cpu", dtype="float32"))
+
+
 @pytest.fixture
 def engine(session_engine):
     """The shared tiny engine, pristine at the start of each test (generate leaves adapters merged)."""
