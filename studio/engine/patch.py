@@ -121,6 +121,9 @@ class WeightGroup:
         )
 
     def write(self, terms: Planned) -> None:
+        limit = torch.finfo(self.dtype).max
+        if any(not abs(weight) <= limit for _, weight, _ in terms):
+            raise NonFiniteMerge([(self, list(terms))])  # torch would refuse the scalar itself
         base: Tensor | None = self.pristine
         for term, weight, _ in terms:
             term.apply(self.live, base, weight)
@@ -268,8 +271,11 @@ def _same(old: Planned | None, new: Planned) -> bool:
 
 def culprit(group: WeightGroup, terms: Planned) -> tuple[str, float, str]:
     """(adapter label, weight, layer) of the term that alone makes a group non-finite (failure path)."""
+    limit = torch.finfo(group.dtype).max
     with torch.no_grad():
         for term, weight, label in terms:
+            if not abs(weight) <= limit:
+                return label, weight, group.layers[0]
             scratch = group.pristine.clone()
             term.apply(scratch, group.pristine, weight)
             rows = (~torch.isfinite(scratch.flatten(1).sum(1, dtype=torch.float32))).nonzero().flatten().tolist()
