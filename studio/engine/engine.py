@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,8 @@ class Engine:
         self._files: dict[tuple, Any] = {}
         self._tree = None
         self._batcher = None
+        self._cost = None  # studio.engine.estimate.CostModel, built by the first estimate
+        self._flops_per_second: float | None = None  # measured on generations after that
 
     @classmethod
     def load(cls, base: str, config: EngineConfig | None = None) -> "Engine":
@@ -330,13 +333,44 @@ class Engine:
         for job in jobs:
             check_mix(job.mix)
         with self.lock:
+            started = time.perf_counter()
             if all(same_mix(job.mix, jobs[0].mix) for job in jobs):
                 self.activate(jobs[0].mix)
                 pixels = self._run(settings, jobs)
             else:
                 with self.per_image([job.mix for job in jobs]):
                     pixels = self._run(settings, jobs)
+            self._observe(settings, len(jobs), time.perf_counter() - started)
             return self._images(settings, pixels, jobs)
+
+    def estimate(self, request: GenerateRequest, fused_attention: bool = True):
+        """Memory, compute and time of a request, before anything is allocated (``studio.engine.estimate``).
+
+        The first call probes the pipeline's UNet and VAE on the meta device (about a second for
+        SD1.5, a few for SDXL); later calls are arithmetic.
+        """
+        from studio.engine import estimate
+
+        check_request(request)
+        with self._catalog:
+            if self._cost is None:
+                self._cost = estimate.cost_model(self.pipe, self.config.resolved_dtype())
+            cost, measured = self._cost, self._flops_per_second
+        width, height = self.size_of(request)
+        images = len(request.adapters) if request.per_image else request.batch
+        rate = measured or estimate.default_throughput(self.config.resolved_device())
+        return estimate.estimate_request(cost, width, height, images, request.steps, request.guidance_for(self.base_label),
+                                         rate, measured is not None, fused_attention)
+
+    def _observe(self, settings: GenerateRequest, images: int, seconds: float) -> None:
+        """Learn this device's throughput from a finished call (only once estimates are in use)."""
+        if self._cost is None or seconds <= 0:
+            return
+        from dataclasses import replace
+
+        flops = self.estimate(replace(settings, per_image=False, batch=images)).tflop * 1e12
+        rate = flops / seconds
+        self._flops_per_second = rate if self._flops_per_second is None else 0.7 * self._flops_per_second + 0.3 * rate
 
     def size_of(self, request: GenerateRequest) -> tuple[int, int]:
         """(width, height) in pixels of the request's images (the base's native size by default)."""
