@@ -21,15 +21,15 @@ images that have an update there, with the module's own stride and padding.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from studio.adapters.base import Adapter, capabilities
-from studio.engine.live import check_layers
-from studio.engine.mix import Mix
-from studio.engine.patch import UpdateHooks
+from studio.engine.live import PreparedAdapter, check_layers
+from studio.engine.mix import Mix, MixTerm
+from studio.engine.patch import FactorTerm, UpdateHooks, WeightGroup
 
 PathKind = Literal["shared", "factors", "dense"]
 Terms = list[tuple[Adapter, float]]
@@ -121,25 +121,76 @@ def _terms_for(layer: str, mix: Mix | None) -> Terms:
 
 
 @torch.no_grad()
-def per_image_chains(modules: dict[str, nn.Module], assignments: Sequence[Mix | None]) -> dict[str, tuple[PathKind, tuple[Tensor, ...]]]:
-    """For every layer any image's mix targets, that layer's per-image chain."""
+def per_image_chains(modules: dict[str, nn.Module], assignments: Sequence[Mix | None],
+                     prepared: Callable[[MixTerm], PreparedAdapter] | None = None) -> dict[str, tuple[PathKind, tuple[Tensor, ...]]]:
+    """For every layer any image's mix targets, that layer's per-image chain.
+
+    With ``prepared`` (the engine's cache of device-resident terms), groups of layers whose
+    adapters all have factor terms there are stacked on the device, one copy per group and
+    image (no host work per layer); the rest is built layer by layer.
+    """
     layers: dict[str, None] = {}
     for mix in assignments:
         for term in (mix.terms if mix else ()):
             check_layers(term.adapter, modules, term.label)
             layers.update(dict.fromkeys(term.adapter.layers()))
-    chains = {}
+    chains = _device_factor_chains(layers, assignments, prepared) if prepared is not None else {}
     for layer in layers:
+        if layer in chains:
+            continue
         per_image = [_terms_for(layer, mix) for mix in assignments]
         if any(per_image):
             chains[layer] = build_chain(layer, per_image, modules[layer].weight)
     return chains
 
 
+def _device_factor_chains(layers: dict[str, None], assignments: Sequence[Mix | None],
+                          prepared: Callable[[MixTerm], PreparedAdapter]) -> dict[str, tuple[PathKind, tuple[Tensor, ...]]]:
+    """Per-image factor chains gathered from prepared group terms (see ``per_image_chains``)."""
+    per_image: list[list[tuple[PreparedAdapter, float, bool]]] = [
+        [(prepared(t), t.weight, capabilities(t.adapter).shared_basis) for t in (mix.terms if mix else ()) if t.weight != 0]
+        for mix in assignments
+    ]
+    groups = {group: None for entries in per_image for entry, _, _ in entries for group in entry.terms}
+    chains: dict[str, tuple[PathKind, tuple[Tensor, ...]]] = {}
+    for group in groups:
+        images = [[(term, weight) for entry, weight, shared in entries for term in entry.terms.get(group, [])]
+                  for entries in per_image]
+        if any(shared for entries in per_image for entry, _, shared in entries if group in entry.terms):
+            continue  # collections take the shared-basis path, layer by layer
+        if any(not isinstance(term, FactorTerm) for terms in images for term, _ in terms):
+            continue
+        downs, ups = _stack_images(group, images)
+        for row, layer in enumerate(group.layers):
+            if layer in layers:
+                chains[layer] = ("factors", (downs[:, row], ups[:, row]))
+    return chains
+
+
+def _stack_images(group: WeightGroup, images: list[list[tuple[FactorTerm, float]]]) -> tuple[Tensor, Tensor]:
+    """(images, rows, R, in) downs and (images, rows, out, R) ups, each image's terms side by side."""
+    pairs = []
+    for terms in images:
+        if terms:
+            pairs.append((torch.cat([t.down for t, _ in terms], dim=1), torch.cat([t.up * w for t, w in terms], dim=2)))
+        else:
+            pairs.append(None)
+    rank = max([1] + [pair[0].shape[1] for pair in pairs if pair is not None])
+    n, out_features, in_features = group.live.shape
+    downs = group.live.new_zeros(len(images), n, rank, in_features)
+    ups = group.live.new_zeros(len(images), n, out_features, rank)
+    for image, pair in enumerate(pairs):
+        if pair is not None:
+            downs[image, :, : pair[0].shape[1]] = pair[0]
+            ups[image, :, :, : pair[1].shape[2]] = pair[1]
+    return downs, ups
+
+
 @contextlib.contextmanager
-def per_image_hooks(modules: dict[str, nn.Module], assignments: Sequence[Mix | None]) -> Iterator[int]:
+def per_image_hooks(modules: dict[str, nn.Module], assignments: Sequence[Mix | None],
+                    prepared: Callable[[MixTerm], PreparedAdapter] | None = None) -> Iterator[int]:
     """Hook each image's adapter into the (pristine) modules; removed on exit. Yields the hook count."""
-    chains = per_image_chains(modules, assignments)
+    chains = per_image_chains(modules, assignments, prepared)
     hooks = UpdateHooks({layer: modules[layer] for layer in chains}, lambda layer: chains[layer][1], inference=True)
     try:
         yield len(hooks.handles)

@@ -269,7 +269,8 @@ class Engine:
             for mix in mixes:
                 check_mix(mix)
             self.restore()
-            with per_image_hooks(self.live.modules, [m if m else None for m in mixes]):
+            prepared = lambda term: self.cache.get(term.adapter, self.live, self.config.merge_from, term.label)  # noqa: E731
+            with per_image_hooks(self.live.modules, [m if m else None for m in mixes], prepared):
                 yield mixes
 
     # -- serving ------------------------------------------------------------------------------
