@@ -7,7 +7,8 @@ W0 back by construction. Layers of one weight shape, device and dtype form a gro
 are re-homed into one stacked tensor (the modules' parameters become views of it, as FSDP's flat
 parameters are), so a switch is one batched kernel per group and term
 (``torch.baddbmm(W0, up, down, alpha=w, out=W)``), not one per layer. Before a write goes live
-the written groups are checked finite (peft's ``safe_merge``); a non-finite merge is undone.
+the written groups are checked finite (peft's ``safe_merge``): proven from bounds kept with W0 and
+with each prepared term where they suffice, else by an exact pass; a non-finite merge is undone.
 
 Hooked (per-image batches, training, a multi-LoRA zoo): ``UpdateHooks`` adds ``chain(x)`` to a
 layer's output, where a chain is a sequence of matrices applied in turn (``(down, up)`` for a
@@ -49,6 +50,7 @@ class FactorTerm:
 
     down: Tensor  # (n, R, in_flat)
     up: Tensor  # (n, out, R)
+    bound: float = float("inf")  # >= max |up @ down| over every entry (see MergedWeights.write)
 
     @property
     def nbytes(self) -> int:
@@ -68,6 +70,7 @@ class DenseTerm:
 
     dense: Tensor  # (m, out, in_flat)
     rows: Tensor | None = None  # (m,) int64 on the group's device
+    bound: float = float("inf")  # max |dense|
 
     @property
     def nbytes(self) -> int:
@@ -102,8 +105,10 @@ class WeightGroup:
             param.data = stacked[row]
         self.live = stacked.view(len(layers), self.shape[0], -1)  # (n, out, in_flat)
         self.pristine = self.live.clone()
+        self.max_abs = float(torch.linalg.vector_norm(self.pristine, float("inf")))  # max |W0| (NaN if W0 is not finite)
         self.written: Planned | None = None  # what is merged now; None: pristine
         self._pointers = [param.data_ptr() for param in self.params]
+        self._checks = [(module._parameters, param, pointer) for module, param, pointer in zip(modules, self.params, self._pointers)]
 
     @property
     def device(self) -> torch.device:
@@ -115,10 +120,10 @@ class WeightGroup:
 
     def intact(self) -> bool:
         """True while every module still holds its parameter, still a view of the stack."""
-        return all(
-            module._parameters.get("weight") is param and param.data_ptr() == pointer
-            for module, param, pointer in zip(self.modules, self.params, self._pointers)
-        )
+        for parameters, param, pointer in self._checks:
+            if parameters.get("weight") is not param or param.data_ptr() != pointer:
+                return False
+        return True
 
     def write(self, terms: Planned) -> None:
         limit = torch.finfo(self.dtype).max
@@ -222,9 +227,12 @@ class MergedWeights:
     def write(self, plan: dict[WeightGroup, Planned], check_finite: bool = True) -> None:
         """Make each planned group ``W0 + sum(w * dW)``, every other group W0.
 
-        Groups whose terms are already merged are not rewritten. With ``check_finite`` the groups
-        written now are checked (one fp32 sum each, one sync); if any is not finite every group
-        is put back to W0 and ``NonFiniteMerge`` names them.
+        Groups whose terms are already merged are not rewritten. With ``check_finite`` each group
+        written now is proven finite without reading it where possible: ``max|W0| + sum |w| *
+        bound(term)`` (bounds computed once per prepared term) within half the dtype's range
+        cannot overflow, and finite inputs give no NaN. Other groups are checked exactly (one
+        fp32 sum each, one sync). If any is not finite every group is put back to W0 and
+        ``NonFiniteMerge`` names them.
         """
         written: list[WeightGroup] = []
         try:
@@ -235,7 +243,9 @@ class MergedWeights:
                 elif not _same(group.written, terms):
                     group.write(terms)
                     written.append(group)
-            if check_finite and written:
+            unproven = [group for group in written if check_finite and not _proven_finite(group)]
+            if unproven:
+                written = unproven
                 sums = torch.stack([group.live.sum(dtype=torch.float32) for group in written])
                 finite = torch.isfinite(sums).tolist()
                 if not all(finite):
@@ -261,6 +271,12 @@ class MergedWeights:
         for group in self.groups:
             group.release()
         self.groups, self._where = [], {}
+
+
+def _proven_finite(group: WeightGroup) -> bool:
+    """True when the group's merged weights cannot exceed half its dtype's range (no read of W)."""
+    total = group.max_abs + sum(abs(weight) * term.bound for term, weight, _ in group.written or [])
+    return total <= 0.5 * torch.finfo(group.dtype).max
 
 
 def _same(old: Planned | None, new: Planned) -> bool:
@@ -345,7 +361,15 @@ def _factor_term(group: WeightGroup, factored: list[tuple[int, Tensor, Tensor]])
     for row, down, up in factored:
         downs[row, : down.shape[0]] = down.float().cpu()
         ups[row, :, : up.shape[1]] = up.float().cpu()
-    return [FactorTerm(downs.to(group.device, group.dtype), ups.to(group.device, group.dtype))]
+    down_cast, up_cast = downs.to(group.device, group.dtype), ups.to(group.device, group.dtype)
+    return [FactorTerm(down_cast, up_cast, _bound(down_cast, up_cast))]
+
+
+def _bound(down: Tensor, up: Tensor) -> float:
+    """An upper bound of every entry of ``up[b] @ down[b]``: ``sum_k max_i |up_ik| * max_j |down_kj|``."""
+    up_max = up.float().abs().amax(dim=1)  # (n, R)
+    down_max = down.float().abs().amax(dim=2)  # (n, R)
+    return float((up_max * down_max).sum(dim=1).max()) * (1 + 1e-3) if up.numel() else 0.0
 
 
 def _dense_term(group: WeightGroup, dense: list[tuple[int, Tensor]]) -> list[Term]:
@@ -353,9 +377,10 @@ def _dense_term(group: WeightGroup, dense: list[tuple[int, Tensor]]) -> list[Ter
         return []
     rows = [row for row, _ in dense]
     stacked = torch.stack([matrix.to(group.device, group.dtype) for _, matrix in dense]).contiguous()
+    bound = float(stacked.float().abs().max()) if stacked.numel() else 0.0
     if rows == list(range(group.live.shape[0])):
-        return [DenseTerm(stacked)]
-    return [DenseTerm(stacked, torch.tensor(rows, device=group.device, dtype=torch.int64))]
+        return [DenseTerm(stacked, None, bound)]
+    return [DenseTerm(stacked, torch.tensor(rows, device=group.device, dtype=torch.int64), bound)]
 
 
 def first_non_finite(terms: dict[WeightGroup, list[Term]]) -> str | None:
