@@ -399,6 +399,11 @@ def first_non_finite(terms: dict[WeightGroup, list[Term]]) -> str | None:
     return None
 
 
+def component_modules(root: nn.Module, component: str = "unet") -> dict[str, nn.Module]:
+    """Every Linear / Conv2d of one component, keyed ``"<component>.<module name>"`` (adapter layer names)."""
+    return {f"{component}.{name}": module for name, module in root.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))}
+
+
 @contextlib.contextmanager
 def merged(modules: dict[str, nn.Module], adapter: Any, weight: float = 1.0, merge_from: MergeFrom = "auto") -> Iterator[MergedWeights]:
     """``with merged(modules, adapter, 0.8): ...``: W0 + weight * dW written in, W0 back in ``finally``.

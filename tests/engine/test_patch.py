@@ -12,7 +12,7 @@ from torch import nn
 from studio.adapters.lora import LoraAdapter, LoraLayer
 from studio.engine import NonFiniteUpdateError
 from studio.engine.live import prepare
-from studio.engine.patch import Attachment, MergedWeights, NonFiniteMerge, UpdateHooks, group_terms, merged
+from studio.engine.patch import Attachment, MergedWeights, NonFiniteMerge, UpdateHooks, component_modules, group_terms, merged
 from tests.engine.conftest import attention_layers, random_lora
 
 
@@ -230,3 +230,25 @@ def test_engine_per_image_uses_the_patch_hooks(engine):
     with engine.per_image([a, None]):
         hooked = [name for name in layers if engine.live.modules[name]._forward_hooks]
     assert hooked == layers and not any(engine.live.modules[name]._forward_hooks for name in layers)
+
+
+def test_merged_on_a_unet_by_component_names_equals_its_merged_forward(tiny_pipeline_dir):
+    """The world's evaluation form: ``merged(component_modules(unet), lora, strength)``."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet").eval().requires_grad_(False)
+    modules = component_modules(unet)
+    names = [n for n in modules if n.endswith(("to_q", "to_v"))]
+    adapter = lora_for({n: modules[n] for n in names}, rank=2, alpha=1.0, seed=5)
+    inputs = (torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 16, 32))
+    reference = copy.deepcopy(unet)
+    with torch.no_grad():
+        for name in names:
+            reference.get_submodule(name.partition(".")[2]).weight += 0.7 * adapter.delta(name).reshape_as(modules[name].weight)
+        expected = reference(*inputs[:2], encoder_hidden_states=inputs[2]).sample
+        before = unet(*inputs[:2], encoder_hidden_states=inputs[2]).sample
+        with merged(modules, adapter, 0.7):
+            got = unet(*inputs[:2], encoder_hidden_states=inputs[2]).sample
+        after = unet(*inputs[:2], encoder_hidden_states=inputs[2]).sample
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(before, after)
