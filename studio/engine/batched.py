@@ -24,6 +24,7 @@ import contextlib
 from typing import Callable, Iterator, Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from studio.adapters.base import Adapter, capabilities
@@ -169,21 +170,29 @@ def _device_factor_chains(layers: dict[str, None], assignments: Sequence[Mix | N
 
 def _stack_images(group: WeightGroup, images: list[list[tuple[FactorTerm, float]]]) -> tuple[Tensor, Tensor]:
     """(images, rows, R, in) downs and (images, rows, out, R) ups, each image's terms side by side."""
-    pairs = []
+    pairs: list[tuple[Tensor, Tensor] | None] = []
     for terms in images:
-        if terms:
-            pairs.append((torch.cat([t.down for t, _ in terms], dim=1), torch.cat([t.up * w for t, w in terms], dim=2)))
-        else:
+        if not terms:
             pairs.append(None)
+        elif len(terms) == 1:
+            term, weight = terms[0]
+            pairs.append((term.down, term.up if weight == 1 else term.up * weight))
+        else:
+            pairs.append((torch.cat([t.down for t, _ in terms], dim=1), torch.cat([t.up * w for t, w in terms], dim=2)))
     rank = max([1] + [pair[0].shape[1] for pair in pairs if pair is not None])
     n, out_features, in_features = group.live.shape
-    downs = group.live.new_zeros(len(images), n, rank, in_features)
-    ups = group.live.new_zeros(len(images), n, out_features, rank)
-    for image, pair in enumerate(pairs):
-        if pair is not None:
-            downs[image, :, : pair[0].shape[1]] = pair[0]
-            ups[image, :, :, : pair[1].shape[2]] = pair[1]
-    return downs, ups
+    zeros = (group.live.new_zeros(n, rank, in_features), group.live.new_zeros(n, out_features, rank))
+    padded = [zeros if pair is None else _pad_rank(pair, rank) for pair in pairs]
+    return torch.stack([pair[0] for pair in padded]), torch.stack([pair[1] for pair in padded])
+
+
+def _pad_rank(pair: tuple[Tensor, Tensor], rank: int) -> tuple[Tensor, Tensor]:
+    """Zero-pad (down (n, r, in), up (n, out, r)) to rank ``rank`` (exact: zero rows add nothing)."""
+    down, up = pair
+    missing = rank - down.shape[1]
+    if missing == 0:
+        return pair
+    return F.pad(down, (0, 0, 0, missing)), F.pad(up, (0, missing))
 
 
 @contextlib.contextmanager

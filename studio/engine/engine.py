@@ -38,6 +38,7 @@ from studio.engine.specs import AdapterSpecError, check_name, display_name, exis
 from studio.errors import ConfigError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes signed 64-bit seeds
 AdapterLike = Any  # Adapter | Mix | MixTerm | str (SPEC or registered name) | None | a sequence of these
 
 
@@ -453,6 +454,8 @@ def check_request(request: GenerateRequest) -> None:
         raise ConfigError(f"steps must be an integer of at least 1, got {request.steps!r}")
     if isinstance(request.batch, bool) or not isinstance(request.batch, int) or request.batch < 1:
         raise ConfigError(f"batch must be an integer of at least 1, got {request.batch!r}")
+    if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed <= MAX_SEED - request.batch:
+        raise ConfigError(f"seed must be an integer from 0 to {MAX_SEED - request.batch}, got {request.seed!r}")
     check_finite_number("scale", request.scale)
     check_finite_number("guidance", request.guidance)
     if request.per_image and not request.adapters:
