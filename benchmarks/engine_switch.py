@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_models import build_pipeline, device_name, random_loras, shared_collection, timed  # noqa: E402
 
 from studio.adapters.lora import LoraAdapter  # noqa: E402
-from studio.engine import Engine, EngineConfig, GenerateRequest  # noqa: E402
+from studio.engine import Engine, EngineConfig, GenerateRequest, NonFiniteUpdateError  # noqa: E402
 
 
 @dataclass
@@ -295,7 +295,10 @@ def measure_arch(arch: str, args: argparse.Namespace, device: torch.device, dtyp
     active, bare = active_rows(engine, arch, names, args, device, dtype, t)
     rows += active + per_image_rows(engine, arch, names, loras, args, device, dtype, t)
     if args.steps > 0:
-        rows += generate_rows(engine, names, args, device)
+        try:
+            rows += generate_rows(engine, names, args, device)
+        except NonFiniteUpdateError as error:  # random weights can overflow in fp16: say so, keep the other rows
+            rows.append(Row("generate", "Engine.generate rows", None, None, "", f"not measured: {error} (try --dtype bfloat16)"[:160]))
     engine.release()
     inputs = unet_inputs(pipe.unet, arch, args.cfg_batch, device, dtype)
     if not args.skip_diffusers:
@@ -311,6 +314,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: shrunken UNets, rank 4, few repeats")
     parser.add_argument("--arch", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
     parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"], help="default: float16 on cuda, float32 on cpu")
     parser.add_argument("--adapters", type=int, default=20)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8, help="images in the per-image batch")
@@ -338,7 +342,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     print(f"# engine_switch: {device_name(device)}, {dtype}, torch {torch.__version__}{' (quick)' if args.quick else ''}")
     for arch in args.arch:
         print(table(arch, measure_arch(arch, args, device, dtype)), flush=True)
