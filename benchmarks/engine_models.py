@@ -107,7 +107,7 @@ def build_pipeline(arch: str, device: torch.device, dtype: torch.dtype, quick: b
     with torch.device(device):
         vae = AutoencoderKL.from_config(vae_config)
     vae = vae.to(dtype).eval().requires_grad_(False)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=False)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     cross = unet.config.cross_attention_dim
     if arch == "sdxl":
         first = _text_encoder(config["text_encoder"], device, dtype, quick, 32)

@@ -129,13 +129,14 @@ class WeightGroup:
         limit = torch.finfo(self.dtype).max
         if any(not abs(weight) <= limit for _, weight, _ in terms):
             raise NonFiniteMerge([(self, list(terms))])  # torch would refuse the scalar itself
+        self.written = list(terms)  # before writing: a failure half-way is restored from W0
         base: Tensor | None = self.pristine
         for term, weight, _ in terms:
             term.apply(self.live, base, weight)
             base = None
         if base is not None:
             self.live.copy_(self.pristine)
-        self.written = list(terms) if terms else None
+            self.written = None
 
     def restore(self) -> None:
         if self.written is not None:
@@ -185,9 +186,13 @@ class MergedWeights:
         Groups never change once formed (their stacks are what prepared terms are built for).
         """
         new: dict[tuple, list[str]] = {}
+        seen: set[int] = set()
         for layer in layers:
             if layer not in self._where:
                 weight = self.modules[layer].weight
+                if id(weight) in seen:
+                    raise ConfigError(f"layer {layer} shares its weight with another targeted layer (tied weights cannot be merged)")
+                seen.add(id(weight))
                 new.setdefault((weight.device, weight.dtype, tuple(weight.shape)), []).append(layer)
         with torch.no_grad():
             for members in new.values():
