@@ -101,7 +101,8 @@ def switch_rows(engine: Engine, names: list[str], loras: list[LoraAdapter], args
         floor = t(floor_merge)
         for w, p in zip(weights, pristine):
             w.copy_(p)
-    del dense, pristine
+    dense.clear()
+    del pristine
     hbm = 2 * target_bytes / (args.hbm_tbps * 1e12) * 1000
     rows = [Row("switch", "plain-torch merge floor (W += dW per layer, precomputed dense dW)", floor, floor, "anchor"),
             Row("switch", f"HBM limit: read W0 + write W once ({2 * target_bytes / 1e9:.2f} GB at {args.hbm_tbps} TB/s; computed)",

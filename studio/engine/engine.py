@@ -34,7 +34,7 @@ from studio.engine.mix import Mix, MixTerm, label_of
 from studio.engine.patch import MergedWeights, MergeFrom, NonFiniteMerge, culprit
 from studio.engine.request import DtypeName, GeneratedImage, GenerateRequest
 from studio.engine.schedulers import build_scheduler, label_of_scheduler
-from studio.engine.specs import AdapterSpecError, check_name, display_name, existing_file, parse_spec
+from studio.engine.specs import check_name, display_name, existing_file, parse_spec
 from studio.errors import ConfigError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -361,8 +361,8 @@ class Engine:
         width, height = self.size_of(request)
         images = len(request.adapters) if request.per_image else request.batch
         rate = measured or estimate.default_throughput(self.config.resolved_device())
-        return estimate.estimate_request(cost, width, height, images, request.steps, request.guidance_for(self.base_label),
-                                         rate, measured is not None, fused_attention)
+        return estimate.estimate_request(cost, (width, height), images, request.steps, request.guidance_for(self.base_label),
+                                         (rate, measured is not None), fused_attention)
 
     def _observe(self, settings: GenerateRequest, images: int, seconds: float) -> None:
         """Learn this device's throughput from a finished call (only once estimates are in use)."""

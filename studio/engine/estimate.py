@@ -161,9 +161,13 @@ class RequestEstimate:
     seconds_from: str  # "measured" (this engine's previous runs) or "default guess"
 
 
-def estimate_request(model: CostModel, width: int, height: int, images: int, steps: int, guidance: float,
-                     flops_per_second: float, measured: bool, fused_attention: bool = True) -> RequestEstimate:
-    """Evaluate a cost model at a request's size (pure arithmetic, nothing allocated)."""
+def estimate_request(model: CostModel, size: tuple[int, int], images: int, steps: int, guidance: float,
+                     throughput: tuple[float, bool], fused_attention: bool = True) -> RequestEstimate:
+    """Evaluate a cost model at a request's size (pure arithmetic, nothing allocated).
+
+    ``throughput``: (FLOP/s, whether it was measured on this engine rather than guessed).
+    """
+    (width, height), (flops_per_second, measured) = size, throughput
     latent = (width // 8) * (height // 8)
     rows = images * (2 if guidance > 1 else 1)
     scale = model.dtype_bytes / 4  # the probe ran in float32
