@@ -149,6 +149,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--window", type=float, default=0.025, help="batcher window in seconds")
     parser.add_argument("--max-images", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch on the CPU (1: steady on a shared machine)")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.clients, args.requests, args.rank = min(args.steps, 2), min(args.clients, 4), 1, 4
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     print(f"# engine_serve: {device_name(device)}, {dtype}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           f"{' (quick)' if args.quick else ''}")

@@ -1,9 +1,9 @@
 """Serving many users: concurrent generate requests gathered into one per-image batch.
 
 Continuous batching as S-LoRA does it for LLMs, for diffusion: callers ``submit`` requests from
-any thread and get a ``Future``; one worker thread takes the oldest waiting request, waits up to
-``window_s`` (counted from that request's arrival) for more requests with the same batch
-settings (steps, size, scheduler, guidance: what one pipeline call must share), and runs them
+any thread and get a ``Future``; one worker thread takes the oldest waiting request, waits for
+more requests with the same batch settings (steps, size, scheduler, guidance: what one pipeline
+call must share) while they keep arriving (``window_s`` after the last one, ``max_wait_s`` after the oldest), and runs them
 as one batch of at most ``max_images`` images through ``Engine.run_jobs``: one merged adapter
 when every image uses the same mix, per-image hooks otherwise. Prompts, negative prompts, seeds
 and adapters differ freely between images. Each caller gets exactly its own images, the same
@@ -38,12 +38,14 @@ class BatcherConfig:
     """How long and how large the batcher gathers."""
 
     window_s: float = field(default=0.025, metadata={
-        "help": "seconds the oldest waiting request waits for compatible requests to join its batch"})
+        "help": "seconds a batch that is not full waits after the last compatible arrival for one more"})
+    max_wait_s: float = field(default=0.1, metadata={
+        "help": "seconds the oldest waiting request waits at most before its batch runs"})
     max_images: int = field(default=8, metadata={"help": "most images in one batch (one pipeline call)"})
 
     def __post_init__(self) -> None:
-        if not 0 <= self.window_s <= 10:
-            raise ConfigError(f"window_s must be between 0 and 10 seconds, got {self.window_s!r}")
+        if not 0 <= self.window_s <= self.max_wait_s <= 10:
+            raise ConfigError(f"need 0 <= window_s <= max_wait_s <= 10 seconds, got {self.window_s!r} and {self.max_wait_s!r}")
         if isinstance(self.max_images, bool) or not isinstance(self.max_images, int) or self.max_images < 1:
             raise ConfigError(f"max_images must be an integer of at least 1, got {self.max_images!r}")
 
@@ -123,9 +125,10 @@ class Batcher:
     def _gather(self) -> bool:
         """Wait (until the oldest's window closes or its batch is full) for more; True on stop."""
         oldest = self._backlog[0]
-        deadline = oldest.arrived + self.config.window_s
+        last_arrival = max(p.arrived for p in self._backlog if p.key == oldest.key)
         stopping = False
         while not stopping and self._compatible_images(oldest.key) < self.config.max_images:
+            deadline = min(oldest.arrived + self.config.max_wait_s, last_arrival + self.config.window_s)
             remaining = deadline - time.monotonic()
             try:
                 item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
@@ -134,6 +137,8 @@ class Batcher:
             stopping = item is _STOP
             if not stopping:
                 self._backlog.append(item)
+                if item.key == oldest.key:
+                    last_arrival = item.arrived
         while not stopping:  # whatever else arrived joins the backlog without waiting
             try:
                 item = self._queue.get_nowait()
