@@ -4,9 +4,9 @@ Continuous batching as S-LoRA does it for LLMs, for diffusion: callers ``submit`
 any thread and get a ``Future``; one worker thread takes the oldest waiting request, waits for
 more requests with the same batch settings (steps, size, scheduler, guidance: what one pipeline
 call must share) while they keep arriving (``window_s`` after the last one, ``max_wait_s``
-after the oldest), and runs them as one batch of at most ``max_images`` images through ``Engine.run_jobs``: one merged adapter
-when every image uses the same mix, per-image hooks otherwise. Prompts, negative prompts, seeds
-and adapters differ freely between images. Each caller gets exactly its own images, the same
+after the oldest), and runs them as one batch of at most ``max_images`` images through
+``Engine.run_jobs``: one merged adapter when every image uses the same mix, per-image hooks
+otherwise. Prompts, negative prompts, seeds and adapters differ freely between images. Each caller gets exactly its own images, the same
 (to float rounding) as ``Engine.generate`` of its request alone, since every image keeps its
 own seed's generator and rows of a batch do not interact.
 
