@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchmarks_inputs import unet_inputs  # noqa: E402
 from engine_models import build_pipeline, device_name, random_loras, shared_collection, timed  # noqa: E402
 
 from studio.adapters.lora import LoraAdapter  # noqa: E402
@@ -58,24 +59,6 @@ class Row:
         if self.ms is None or not self.anchor_ms:
             return None
         return self.ms / self.anchor_ms
-
-
-def unet_inputs(unet, arch: str, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
-    config = unet.config
-    size = config.sample_size
-    generator = torch.Generator("cpu").manual_seed(0)
-    inputs = {
-        "sample": torch.randn(batch, config.in_channels, size, size, generator=generator).to(device, dtype),
-        "timestep": torch.tensor(500, device=device),
-        "encoder_hidden_states": torch.randn(batch, 77, config.cross_attention_dim, generator=generator).to(device, dtype),
-    }
-    if arch == "sdxl":
-        text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, text_dim, generator=generator).to(device, dtype),
-            "time_ids": torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * batch, device=device, dtype=dtype),
-        }
-    return inputs
 
 
 # -- switching ------------------------------------------------------------------------------------
