@@ -1,45 +1,48 @@
-"""Adapter switching, active-adapter overhead and per-image batches: ours vs diffusers, one run.
+"""Adapter switching, active-adapter overhead, per-image batches: through the engine's public API.
 
-On the real SD1.5 and SDXL UNet architectures (configs in studio/configs, random weights, fp16 on
-GPU) with N random rank-r LoRAs on to_q / to_k / to_v / to_out.0, measures:
+On the real SD1.5 and SDXL architectures (UNet and text encoders from studio/configs, the SD VAE;
+random weights, fp16 on GPU; ``benchmarks/engine_models.py``) with N random rank-r LoRAs on
+to_q / to_k / to_v / to_out.0 registered by name in an ``Engine`` with the default EngineConfig:
 
-- switch latency A -> B: plain-torch merge floor (``W.add_(dW)`` per layer with precomputed dW),
-  ours (studio.engine LiveWeights: ``W = W0 + dW`` from factors or cached dense dW), diffusers
-  ``set_adapters``, hotswap (``load_lora_adapter(..., hotswap=True)`` after
-  ``enable_lora_hotswap``) and fuse (unfuse + set_adapters + fuse);
-- UNet forward time with an active adapter vs bare (ours merged; diffusers/peft unmerged);
-- a batch of B images with B different adapters (ours, per-image hooks; LoRAs and a shared-basis
-  collection) vs B images with one merged adapter.
+- switch: ``Engine.activate(name)`` cycling through the N names (what the app's /switch_adapter
+  and every generate call run), against the plain-torch merge floor (``W.add_(dW)`` per layer with
+  precomputed dense dW, one kernel per layer: the issue's anchor) and the HBM limit (rewriting the
+  targeted weights once from pristine W0: read W0 + write W = 2 x their bytes, at --hbm-tbps;
+  computed, not measured). Also without the finite check, a two-adapter mix, and diffusers'
+  set_adapters / hotswap / fuse on the same UNet;
+- active: UNet forward with an adapter merged by ``Engine.activate`` vs bare;
+- per-image (UNet forward, B rows): ``with Engine.per_image(B names): unet(...)`` (LoRAs; members
+  of a shared-basis collection) vs one adapter merged by ``Engine.activate``, each row checked
+  against the merged forward of its own adapter (max |difference| in the note);
+- generate (the user's path, whole call): ``Engine.generate`` of B images, one adapter per image
+  (``per_image=True``) vs B images with one adapter.
 
-Every ratio is against an anchor measured in the same run. Times: CUDA events after warm-up,
-median of repeats (perf_counter on CPU).
+Every ratio is against the anchor measured in the same run. Times: CUDA events after warm-up,
+median of repeats (perf_counter on CPU; whole generate calls with a device sync).
 
-    GPU:  python benchmarks/engine_switch.py
+    GPU:  python benchmarks/engine_switch.py --device cuda
     CPU smoke test (shrunken UNets): python benchmarks/engine_switch.py --quick
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from studio.adapters.lora import LoraAdapter, LoraLayer  # noqa: E402
-from studio.bases import CONFIG_DIR  # noqa: E402
-from studio.engine.batched import per_image_hooks  # noqa: E402
-from studio.engine.live import LiveWeights, PreparedCache, merge_plan  # noqa: E402
-from studio.engine.mix import Mix, MixTerm  # noqa: E402
+from benchmarks_inputs import unet_inputs  # noqa: E402
+from engine_models import build_pipeline, device_name, random_loras, shared_collection, timed  # noqa: E402
 
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+from studio.adapters.lora import LoraAdapter  # noqa: E402
+from studio.engine import Engine, EngineConfig, GenerateRequest, NonFiniteUpdateError  # noqa: E402
 
 
 @dataclass
@@ -58,122 +61,144 @@ class Row:
         return self.ms / self.anchor_ms
 
 
-# -- timing ---------------------------------------------------------------------------------------
-
-def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median milliseconds of ``fn`` (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            samples.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - began) * 1000)
-    return statistics.median(samples)
+# -- switching ------------------------------------------------------------------------------------
 
 
-# -- models and adapters --------------------------------------------------------------------------
-
-def unet_config(arch: str, quick: bool) -> dict:
-    config = json.loads((CONFIG_DIR / f"{arch}.json").read_text())["unet"]
-    if not quick:
-        return config
-    blocks = len(config["block_out_channels"])
-    config.update(block_out_channels=[40, 80, 160, 160][:blocks], layers_per_block=1, cross_attention_dim=64,
-                  norm_num_groups=8, sample_size=8)
-    if arch == "sdxl":
-        config.update(transformer_layers_per_block=[1, 1, 1], addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
-    return config
-
-
-def build_unet(config: dict, device: torch.device, dtype: torch.dtype):
-    from diffusers import UNet2DConditionModel
-
-    with torch.device(device):
-        unet = UNet2DConditionModel.from_config(config)
-    return unet.to(dtype=dtype).eval().requires_grad_(False)
-
-
-def unet_inputs(unet, arch: str, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
-    config = unet.config
-    size = config.sample_size
-    generator = torch.Generator("cpu").manual_seed(0)
-    inputs = {
-        "sample": torch.randn(batch, config.in_channels, size, size, generator=generator).to(device, dtype),
-        "timestep": torch.tensor(500, device=device),
-        "encoder_hidden_states": torch.randn(batch, 77, config.cross_attention_dim, generator=generator).to(device, dtype),
-    }
-    if arch == "sdxl":
-        text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, text_dim, generator=generator).to(device, dtype),
-            "time_ids": torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * batch, device=device, dtype=dtype),
-        }
-    return inputs
-
-
-def target_layers(unet) -> list[str]:
-    return [name for name, _ in unet.named_modules() if name.endswith(TARGETS) and ".attn" in name]
-
-
-def random_loras(unet, count: int, rank: int) -> list[LoraAdapter]:
+def switch_rows(engine: Engine, names: list[str], loras: list[LoraAdapter], args, t) -> tuple[list[Row], float]:
+    unet = engine.pipe.unet
     modules = dict(unet.named_modules())
-    generator = torch.Generator("cpu").manual_seed(1)
-    adapters = []
-    for index in range(count):
-        layers = {}
-        for name in target_layers(unet):
-            out_features, in_features = modules[name].weight.shape
-            down = torch.randn(rank, in_features, generator=generator) / in_features ** 0.5
-            up = torch.randn(out_features, rank, generator=generator) * 0.01
-            layers[f"unet.{name}"] = LoraLayer(down, up, float(rank))
-        adapters.append(LoraAdapter(f"lora{index}", layers))
-    return adapters
+    layers = [layer.partition(".")[2] for layer in loras[0].layers()]
+    weights = [modules[name].weight.detach() for name in layers]
+    target_bytes = sum(w.numel() * w.element_size() for w in weights)
+    device, dtype = weights[0].device, weights[0].dtype
+    dense = [[lora.delta(f"unet.{name}").to(device, dtype).view_as(w) for name, w in zip(layers, weights)] for lora in loras[:2]]
+    state = {"i": 0}
+
+    def floor_merge():
+        state["i"] ^= 1
+        for w, dw in zip(weights, dense[state["i"]]):
+            w.add_(dw)
+
+    pristine = [w.clone() for w in weights]
+    with torch.no_grad():
+        floor = t(floor_merge)
+        for w, p in zip(weights, pristine):
+            w.copy_(p)
+    dense.clear()
+    del pristine
+    hbm = 2 * target_bytes / (args.hbm_tbps * 1e12) * 1000
+    rows = [Row("switch", "plain-torch merge floor (W += dW per layer, precomputed dense dW)", floor, floor, "anchor"),
+            Row("switch", f"HBM limit: read W0 + write W once ({2 * target_bytes / 1e9:.2f} GB at {args.hbm_tbps} TB/s; computed)",
+                hbm, floor, "", "not a measurement")]
+
+    def cycle(fn):
+        state["i"] = 0
+
+        def step():
+            state["i"] = (state["i"] + 1) % len(names)
+            fn(names[state["i"]])
+        return step
+
+    first = []
+    for name in names:  # the first activation of each adapter prepares its terms on the device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        engine.activate(name)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        first.append((time.perf_counter() - began) * 1000)
+    rows.append(Row("switch", "first Engine.activate(name) of each adapter (prepare on the device + merge; extra)",
+                    statistics.median(first), floor, "", "once per adapter, then cached"))
+    ours = t(cycle(engine.activate))
+    rows.append(Row("switch", f"Engine.activate(name), {len(names)} registered, default EngineConfig", ours, floor,
+                    "<= 2x floor", f"{ours / hbm:.1f}x the HBM limit; {len(engine.live.groups)} weight groups"))
+    engine.config.check_finite = False
+    unchecked = t(cycle(engine.activate))
+    engine.config.check_finite = True
+    rows.append(Row("switch", "Engine.activate(name), check_finite=False (extra: the finite check's cost)", unchecked, floor))
+    pairs = t(cycle(lambda name: engine.activate([name, (names[0], 0.5)])))
+    rows.append(Row("switch", "Engine.activate([name, (first, 0.5)]) (extra: a two-adapter mix)", pairs, floor))
+    engine.restore()
+    return rows, floor
 
 
-@dataclass(eq=False)
-class SharedMember:
-    """A member of a shared-basis collection (the engine's SharedBasisAdapter protocol)."""
-
-    name: str
-    bases: dict
-    cores: dict
-
-    def layers(self) -> list[str]:
-        return list(self.cores)
-
-    def basis(self, layer: str):
-        return self.bases[layer]
-
-    def core(self, layer: str):
-        return self.cores[layer]
-
-    def factors(self, layer: str):
-        down_basis, up_basis = self.bases[layer]
-        return self.cores[layer] @ down_basis, up_basis
-
-    def delta(self, layer: str):
-        down, up = self.factors(layer)
-        return up @ down
+# -- merged overhead, per-image batches -------------------------------------------------------------
 
 
-def shared_collection(loras: list[LoraAdapter], k: int) -> list[SharedMember]:
-    generator = torch.Generator("cpu").manual_seed(2)
-    bases = {}
-    for layer, lora_layer in loras[0].lora_layers.items():
-        out_features, in_features = lora_layer.out_features, lora_layer.in_features
-        bases[layer] = (torch.linalg.qr(torch.randn(in_features, k, generator=generator))[0].T.contiguous(),
-                        torch.linalg.qr(torch.randn(out_features, k, generator=generator))[0].contiguous())
-    return [SharedMember(f"m{i}", bases, {layer: torch.randn(k, k, generator=generator) * 0.01 for layer in bases}) for i in range(len(loras))]
+def active_rows(engine: Engine, arch: str, names: list[str], args, device, dtype, t) -> tuple[list[Row], float]:
+    unet = engine.pipe.unet
+    inputs = unet_inputs(unet, arch, args.cfg_batch, device, dtype)
+    forward = lambda: unet(**inputs)  # noqa: E731
+    bare_rounds, merged_rounds = [], []
+    with torch.no_grad():
+        for _ in range(args.rounds):  # alternate so clock drift hits both alike
+            engine.restore()
+            bare_rounds.append(t(forward, args.forward_repeats))
+            engine.activate(names[0])
+            merged_rounds.append(t(forward, args.forward_repeats))
+    engine.restore()
+    bare, merged = statistics.median(bare_rounds), statistics.median(merged_rounds)
+    return [Row("active", f"bare UNet forward (batch {args.cfg_batch})", bare, bare, "anchor"),
+            Row("active", f"UNet forward after Engine.activate(name) ({args.rounds} interleaved rounds)", merged, bare, "<= 1.02x")], bare
+
+
+def per_image_rows(engine: Engine, arch: str, names: list[str], loras, args, device, dtype, t) -> list[Row]:
+    unet = engine.pipe.unet
+    inputs = unet_inputs(unet, arch, args.batch, device, dtype)
+    forward = lambda: unet(**inputs)  # noqa: E731
+    chosen = [names[i % len(names)] for i in range(args.batch)]
+    with torch.no_grad():
+        engine.activate(chosen[0])
+        one = t(forward, args.forward_repeats)
+        merged_outputs = {}
+        for name in dict.fromkeys(chosen[:2]):
+            engine.activate(name)
+            merged_outputs[name] = forward().sample.float()
+        engine.restore()
+        rows = [Row("per-image", f"batch {args.batch}, one adapter (Engine.activate)", one, one, "anchor")]
+        with engine.per_image(chosen):
+            ms = t(forward, args.forward_repeats)
+            out = forward().sample.float()
+        error = max(float((out[i] - merged_outputs[chosen[i]][i]).abs().max()) for i in range(2))
+        rows.append(Row("per-image", f"batch {args.batch}, {args.batch} LoRAs (Engine.per_image)", ms, one, "<= 1.15x",
+                        f"max |per-image - merged| {error:.2e}"))
+        members = shared_collection(loras[: args.batch], args.shared_k)
+        for member in members:
+            engine.register(member.name, member)
+        with engine.per_image([m.name for m in members]):
+            ms = t(forward, args.forward_repeats)
+        rows.append(Row("per-image", f"batch {args.batch}, {args.batch} members of a K={args.shared_k} shared basis (Engine.per_image)",
+                        ms, one, "<= 1.15x"))
+    return rows
+
+
+def generate_rows(engine: Engine, names: list[str], args, device) -> list[Row]:
+    """The user's whole call: B images with B adapters vs B images with one."""
+    def call(request: GenerateRequest) -> float:
+        samples = []
+        for index in range(args.generate_repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            began = time.perf_counter()
+            engine.generate(request)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if index:  # the first call is warm-up
+                samples.append((time.perf_counter() - began) * 1000)
+        return statistics.median(samples)
+
+    size = args.size or None
+    common = dict(prompt="a red circle on a white background", steps=args.steps, width=size, height=size, seed=0)
+    one = call(GenerateRequest(adapters=[names[0]], batch=args.batch, **common))
+    many = call(GenerateRequest(adapters=[names[i % len(names)] for i in range(args.batch)], per_image=True, **common))
+    width, height = engine.size_of(GenerateRequest(prompt="x", width=size, height=size))
+    what = f"{args.batch} images {width}x{height}, {args.steps} steps"
+    return [Row("generate", f"Engine.generate: {what}, one adapter", one, one, "anchor"),
+            Row("generate", f"Engine.generate(per_image=True): {what}, {args.batch} adapters", many, one, "<= 1.15x")]
+
+
+# -- diffusers, on the same UNet (peft layers injected: after ours) -------------------------------
 
 
 def peft_state_dict(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
@@ -184,90 +209,6 @@ def peft_state_dict(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
         state[f"{module}.lora_A.weight"] = layer.down
         state[f"{module}.lora_B.weight"] = layer.up * layer.scale
     return state
-
-
-# -- measurements ---------------------------------------------------------------------------------
-
-def measure_arch(arch: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[Row]:
-    rows: list[Row] = []
-    t = lambda fn, repeats=args.repeats: timed(fn, device, repeats, args.warmup)  # noqa: E731
-    unet = build_unet(unet_config(arch, args.quick), device, dtype)
-    loras = random_loras(unet, args.adapters, args.rank)
-    live = LiveWeights({"unet": unet})
-    weights = [live.live2d(layer) for layer in loras[0].layers()]
-    pristine = [w.clone() for w in weights]
-    print(f"[{arch}] {len(weights)} target layers, {sum(w.numel() for w in weights) / 1e6:.1f} M weights, "
-          f"{args.adapters} LoRAs rank {args.rank}", file=sys.stderr, flush=True)
-
-    # floor: plain-torch merge of precomputed dense dW
-    dense = [[lora.delta(layer).to(device, dtype) for layer in lora.layers()] for lora in loras[:2]]
-    state = {"i": 0}
-
-    def floor_merge():
-        state["i"] ^= 1
-        for w, dw in zip(weights, dense[state["i"]]):
-            w.add_(dw)
-
-    with torch.no_grad():
-        floor = t(floor_merge)
-        for w, p in zip(weights, pristine):
-            w.copy_(p)
-    del dense
-    rows.append(Row("switch", "plain-torch merge floor (W += dW)", floor, floor, "anchor"))
-
-    for mode, cycle in (("auto", args.adapters), ("dense", min(args.adapters, 4))):
-        cache = PreparedCache(1 << 40)
-        mixes = [Mix((MixTerm(lora, 1.0, lora.name),)) for lora in loras[:cycle]]
-        plans = [merge_plan(mix, [cache.get(lora, live, mode)]) for mix, lora in zip(mixes, loras)]
-        state["i"] = 0
-
-        def ours_switch(plans=plans):
-            state["i"] = (state["i"] + 1) % len(plans)
-            live.write(plans[state["i"]])
-
-        label = "factors, addmm" if mode == "auto" else "cached dense dW"
-        rows.append(Row("switch", f"ours ({label}; {cycle} adapters cycled)", t(ours_switch), floor, "<= 2x floor"))
-        live.restore()
-        del plans, cache
-
-    inputs = unet_inputs(unet, arch, args.cfg_batch, device, dtype)
-    forward = lambda: unet(**inputs)  # noqa: E731
-    with torch.no_grad():
-        cache = PreparedCache(1 << 40)
-        plan = merge_plan(Mix((MixTerm(loras[0]),)), [cache.get(loras[0], live, "auto")])
-        # Bare and merged forwards alternate in rounds so clock and thermal drift hit both alike.
-        bare_rounds, merged_rounds = [], []
-        for _ in range(args.rounds):
-            bare_rounds.append(t(forward, args.forward_repeats))
-            live.write(plan)
-            merged_rounds.append(t(forward, args.forward_repeats))
-            live.restore()
-        bare, merged = statistics.median(bare_rounds), statistics.median(merged_rounds)
-        rows.append(Row("active", f"bare UNet forward (batch {args.cfg_batch})", bare, bare, "anchor"))
-        rows.append(Row("active", f"ours, adapter merged ({args.rounds} interleaved rounds)", merged, bare, "<= 1.02x"))
-        rows += per_image_rows(arch, unet, live, loras, args, device, dtype, t)
-    rows += diffusers_rows(unet, loras, args, inputs, floor, bare, t)
-    del unet, live
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return rows
-
-
-def per_image_rows(arch, unet, live, loras, args, device, dtype, t) -> list[Row]:
-    inputs = unet_inputs(unet, arch, args.batch, device, dtype)
-    forward = lambda: unet(**inputs)  # noqa: E731
-    cache = PreparedCache(1 << 40)
-    live.write(merge_plan(Mix((MixTerm(loras[0]),)), [cache.get(loras[0], live, "auto")]))
-    one = t(forward, args.forward_repeats)
-    live.restore()
-    rows = [Row("per-image", f"batch {args.batch}, one adapter merged", one, one, "anchor")]
-    assignments = [Mix((MixTerm(loras[i % len(loras)]),)) for i in range(args.batch)]
-    with per_image_hooks(live.modules, assignments):
-        rows.append(Row("per-image", f"batch {args.batch}, {args.batch} LoRAs (gathered bmm hooks)", t(forward, args.forward_repeats), one, "<= 1.15x"))
-    members = shared_collection(loras[: args.batch], args.shared_k)
-    with per_image_hooks(live.modules, [Mix((MixTerm(m),)) for m in members]):
-        rows.append(Row("per-image", f"batch {args.batch}, {args.batch} members of a K={args.shared_k} shared basis", t(forward, args.forward_repeats), one, "<= 1.15x"))
-    return rows
 
 
 def diffusers_rows(unet, loras, args, inputs, floor, bare, t) -> list[Row]:
@@ -316,14 +257,40 @@ def diffusers_rows(unet, loras, args, inputs, floor, bare, t) -> list[Row]:
     return rows
 
 
+
+
 def table(arch: str, rows: list[Row]) -> str:
-    lines = [f"\n## {arch}", "", "| group | what | ms | x anchor | target |", "|---|---|---:|---:|---|"]
+    lines = [f"\n## {arch}", "", "| group | what (public API call timed) | ms | x anchor | target | note |", "|---|---|---:|---:|---|---|"]
     for row in rows:
         ms = f"{row.ms:.3f}" if row.ms is not None else "-"
         ratio = f"{row.ratio:.3f}" if row.ratio is not None else "-"
-        target = row.target + (f" {row.note}" if row.note else "")
-        lines.append(f"| {row.group} | {row.what} | {ms} | {ratio} | {target} |")
+        lines.append(f"| {row.group} | {row.what} | {ms} | {ratio} | {row.target} | {row.note} |")
     return "\n".join(lines)
+
+
+def measure_arch(arch: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[Row]:
+    t = lambda fn, repeats=args.repeats: timed(fn, device, repeats, args.warmup)  # noqa: E731
+    pipe = build_pipeline(arch, device, dtype, quick=args.quick)
+    engine = Engine(pipe, arch, EngineConfig(device=str(device), dtype=str(dtype).removeprefix("torch.")))
+    loras = random_loras(pipe.unet, args.adapters, args.rank)
+    names = [engine.register(lora.name, lora) for lora in loras]
+    print(f"[{arch}] {len(loras[0].layers())} target layers, {args.adapters} LoRAs rank {args.rank}", file=sys.stderr, flush=True)
+    rows, floor = switch_rows(engine, names, loras, args, t)
+    active, bare = active_rows(engine, arch, names, args, device, dtype, t)
+    rows += active + per_image_rows(engine, arch, names, loras, args, device, dtype, t)
+    if args.steps > 0:
+        try:
+            rows += generate_rows(engine, names, args, device)
+        except NonFiniteUpdateError as error:  # random weights can overflow in fp16: say so, keep the other rows
+            rows.append(Row("generate", "Engine.generate rows", None, None, "", f"not measured: {error} (try --dtype bfloat16)"[:160]))
+    engine.release()
+    inputs = unet_inputs(pipe.unet, arch, args.cfg_batch, device, dtype)
+    if not args.skip_diffusers:
+        rows += diffusers_rows(pipe.unet, loras, args, inputs, floor, bare, t)
+    del engine, pipe
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -331,6 +298,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: shrunken UNets, rank 4, few repeats")
     parser.add_argument("--arch", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
     parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"], help="default: float16 on cuda, float32 on cpu")
     parser.add_argument("--adapters", type=int, default=20)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8, help="images in the per-image batch")
@@ -340,21 +308,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--forward-repeats", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved bare/merged rounds for the overhead")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps of the generate rows (0: skip them)")
+    parser.add_argument("--size", type=int, default=0, help="image side of the generate rows (0: the base's native size)")
+    parser.add_argument("--generate-repeats", type=int, default=2)
+    parser.add_argument("--hbm-tbps", type=float, default=4.3, help="memory bandwidth for the computed HBM-limit row (H200: 4.3)")
+    parser.add_argument("--skip-diffusers", action="store_true", help="leave out diffusers' set_adapters / hotswap / fuse rows")
     args = parser.parse_args(argv)
     if args.quick:
         torch.set_num_threads(1)  # steady numbers on a small shared CPU
         args.device = args.device or "cpu"
-        args.rank, args.adapters = min(args.rank, 4), min(args.adapters, 4)
+        args.rank, args.adapters = min(args.rank, 4), min(args.adapters, 20)
         args.repeats, args.forward_repeats, args.warmup, args.shared_k, args.batch = 5, 3, 1, 4, 4
+        args.rounds, args.steps, args.generate_repeats = 2, min(args.steps, 2), 1
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"# engine_switch: {name}, {dtype}, torch {torch.__version__}{' (quick)' if args.quick else ''}")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    print(f"# engine_switch: {device_name(device)}, {dtype}, torch {torch.__version__}{' (quick)' if args.quick else ''}")
     for arch in args.arch:
         print(table(arch, measure_arch(arch, args, device, dtype)), flush=True)
     return 0

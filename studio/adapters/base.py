@@ -10,7 +10,9 @@ linears on their flattened weight (METHODS.md). The engine reshapes it to the we
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import abc
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -41,6 +43,73 @@ class LowRankAdapter(Adapter, Protocol):
     def factors(self, layer: str) -> tuple[Tensor, Tensor]:
         """``(down, up)`` with down (r, in_flat), up (out, r) and ``up @ down == delta(layer)``."""
         ...
+
+
+class AdapterBase(abc.ABC):
+    """The adapter contract with its optional capabilities declared, not discovered.
+
+    A family subclasses this, implements ``layers`` and ``delta``, and sets a flag to True for each
+    optional method it implements; callers read the flags (``capabilities``), never ``hasattr``:
+
+    - ``has_factors``: ``factors(layer) -> (down (r, in_flat), up (out, r))`` with
+      ``up @ down == delta(layer)`` (engines apply low-rank updates without building dW);
+    - ``has_shared_basis``: ``basis(layer) -> (down_basis (K, in_flat), up_basis (out, K))`` and
+      ``core(layer) -> (K, K)`` with ``delta == up_basis @ core @ down_basis``; ``basis`` returns the
+      collection's own tensors, shared by every adapter of one collection;
+    - ``computes_layers_together``: ``all_factors()`` / ``deltas()`` compute every layer in one pass
+      (layers share one vector), so a trainer should call them once per forward.
+
+    The undeclared methods raise NotImplementedError naming the family.
+    """
+
+    has_factors: ClassVar[bool] = False
+    has_shared_basis: ClassVar[bool] = False
+    computes_layers_together: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def layers(self) -> list[str]:
+        """Targeted layers, as prefixed module names of the base pipeline."""
+
+    @abc.abstractmethod
+    def delta(self, layer: str) -> Tensor:
+        """The weight update dW of one layer, shape (out, in_flat), strength 1."""
+
+    def factors(self, layer: str) -> tuple[Tensor, Tensor]:
+        """``(down, up)`` with ``up @ down == delta(layer)``; only where ``has_factors``."""
+        raise NotImplementedError(f"{type(self).__name__} declares no factors (has_factors is False)")
+
+    def basis(self, layer: str) -> tuple[Tensor, Tensor]:
+        """``(down_basis, up_basis)`` shared by a collection; only where ``has_shared_basis``."""
+        raise NotImplementedError(f"{type(self).__name__} declares no shared basis (has_shared_basis is False)")
+
+    def core(self, layer: str) -> Tensor:
+        """``(K, K)`` with ``delta == up_basis @ core @ down_basis``; only where ``has_shared_basis``."""
+        raise NotImplementedError(f"{type(self).__name__} declares no shared basis (has_shared_basis is False)")
+
+    def all_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Every layer's factors (one pass where ``computes_layers_together``)."""
+        return {layer: self.factors(layer) for layer in self.layers()}
+
+    def deltas(self) -> dict[str, Tensor]:
+        """Every layer's dW (one pass where ``computes_layers_together``)."""
+        return {layer: self.delta(layer) for layer in self.layers()}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an adapter declares beyond ``layers`` / ``delta``."""
+
+    factors: bool = False
+    shared_basis: bool = False
+    layers_together: bool = False
+
+
+def capabilities(adapter: object) -> Capabilities:
+    """The declared capabilities of ``adapter``; an object that only follows the ``Adapter``
+    protocol (not an ``AdapterBase``) declares none, so only ``delta`` is used."""
+    if not isinstance(adapter, AdapterBase):
+        return Capabilities()
+    return Capabilities(bool(adapter.has_factors), bool(adapter.has_shared_basis), bool(adapter.computes_layers_together))
 
 
 def component_of(layer: str) -> tuple[str, str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from studio.adapters.base import AdapterBase
 from studio.adapters.lora import LoraAdapter, LoraLayer
 
 
@@ -66,13 +67,16 @@ class EigenLoraLayer(nn.Module):
         return up @ down
 
 
-class EigenLoraAdapter(nn.Module):
+class EigenLoraAdapter(nn.Module, AdapterBase):
     """An adapter on shared components; only the loadings are parameters.
 
     ``layer_modules`` are keyed by position; ``layers()`` gives the prefixed module names.
     ``weight_shapes`` optionally keeps each layer's original down / up tensor shapes (conv LoRAs)
     so that `to_lora` restores them.
     """
+
+    has_factors = True
+    has_shared_basis = True
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from studio.adapters.base import AdapterBase
 from studio.errors import FormatError
 
 AlphaSource = Literal["file", "rank-default"]
@@ -66,7 +67,7 @@ class LoraLayer:
 
 
 @dataclass
-class LoraAdapter:
+class LoraAdapter(AdapterBase):
     """A LoRA in memory: per-layer factors keyed by prefixed diffusers module names.
 
     ``metadata`` is the file's header metadata (kohya ``ss_*``, ``modelspec.*``), carried over
@@ -79,6 +80,8 @@ class LoraAdapter:
     source_format: SourceFormat = "studio"
     notes: list[str] = field(default_factory=list)
     base_arch: str = ""
+
+    has_factors = True  # AdapterBase capability (a plain class attribute, not a dataclass field)
 
     def layers(self) -> list[str]:
         return list(self.lora_layers)

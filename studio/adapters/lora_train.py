@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from studio.adapters.base import AdapterBase
 from studio.adapters.layers import DEFAULT_TARGETS, in_features, select_layers
 from studio.bases import ModuleTree
 from studio.options import option
@@ -33,8 +34,10 @@ def _key(layer: str) -> str:
     return layer.replace(".", "__")
 
 
-class TrainableLora(nn.Module):
+class TrainableLora(nn.Module, AdapterBase):
     """Per-layer A (down) and B (up) parameters for the targeted layers of a base."""
+
+    has_factors = True
 
     def __init__(self, config: Config, shapes: dict[str, tuple[int, ...]]):
         super().__init__()

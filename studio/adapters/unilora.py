@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from studio.adapters.base import AdapterBase
 from studio.adapters.layers import DEFAULT_TARGETS, in_features, select_layers
 from studio.bases import ModuleTree
 from studio.options import option
@@ -47,8 +48,11 @@ def projection_indices(total: int, d: int, seed: int) -> tuple[Tensor, Tensor]:
     return columns, counts[columns].rsqrt()
 
 
-class TrainableUniLora(nn.Module):
+class TrainableUniLora(nn.Module, AdapterBase):
     """theta_d (trainable) and the fixed projection that spreads it over every A_l and B_l."""
+
+    has_factors = True
+    computes_layers_together = True
 
     def __init__(self, config: Config, shapes: dict[str, tuple[int, ...]]):
         super().__init__()

@@ -1,101 +1,107 @@
 """Several adapters in one batch, one per image: W0 x once, plus each image's own update.
 
-The live weights stay pristine. A forward hook on every targeted layer adds each image's term
-to the layer's output and is removed afterwards (no wrapper modules stay behind):
+The live weights stay pristine. Every targeted layer gets a forward hook
+(``studio.engine.patch.UpdateHooks``, inference mode) that adds each image's term to the
+layer's output and is removed afterwards. Per layer, the images' terms are gathered once into
+per-image stacks (a segmented / grouped low-rank matmul, as LoRAX and Punica do for LLMs) and
+applied as one batched matmul per factor, the last one fused into the output:
 
-- a shared-basis collection (every adapter of the layer answers ``basis`` with the same
-  tensors): ``h = x V^T`` once for the whole batch, then each image's ``K x K`` core, then ``U``;
-- low-rank adapters: a gathered batched matmul (LoRAX / Punica style): the images' factors are
-  stacked, zero-padded to one rank, and applied with one broadcast ``matmul`` per factor;
-- anything else (an adapter that only answers ``delta``): each image's dense dW, batched.
+- ``shared``: every adapter of the layer declares a shared basis and returns the same tensors
+  (a compressed collection): ``h = x V^T`` once for the whole batch, each image's ``K x K``
+  core, then ``U`` (one GEMM with the add fused in);
+- ``factors``: every adapter declares factors: the images' factors stacked, zero-padded to one
+  rank: ``(x @ down[b]^T) @ up[b]^T`` for row b;
+- ``dense``: anything else: each image's dense dW, batched.
 
-Rows map to images by ``row % n_images``: classifier-free guidance runs ``[uncond; cond]``, so
-both halves of image i (rows i and n + i) get image i's adapter; text encoders see n rows.
-Conv layers loop over images with the module's own stride and padding.
+Row b belongs to image ``b % n`` (classifier-free guidance runs ``[uncond; cond]``, so both
+halves of image i get image i's adapter; text encoders see n rows). Conv layers loop over the
+images that have an update there, with the module's own stride and padding.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Iterator, Literal, Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from studio.adapters.base import Adapter
-from studio.engine.live import check_layers
-from studio.engine.mix import Mix
+from studio.adapters.base import Adapter, capabilities
+from studio.engine.live import PreparedAdapter, check_layers
+from studio.engine.mix import Mix, MixTerm
+from studio.engine.patch import FactorTerm, UpdateHooks, WeightGroup
 
 PathKind = Literal["shared", "factors", "dense"]
+Terms = list[tuple[Adapter, float]]
 
 
-@runtime_checkable
-class SharedBasisAdapter(Protocol):
-    """An adapter of a compressed collection: ``delta = up_basis @ core @ down_basis``.
-
-    ``basis(layer)`` must return the collection's own tensors (the same objects, or views of the
-    same storage, for every adapter of the collection): that is how the engine sees that
-    ``x @ down_basis.T`` can be computed once for a whole batch.
-    """
-
-    def layers(self) -> list[str]: ...
-
-    def delta(self, layer: str) -> Tensor: ...
-
-    def basis(self, layer: str) -> tuple[Tensor, Tensor]:
-        """``(down_basis (K, in_flat), up_basis (out, K))``, shared by the collection."""
-        ...
-
-    def core(self, layer: str) -> Tensor:
-        """``(K, K)`` loadings product with ``delta(layer) == up_basis @ core @ down_basis``."""
-        ...
+def _storage_key(tensor: Tensor) -> tuple:
+    return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.device, tensor.dtype)
 
 
-@dataclass
-class PerImageLayer:
-    """One layer's per-image terms, on the layer's device and dtype."""
-
-    kind: PathKind
-    n_images: int
-    first: Tensor  # shared: V^T (in, K); factors: downs^T (n, in, R); dense: dW^T (n, in, out)
-    middle: Tensor | None = None  # shared: cores^T (n, K, K)
-    last: Tensor | None = None  # shared: U^T (K, out); factors: ups^T (n, R, out)
-
-    def linear_term(self, x: Tensor) -> Tensor:
-        """Each row's own update applied to its input, shape of the layer's output."""
-        rows, n = x.shape[0], self.n_images
-        if rows % n:
-            raise RuntimeError(f"a batch of {rows} rows does not split into {n} images")
-        xs = x.reshape(rows // n, n, -1, x.shape[-1])
-        if self.kind == "shared":
-            y = ((xs @ self.first) @ self.middle) @ self.last
-        elif self.kind == "factors":
-            y = (xs @ self.first) @ self.last
-        else:
-            y = xs @ self.first
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+def path_kind(layer: str, adapters: Sequence[Adapter]) -> PathKind:
+    """Which batched path fits every adapter of this layer (from their declared capabilities)."""
+    caps = [capabilities(adapter) for adapter in adapters]
+    if all(c.shared_basis for c in caps):
+        keys = {tuple(_storage_key(t) for t in adapter.basis(layer)) for adapter in adapters}
+        if len(keys) == 1:
+            return "shared"
+    if all(c.factors for c in caps):
+        return "factors"
+    return "dense"
 
 
-@dataclass
-class PerImageConv:
-    """One conv layer's per-image dense kernels (None: image without an update here)."""
-
-    kernels: list[Tensor | None]
-
-    def add_into(self, module: nn.Conv2d, x: Tensor, output: Tensor) -> None:
-        n = len(self.kernels)
-        if x.shape[0] % n:
-            raise RuntimeError(f"a batch of {x.shape[0]} rows does not split into {n} images")
-        for image, kernel in enumerate(self.kernels):
-            if kernel is not None:
-                output[image::n].add_(module._conv_forward(x[image::n], kernel, None))
+def _shared_chain(layer: str, per_image: list[Terms]) -> tuple[Tensor, ...]:
+    adapters = [adapter for terms in per_image for adapter, _ in terms]
+    down_basis, up_basis = adapters[0].basis(layer)
+    k = down_basis.shape[0]
+    cores = torch.zeros(len(per_image), k, k)
+    for image, terms in enumerate(per_image):
+        for adapter, weight in terms:
+            cores[image] += weight * adapter.core(layer).detach().float().cpu()
+    return down_basis.detach().float().reshape(k, -1), cores, up_basis.detach().float().reshape(-1, k)
 
 
-def _terms_for(layer: str, mix: Mix | None) -> list[tuple[Adapter, float]]:
-    if mix is None:
-        return []
-    return [(t.adapter, t.weight) for t in mix.terms if t.weight != 0 and layer in _layer_set(t.adapter)]
+def _factor_chain(layer: str, per_image: list[Terms], shape: tuple[int, int]) -> tuple[Tensor, ...]:
+    """Per image, the mix's factors concatenated along the rank (weights folded into up), zero-padded."""
+    pairs = []
+    for terms in per_image:
+        downs, ups = [], []
+        for adapter, weight in terms:
+            down, up = adapter.factors(layer)
+            downs.append(down.detach().float().cpu().reshape(down.shape[0], -1))
+            ups.append(weight * up.detach().float().cpu().reshape(shape[0], -1))
+        pairs.append((torch.cat(downs), torch.cat(ups, dim=1)) if downs else None)
+    rank = max([1] + [pair[0].shape[0] for pair in pairs if pair is not None])
+    downs_out = torch.zeros(len(pairs), rank, shape[1])
+    ups_out = torch.zeros(len(pairs), shape[0], rank)
+    for image, pair in enumerate(pairs):
+        if pair is not None:
+            downs_out[image, : pair[0].shape[0]] = pair[0]
+            ups_out[image, :, : pair[1].shape[1]] = pair[1]
+    return downs_out, ups_out
+
+
+def _dense_chain(layer: str, per_image: list[Terms], shape: tuple[int, int]) -> tuple[Tensor, ...]:
+    dense = torch.zeros(len(per_image), *shape)
+    for image, terms in enumerate(per_image):
+        for adapter, weight in terms:
+            dense[image] += weight * adapter.delta(layer).detach().float().cpu().reshape(shape)
+    return (dense,)
+
+
+def build_chain(layer: str, per_image: list[Terms], weight: Tensor) -> tuple[PathKind, tuple[Tensor, ...]]:
+    """The per-image chain of one layer on the weight's device and dtype, and which path it is."""
+    shape = (int(weight.shape[0]), int(weight[0].numel()))
+    kind = path_kind(layer, [adapter for terms in per_image for adapter, _ in terms])
+    if kind == "shared":
+        chain = _shared_chain(layer, per_image)
+    elif kind == "factors":
+        chain = _factor_chain(layer, per_image, shape)
+    else:
+        chain = _dense_chain(layer, per_image, shape)
+    return kind, tuple(step.to(weight.device, weight.dtype).contiguous() for step in chain)
 
 
 _LAYER_SETS: dict[int, tuple[Adapter, frozenset[str]]] = {}
@@ -109,119 +115,93 @@ def _layer_set(adapter: Adapter) -> frozenset[str]:
     return cached[1]
 
 
-def _storage_key(tensor: Tensor) -> tuple:
-    return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.device, tensor.dtype)
-
-
-def path_kind(layer: str, adapters: Sequence[Adapter]) -> PathKind:
-    """Which batched path fits every adapter of this layer."""
-    if all(isinstance(a, SharedBasisAdapter) and hasattr(a, "basis") and hasattr(a, "core") for a in adapters):
-        keys = {tuple(_storage_key(t) for t in a.basis(layer)) for a in adapters}
-        if len(keys) == 1:
-            return "shared"
-    if all(hasattr(a, "factors") for a in adapters):
-        return "factors"
-    return "dense"
-
-
-def build_linear(layer: str, per_image: list[list[tuple[Adapter, float]]], shape: tuple[int, int],
-                 device: torch.device, dtype: torch.dtype) -> PerImageLayer:
-    """Stack the images' terms of a linear layer for the batched path that fits them."""
-    adapters = [a for terms in per_image for a, _ in terms]
-    kind = path_kind(layer, adapters)
-    n = len(per_image)
-    to = {"device": device, "dtype": dtype}
-    if kind == "shared":
-        down_basis, up_basis = adapters[0].basis(layer)
-        k = down_basis.shape[0]
-        cores = torch.zeros(n, k, k)
-        for image, terms in enumerate(per_image):
-            for adapter, weight in terms:
-                cores[image] += weight * adapter.core(layer).float()
-        return PerImageLayer(kind, n, down_basis.float().T.to(**to).contiguous(), cores.transpose(1, 2).to(**to).contiguous(),
-                             up_basis.float().T.to(**to).contiguous())
-    if kind == "factors":
-        downs, ups = _stacked_factors(layer, per_image, shape)
-        return PerImageLayer(kind, n, downs.transpose(1, 2).to(**to).contiguous(), None, ups.transpose(1, 2).to(**to).contiguous())
-    dense = torch.stack([_dense_sum(layer, terms, shape) for terms in per_image])
-    return PerImageLayer(kind, n, dense.transpose(1, 2).to(**to).contiguous())
-
-
-def _stacked_factors(layer: str, per_image: list[list[tuple[Adapter, float]]], shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Per image, the mix's factors concatenated along the rank, zero-padded to one rank."""
-    pairs = []
-    for terms in per_image:
-        downs, ups = [], []
-        for adapter, weight in terms:
-            down, up = adapter.factors(layer)
-            downs.append(down.reshape(down.shape[0], -1).float())
-            ups.append(weight * up.reshape(shape[0], -1).float())
-        pairs.append((torch.cat(downs) if downs else None, torch.cat(ups, dim=1) if ups else None))
-    rank = max([1] + [down.shape[0] for down, _ in pairs if down is not None])
-    downs_out = torch.zeros(len(pairs), rank, shape[1])
-    ups_out = torch.zeros(len(pairs), shape[0], rank)
-    for image, (down, up) in enumerate(pairs):
-        if down is not None:
-            downs_out[image, : down.shape[0]] = down
-            ups_out[image, :, : up.shape[1]] = up
-    return downs_out, ups_out
-
-
-def _dense_sum(layer: str, terms: list[tuple[Adapter, float]], shape: tuple[int, int]) -> Tensor:
-    total = torch.zeros(shape)
-    for adapter, weight in terms:
-        total += weight * adapter.delta(layer).float().reshape(shape)
-    return total
-
-
-def build_conv(layer: str, per_image: list[list[tuple[Adapter, float]]], weight: Tensor) -> PerImageConv:
-    shape = (weight.shape[0], weight[0].numel())
-    kernels = [
-        _dense_sum(layer, terms, shape).reshape(weight.shape).to(weight.device, weight.dtype) if terms else None
-        for terms in per_image
-    ]
-    return PerImageConv(kernels)
-
-
-def _hook_for(plan: PerImageLayer | PerImageConv):
-    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        x = args[0]
-        if isinstance(plan, PerImageConv):
-            plan.add_into(module, x, output)
-            return output
-        return output.add_(plan.linear_term(x))
-
-    return hook
+def _terms_for(layer: str, mix: Mix | None) -> Terms:
+    if mix is None:
+        return []
+    return [(t.adapter, t.weight) for t in mix.terms if t.weight != 0 and layer in _layer_set(t.adapter)]
 
 
 @torch.no_grad()
-def per_image_plans(modules: dict[str, nn.Module], assignments: Sequence[Mix | None]) -> dict[str, PerImageLayer | PerImageConv]:
-    """For every layer any image's mix targets, that layer's per-image terms."""
+def per_image_chains(modules: dict[str, nn.Module], assignments: Sequence[Mix | None],
+                     prepared: Callable[[MixTerm], PreparedAdapter] | None = None) -> dict[str, tuple[PathKind, tuple[Tensor, ...]]]:
+    """For every layer any image's mix targets, that layer's per-image chain.
+
+    With ``prepared`` (the engine's cache of device-resident terms), groups of layers whose
+    adapters all have factor terms there are stacked on the device, one copy per group and
+    image (no host work per layer); the rest is built layer by layer.
+    """
     layers: dict[str, None] = {}
     for mix in assignments:
         for term in (mix.terms if mix else ()):
             check_layers(term.adapter, modules, term.label)
             layers.update(dict.fromkeys(term.adapter.layers()))
-    plans: dict[str, PerImageLayer | PerImageConv] = {}
+    chains = _device_factor_chains(layers, assignments, prepared) if prepared is not None else {}
     for layer in layers:
-        per_image = [_terms_for(layer, mix) for mix in assignments]
-        if not any(per_image):
+        if layer in chains:
             continue
-        weight = modules[layer].weight
-        if isinstance(modules[layer], nn.Conv2d):
-            plans[layer] = build_conv(layer, per_image, weight)
+        per_image = [_terms_for(layer, mix) for mix in assignments]
+        if any(per_image):
+            chains[layer] = build_chain(layer, per_image, modules[layer].weight)
+    return chains
+
+
+def _device_factor_chains(layers: dict[str, None], assignments: Sequence[Mix | None],
+                          prepared: Callable[[MixTerm], PreparedAdapter]) -> dict[str, tuple[PathKind, tuple[Tensor, ...]]]:
+    """Per-image factor chains gathered from prepared group terms (see ``per_image_chains``)."""
+    per_image: list[list[tuple[PreparedAdapter, float, bool]]] = [
+        [(prepared(t), t.weight, capabilities(t.adapter).shared_basis) for t in (mix.terms if mix else ()) if t.weight != 0]
+        for mix in assignments
+    ]
+    groups = {group: None for entries in per_image for entry, _, _ in entries for group in entry.terms}
+    chains: dict[str, tuple[PathKind, tuple[Tensor, ...]]] = {}
+    for group in groups:
+        images = [[(term, weight) for entry, weight, shared in entries for term in entry.terms.get(group, [])]
+                  for entries in per_image]
+        if any(shared for entries in per_image for entry, _, shared in entries if group in entry.terms):
+            continue  # collections take the shared-basis path, layer by layer
+        if any(not isinstance(term, FactorTerm) for terms in images for term, _ in terms):
+            continue
+        downs, ups = _stack_images(group, images)
+        for row, layer in enumerate(group.layers):
+            if layer in layers:
+                chains[layer] = ("factors", (downs[:, row], ups[:, row]))
+    return chains
+
+
+def _stack_images(group: WeightGroup, images: list[list[tuple[FactorTerm, float]]]) -> tuple[Tensor, Tensor]:
+    """(images, rows, R, in) downs and (images, rows, out, R) ups, each image's terms side by side."""
+    pairs: list[tuple[Tensor, Tensor] | None] = []
+    for terms in images:
+        if not terms:
+            pairs.append(None)
+        elif len(terms) == 1:
+            term, weight = terms[0]
+            pairs.append((term.down, term.up if weight == 1 else term.up * weight))
         else:
-            plans[layer] = build_linear(layer, per_image, tuple(weight.shape), weight.device, weight.dtype)
-    return plans
+            pairs.append((torch.cat([t.down for t, _ in terms], dim=1), torch.cat([t.up * w for t, w in terms], dim=2)))
+    rank = max([1] + [pair[0].shape[1] for pair in pairs if pair is not None])
+    n, out_features, in_features = group.live.shape
+    zeros = (group.live.new_zeros(n, rank, in_features), group.live.new_zeros(n, out_features, rank))
+    padded = [zeros if pair is None else _pad_rank(pair, rank) for pair in pairs]
+    return torch.stack([pair[0] for pair in padded]), torch.stack([pair[1] for pair in padded])
+
+
+def _pad_rank(pair: tuple[Tensor, Tensor], rank: int) -> tuple[Tensor, Tensor]:
+    """Zero-pad (down (n, r, in), up (n, out, r)) to rank ``rank`` (exact: zero rows add nothing)."""
+    down, up = pair
+    missing = rank - down.shape[1]
+    if missing == 0:
+        return pair
+    return F.pad(down, (0, 0, 0, missing)), F.pad(up, (0, missing))
 
 
 @contextlib.contextmanager
-def per_image_hooks(modules: dict[str, nn.Module], assignments: Sequence[Mix | None]) -> Iterator[int]:
+def per_image_hooks(modules: dict[str, nn.Module], assignments: Sequence[Mix | None],
+                    prepared: Callable[[MixTerm], PreparedAdapter] | None = None) -> Iterator[int]:
     """Hook each image's adapter into the (pristine) modules; removed on exit. Yields the hook count."""
-    plans = per_image_plans(modules, assignments)
-    handles = [modules[layer].register_forward_hook(_hook_for(plan)) for layer, plan in plans.items()]
+    chains = per_image_chains(modules, assignments, prepared)
+    hooks = UpdateHooks({layer: modules[layer] for layer in chains}, lambda layer: chains[layer][1], inference=True)
     try:
-        yield len(handles)
+        yield len(hooks.handles)
     finally:
-        for handle in handles:
-            handle.remove()
+        hooks.remove()

@@ -8,6 +8,7 @@ registry NAMES, which the web app takes from users, must never be paths.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from studio.errors import StudioError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\- ]{0,127}")
-WEIGHT_SUFFIX = re.compile(r"(.+):([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
+WEIGHT_SUFFIX = re.compile(r"(.+):([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:inf|infinity|nan))", re.IGNORECASE)
 NO_ADAPTER = "none"
 
 
@@ -50,6 +51,8 @@ def parse_spec(text: str) -> AdapterSpec:
     match = WEIGHT_SUFFIX.fullmatch(raw)
     if match:
         raw, weight = match.group(1), float(match.group(2))
+        if not math.isfinite(weight):
+            raise AdapterSpecError(f"adapter spec {text!r}: the weight must be a finite number, got {match.group(2)}")
     target, hash_sign, member = raw.partition("#")
     if hash_sign and not member:
         raise AdapterSpecError(f"adapter spec {text!r}: nothing after '#' (COLLECTION.safetensors#NAME)")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from studio.adapters.base import AdapterBase
 from studio.adapters.lora import LoraAdapter, LoraLayer
 from tests.threads import one_cpu_thread  # noqa: F401  (autouse here)
 
@@ -19,6 +20,17 @@ def session_engine(tiny_pipeline_dir):
     from studio.engine import Engine, EngineConfig
 
     return Engine.load(str(tiny_pipeline_dir), EngineConfig(device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="session")
+def world_engine():
+    """The embedded world pipeline on the CPU in float32 (skipped when assets/world is missing)."""
+    from studio.bases import world_dir
+    from studio.engine import Engine, EngineConfig
+
+    if not (world_dir() / "model_index.json").is_file():
+        pytest.skip("assets/world is not built")
+    return Engine.load("world", EngineConfig(device="cpu", dtype="float32"))
 
 
 @pytest.fixture
@@ -56,7 +68,7 @@ def random_lora(engine, name: str, seed: int, layers: list[str] | None = None, r
 
 @dataclass(eq=False)
 class DeltaOnlyAdapter:
-    """An adapter family that only answers ``delta`` (like a Kronecker SuperLoRA group)."""
+    """An adapter that only follows the ``Adapter`` protocol (``layers`` and ``delta``), declaring nothing."""
 
     name: str
     deltas: dict[str, Tensor]
@@ -69,8 +81,11 @@ class DeltaOnlyAdapter:
 
 
 @dataclass(eq=False)
-class SharedBasisMember:
+class SharedBasisMember(AdapterBase):
     """One adapter of a shared-basis collection: delta = U @ core @ V with U, V shared."""
+
+    has_factors = True
+    has_shared_basis = True
 
     name: str
     bases: dict[str, tuple[Tensor, Tensor]]

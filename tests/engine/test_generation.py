@@ -181,3 +181,22 @@ def test_text_encoder_only_adapter_changes_the_image(engine):
     bare = engine.generate(request())[0].pixels
     with_te = engine.generate(request(adapters=[adapter]))[0].pixels
     assert np.abs(bare - with_te).max() > 0.01
+
+
+@pytest.mark.parametrize("fields, field_name", [
+    ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"), ({"seed": 1.5}, "seed"), ({"steps": 2.5}, "steps"),
+    ({"steps": True}, "steps"), ({"batch": 0}, "batch"), ({"scale": float("nan")}, "scale"), ({"guidance": float("inf")}, "guidance"),
+    ({"width": 30}, "width"),
+])
+def test_bad_request_fields_are_refused_with_their_name(engine, fields, field_name):
+    with pytest.raises(ConfigError, match=field_name):
+        engine.generate(request(**fields))
+
+
+def test_nan_or_inf_adapter_weights_are_refused_up_front(engine):
+    lora = random_lora(engine, "w", 53)
+    for weight in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="weight must be a finite number"):
+            engine.generate(request(adapters=[(lora, weight)]))
+    with pytest.raises(AdapterSpecError, match="finite"):
+        parse_spec("style.safetensors:nan")

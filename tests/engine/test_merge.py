@@ -106,18 +106,32 @@ def test_wrong_shapes_raise_key_mismatch(engine):
     engine.restore()
 
 
-def test_switch_rewrites_only_layers_that_differ(engine, monkeypatch):
+def test_switch_rewrites_only_groups_that_differ(engine, monkeypatch):
     a = random_lora(engine, "a", 10)
     b = random_lora(engine, "b", 11, layers=attention_layers(engine)[:3])
     engine.activate(a)
-    writes = []
-    original = engine.live.pristine2d
-
-    def counting(layer):  # called only for layers actually rewritten
-        writes.append(layer)
-        return original(layer)
-
-    monkeypatch.setattr(engine.live, "pristine2d", counting)
+    written = []
+    for group in engine.live.groups:
+        original = group.write
+        monkeypatch.setattr(group, "write", lambda terms, group=group, original=original: (written.append(group), original(terms)))
     engine.activate([a, b])
-    assert set(writes) == set(b.layers())
+    groups_of_b = {group for group in engine.live.groups if set(group.layers) & set(b.layers())}
+    assert set(written) == groups_of_b and len(groups_of_b) < len(engine.live.groups)
+    written.clear()
+    engine.activate([a, b])
+    assert written == []
+    engine.restore()
+
+
+def test_layers_of_one_shape_share_one_stacked_weight(engine):
+    a = random_lora(engine, "a", 12)
+    engine.release()  # forget the groups earlier tests formed
+    engine.activate(a)
+    by_shape = {}
+    for layer in a.layers():
+        by_shape.setdefault(tuple(engine.live.modules[layer].weight.shape), []).append(layer)
+    assert len(engine.live.groups) == len(by_shape) < len(a.layers())
+    for group in engine.live.groups:
+        storage = {engine.live.modules[layer].weight.untyped_storage().data_ptr() for layer in group.layers}
+        assert storage == {group.live.untyped_storage().data_ptr()}
     engine.restore()

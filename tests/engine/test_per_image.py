@@ -85,3 +85,19 @@ def test_compressed_collection_spec_generates_like_its_exported_lora(engine, tmp
     entries = [f"{path}#c0", f"{path}#c1:0.7", f"{path}#c2"]
     batched = engine.generate(GenerateRequest(prompt="a red circle", adapters=entries, per_image=True, seed=1, steps=STEPS))
     np.testing.assert_allclose(batched[1].pixels, via_spec.pixels, atol=2e-4)  # image 1: seed 1 + 1
+
+
+def test_delta_only_and_factor_adapters_in_one_batch_match_one_by_one(engine):
+    from tests.engine.conftest import DeltaOnlyAdapter
+
+    layers = attention_layers(engine)
+    lora = random_lora(engine, "pd_lora", 24, layers=layers[:8])
+    dense = DeltaOnlyAdapter("pd_dense", {layer: random_lora(engine, "x", 25, layers=[layer]).delta(layer) for layer in layers[4:12]})
+    engine.register("pd_lora", lora)
+    engine.register("pd_dense", dense)
+    entries = ["pd_lora", "pd_dense:0.8", "none"]
+    batched = engine.generate(GenerateRequest(prompt="a red circle", adapters=entries, per_image=True, seed=20, steps=STEPS))
+    singles = one_by_one(engine, entries, [20, 21, 22])
+    for i, (image, single) in enumerate(zip(batched, singles)):
+        np.testing.assert_allclose(image.pixels, single, atol=2e-4, err_msg=f"image {i} ({entries[i]})")
+    assert np.abs(singles[1] - singles[2]).max() > 0.02
