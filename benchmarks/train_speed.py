@@ -1,7 +1,7 @@
 """Training step time and memory per family against a peft LoRA anchor measured in the same run.
 
 The UNet is the real SD1.5 architecture (studio/configs/sd15.json "unet") with random weights;
-each family is applied through the training loop's own mechanism (studio.train.apply.Attached).
+each family is applied through the training loop's own mechanism (studio.engine.patch.Attachment).
 A step is forward + backward + AdamW step at batch 4 on 64x64 latents, bf16 autocast on GPU.
 
     python benchmarks/train_speed.py                    # CUDA, full size
@@ -122,10 +122,11 @@ def run_peft(unet: nn.Module, args, device, dtype) -> Row:
 
 
 def run_family(family: str, unet: nn.Module, args, device, dtype) -> Row:
-    from studio.train.apply import Attached, trainable_parameters
+    from studio.engine.patch import Attachment
+    from studio.train.apply import trainable_parameters
 
     adapter = studio_adapter(family, unet, args.rank, args.k).to(device)
-    attached = Attached(unet, adapter)
+    attached = Attachment({"unet": unet}, adapter)
     try:
         return measure(family, unet, trainable_parameters(adapter), args, device, dtype)
     finally:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from studio.adapters.base import AdapterBase
 from studio.adapters.layers import DEFAULT_TARGETS, in_features, select_layers
 from studio.bases import ModuleTree
 from studio.options import option
@@ -132,8 +133,10 @@ def _coprime_stride(total: int, seed: int) -> int:
     return stride
 
 
-class TrainableSuperLora(nn.Module):
+class TrainableSuperLora(nn.Module, AdapterBase):
     """Every targeted layer's dW produced together, group by group."""
+
+    computes_layers_together = True  # every layer's dW comes from one flat vector: deltas() once per forward
 
     def __init__(self, config: Config, shapes: dict[str, tuple[int, ...]]):
         super().__init__()

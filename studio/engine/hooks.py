@@ -13,7 +13,6 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from studio.adapters.base import capabilities
 from studio.errors import ConfigError
@@ -164,80 +163,67 @@ class UpdateHooks:
         self.handles = []
 
 
-class _AddDelta(nn.Module):
-    """Parametrization ``W0 -> W0 + dW``, reading dW through a getter (holds no parameters)."""
-
-    def __init__(self, get: Callable[[], Tensor]):
-        super().__init__()
-        self._get = get
-
-    def forward(self, weight: Tensor) -> Tensor:
-        return weight + self._get().reshape(weight.shape).to(weight.dtype)
-
-
 class Attachment:
-    """A trainable adapter attached to a frozen component (e.g. a UNet); ``detach()`` undoes it.
+    """A trainable adapter attached to frozen pipeline components; ``detach()`` undoes it.
 
-    Capabilities decide the mechanism: ``has_factors`` -> ``UpdateHooks`` with ``(down, up)``
-    (never builds dW); otherwise a ``torch.nn.utils.parametrize`` of the weight, ``W0 + dW``.
-    ``computes_layers_together``: ``all_factors()`` / ``deltas()`` run once per call of ``root``
-    (a forward pre-hook) and the layers read that cache. Adapter math runs in fp32 outside
-    autocast; the adapter is never registered as a submodule of ``root``.
+    ``components`` maps component names to modules ({"unet": ..., "text_encoder": ...}); layer
+    names say which component holds them. Every layer gets an ``UpdateHooks`` hook: ``(down, up)``
+    for families that declare factors, ``(dW,)`` otherwise. The frozen weights are never
+    rewritten: a bf16 weight plus a small dW would be rounded to bf16 in every forward, so the
+    adapter the optimizer sees would not be the one generation applies in full precision.
+    ``computes_layers_together``: ``all_factors()`` / ``deltas()`` run once per forward of each
+    component (a pre-hook) and the layers read that cache. Adapter math runs in fp32 outside
+    autocast; the adapter is never registered as a submodule of a component. ``enabled = False``
+    passes every output through unchanged (baseline samples next to training samples).
     """
 
-    def __init__(self, root: nn.Module, adapter: Any, component: str = "unet"):
-        self.root, self.adapter = root, adapter
+    def __init__(self, components: dict[str, nn.Module], adapter: Any):
+        self.components, self.adapter = components, adapter
         caps = capabilities(adapter)
         self.use_factors, self.together = caps.factors, caps.layers_together
+        self.enabled = True
         self.cache: dict[str, Any] = {}
         self.handles: list[Any] = []
-        self.parametrized: list[nn.Module] = []
-        modules = {layer: _component_module(root, layer, component) for layer in adapter.layers()}
+        modules = {layer: _component_module(components, layer) for layer in adapter.layers()}
         if self.together:
-            self.handles.append(root.register_forward_pre_hook(self._refresh))
-        if self.use_factors:
-            self.hooks: UpdateHooks | None = UpdateHooks(modules, self._get, exact=True)
-        else:
-            self.hooks = None
-            for layer, module in modules.items():
-                getter = (lambda layer=layer: self._exact(lambda: self._get(layer)))
-                parametrize.register_parametrization(module, "weight", _AddDelta(getter), unsafe=True)
-                self.parametrized.append(module)
-
-    def _exact(self, fn: Callable[[], Any]) -> Any:
-        device_type = next((p.device.type for p in self.root.parameters()), "cpu")
-        with torch.autocast(device_type, enabled=False):
-            return fn()
+            owners = sorted({layer.partition(".")[0] for layer in modules})
+            self.handles += [components[owner].register_forward_pre_hook(self._refresh) for owner in owners]
+        self.hooks: UpdateHooks | None = UpdateHooks(modules, self._chain, exact=True)
 
     def _refresh(self, *_: Any) -> None:
-        bulk = self.adapter.all_factors if self.use_factors else self.adapter.deltas
-        self.cache = dict(self._exact(bulk))
+        if self.enabled:
+            bulk = self.adapter.all_factors if self.use_factors else self.adapter.deltas
+            self.cache = dict(bulk())
 
     def _get(self, layer: str) -> Any:
         if layer in self.cache:
             return self.cache[layer]
         return self.adapter.factors(layer) if self.use_factors else self.adapter.delta(layer)
 
+    def _chain(self, layer: str) -> Chain | None:
+        if not self.enabled:
+            return None
+        update = self._get(layer)
+        return tuple(update) if self.use_factors else (update,)
+
     def clear(self) -> None:
         """Drop the per-forward cache (and the autograd graph it may hold)."""
         self.cache = {}
 
     def detach(self) -> None:
-        """Remove every hook and parametrization; the component is as before."""
+        """Remove every hook; the components are as before."""
         if self.hooks is not None:
             self.hooks.remove()
         for handle in self.handles:
             handle.remove()
-        for module in self.parametrized:
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-        self.handles, self.parametrized, self.cache, self.hooks = [], [], {}, None
+        self.handles, self.cache, self.hooks = [], {}, None
 
 
-def _component_module(root: nn.Module, layer: str, component: str) -> nn.Module:
+def _component_module(components: dict[str, nn.Module], layer: str) -> nn.Module:
     owner, _, name = layer.partition(".")
-    if owner != component:
-        raise ConfigError(f"layer {layer!r}: only {component} layers can be attached here")
-    module = root.get_submodule(name)
+    if owner not in components:
+        raise ConfigError(f"layer {layer!r}: the base has no {owner!r} to adapt (it has {', '.join(components)})")
+    module = components[owner].get_submodule(name)
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise ConfigError(f"layer {layer!r} is a {type(module).__name__}, not a Linear or Conv2d")
     return module

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from studio.adapters.base import capabilities
 from studio.adapters.lora import LoraAdapter, LoraLayer
 from studio.bases import ModuleTree
 
@@ -50,9 +51,10 @@ def _layer(down: Tensor, up: Tensor, weight_shape: tuple[int, ...] | None) -> Lo
 def to_lora(adapter: Any, rank: int = 0, name: str = "adapter", tree: ModuleTree | None = None,
             metadata: dict[str, str] | None = None) -> Export:
     """Export ``adapter`` as a LoraAdapter; ``rank`` 0 means the adapter's own rank (exact when factored)."""
-    factored = callable(getattr(adapter, "factors", None))
-    bulk = adapter.all_factors() if factored and hasattr(adapter, "all_factors") else None
-    deltas = adapter.deltas() if not factored and hasattr(adapter, "deltas") else None
+    caps = capabilities(adapter)
+    factored = caps.factors
+    bulk = adapter.all_factors() if factored and caps.layers_together else None
+    deltas = adapter.deltas() if not factored and caps.layers_together else None
     layers, errors, err_sum, total_sum, exact = {}, {}, 0.0, 0.0, True
     for layer in adapter.layers():
         shape = tree.modules[layer].weight_shape if tree is not None and layer in tree.modules else None

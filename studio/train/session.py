@@ -21,7 +21,8 @@ from studio.bases import ModuleTree, load_pipeline, module_tree, pipeline_tree
 from studio.errors import BaseNotFoundError, ConfigError
 from studio.train import conditioning as conditioning_mod
 from studio.train import data as data_mod
-from studio.train.apply import Attached, Trainee, freeze, trainable_parameters
+from studio.engine.patch import Attachment
+from studio.train.apply import Trainee, freeze, trainable_parameters
 from studio.train.config import TrainConfig
 
 VALIDATION_TIMESTEPS = 8  # evenly spread over the whole range: the high-noise end is where samples break
@@ -51,7 +52,7 @@ class Session:
     tree: ModuleTree
     family_config: Any
     adapter: nn.Module
-    attached: Attached
+    attached: Attachment
     model: nn.Module
     optimizer: Any
     lr_schedule: Any
@@ -169,7 +170,7 @@ def start(config: TrainConfig, scan: data_mod.Scan) -> Session:
     train_pairs, val_pairs = data_mod.split(scan.pairs, config.validation_split, config.seed)
     train_set = encode(pipe, conditioner, train_pairs, resolution, weight_dtype, accelerator.device, not live_text)
     val_set = encode(pipe, conditioner, val_pairs or train_pairs[:VALIDATION_ITEMS], resolution, weight_dtype, accelerator.device, not live_text)
-    attached = Attached(components(pipe), adapter)
+    attached = Attachment(components(pipe), adapter)
     optimizer = torch.optim.AdamW(trainable_parameters(adapter), lr=config.learning_rate, weight_decay=config.weight_decay)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     model, optimizer = accelerator.prepare(Trainee(pipe.unet, adapter), optimizer)

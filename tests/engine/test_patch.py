@@ -174,13 +174,32 @@ def test_exact_sources_run_outside_autocast():
 
 
 @pytest.mark.parametrize("family", ["lora", "unilora", "delta_only"])
-def test_attachment_equals_the_trainers_attached(family, tiny_pipeline_dir):
-    """Forward and gradients of ``Attachment`` equal ``studio.train.apply.Attached`` (the trainer can switch)."""
+def test_attachment_equals_weights_plus_delta(family, tiny_pipeline_dir):
+    """Forward and gradients of the trainer's ``Attachment`` (hooks) equal the model whose weights
+    are W0 + dW (an oracle built here with a weight parametrization)."""
     from diffusers import UNet2DConditionModel
+    from torch.nn.utils import parametrize
 
     from studio.adapters import lora_train, unilora
     from studio.bases import module_tree
-    from studio.train.apply import Attached
+
+    class AddDelta(nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, weight):
+            return weight + adapter.delta(self.layer).reshape(weight.shape)
+
+    class Oracle:
+        def __init__(self, model, adapter):
+            self.modules = [model.get_submodule(layer.partition(".")[2]) for layer in adapter.layers()]
+            for layer, module in zip(adapter.layers(), self.modules):
+                parametrize.register_parametrization(module, "weight", AddDelta(layer), unsafe=True)
+
+        def detach(self):
+            for module in self.modules:
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
 
     unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet").eval().requires_grad_(False)
     tree = module_tree(str(tiny_pipeline_dir))
@@ -197,7 +216,7 @@ def test_attachment_equals_the_trainers_attached(family, tiny_pipeline_dir):
     inputs = (torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 500]),
               torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(2)))
     results = []
-    for attach in (Attached, Attachment):
+    for attach in (Oracle, lambda model, adapter: Attachment({"unet": model}, adapter)):
         model = copy.deepcopy(unet)
         attached = attach(model, adapter)
         out = model(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample

@@ -9,7 +9,8 @@ import torch
 
 from studio.adapters import registry
 from studio.bases import module_tree
-from studio.train.apply import Attached, count_trainable
+from studio.engine.patch import Attachment
+from studio.train.apply import count_trainable
 from studio.train.export import to_lora
 from tests.train.helpers import family_of
 
@@ -53,7 +54,7 @@ def test_attached_forward_equals_merged_weights(case, family_cases, unet_and_tre
             module = merged.get_submodule(layer.partition(".")[2])
             module.weight += adapter.delta(layer).reshape(module.weight.shape)
         expected = merged(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
-        attached = Attached({"unet": unet}, adapter)
+        attached = Attachment({"unet": unet}, adapter)
         got = unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
         attached.detach()
         after = unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
