@@ -156,11 +156,10 @@ def kohya_table(tree: ModuleTree) -> dict[str, str]:
 
 def _sgm_to_diffusers(stems: list[str], tree: ModuleTree) -> dict[str, str]:
     """Map SDXL kohya stems in original (SGM) block naming to diffusers block naming."""
-    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
-
     unet_stems = [s for s in stems if s.startswith("lora_unet_")]
     if not any(p in s for s in unet_stems for p in ("input_blocks", "middle_block", "output_blocks")):
         return {}
+    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers  # only for SGM names
     config = SimpleNamespace(layers_per_block=tree.unet_config.get("layers_per_block", 2))
     tagged = {f"{stem}.tag": stem for stem in unet_stems}
     try:
