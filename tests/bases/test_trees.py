@@ -58,7 +58,7 @@ def test_sdxl_tree_lists_resnet_convs_and_time_projections():
     tree = architecture_tree("sdxl")
     resnets = {m: i for m, i in tree.modules.items() if ".resnets." in m}
     assert len([m for m in resnets if m.endswith((".conv1", ".conv2"))]) == 2 * (3 * 2 + 2 + 3 * 3)  # 17 resnets
-    assert tree.modules["unet.up_blocks.0.resnets.2.conv1"].weight_shape == (1280, 2560, 3, 3)
+    assert tree.modules["unet.up_blocks.0.resnets.2.conv1"].weight_shape == (1280, 1920, 3, 3)
     assert tree.modules["unet.down_blocks.1.resnets.0.conv_shortcut"].weight_shape == (640, 320, 1, 1)
     assert tree.modules["unet.mid_block.resnets.1.time_emb_proj"].weight_shape == (1280, 1280)
     assert tree.modules["unet.down_blocks.0.downsamplers.0.conv"].kind == "conv"
