@@ -144,7 +144,7 @@ def load_collection(paths: list[str | Path], base: str | None = None, lycoris_ra
         else:
             adapters[adapter.name] = adapter
         infos.append(info)
-    base_arch = tree.arch if tree else _majority_arch(adapters)
+    base_arch = tree.arch if tree and not tree.alternatives else _majority_arch(adapters)  # ``sd3``: Large or Medium
     _refuse_other_bases(adapters, infos, base_arch)
     return Collection(adapters, infos, base_arch)
 

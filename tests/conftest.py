@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("STUDIO_CACHE_DIR", tempfile.mkdtemp(prefix="studio-test-cache-"))  # folder trees: not ~/.cache
 
 SHARED_LORAS = Path(__file__).resolve().parents[1].parent / "shared" / "loras"
 
@@ -37,3 +39,27 @@ def shared_loras() -> list[Path]:
     if not SHARED_LORAS.is_dir():
         pytest.skip("../shared/loras not present")
     return sorted(SHARED_LORAS.glob("*.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> Path:
+    """A tiny FluxPipeline folder (FLUX.1-dev module names, random weights, the world's tokenizer)."""
+    from tests.tiny_pipeline import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory) -> Path:
+    """A tiny StableDiffusion3Pipeline folder (SD3.5-Medium module names, random weights)."""
+    from tests.tiny_pipeline import build_tiny_sd3_pipeline
+
+    return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """A tiny StableDiffusionXLPipeline folder (SDXL module names, random weights)."""
+    from tests.tiny_pipeline import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))

@@ -40,3 +40,29 @@ def test_bad_bases_say_what_is_wrong(tmp_path, monkeypatch):
         load_pipeline(str(checkpoint))
     with pytest.raises(BaseNotFoundError, match="architecture without weights"):
         load_pipeline("sdxl")
+
+
+@pytest.mark.parametrize("base, arch, components", [
+    ("flux1", "flux1", ["text_encoder", "text_encoder_2", "transformer"]),
+    ("sd3", "sd3.5-large", ["text_encoder", "text_encoder_2", "text_encoder_3", "transformer"]),
+    ("sd3.5-medium", "sd3.5-medium", ["text_encoder", "text_encoder_2", "text_encoder_3", "transformer"]),
+])
+def test_transformer_bases_resolve_to_stored_trees(base, arch, components):
+    tree = module_tree(base)
+    assert tree.arch == arch and tree.components == components
+
+
+def test_single_file_transformer_checkpoints_are_named_not_loaded(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    flux = tmp_path / "flux1-dev.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(9, 3), "guidance_in.in_layer.weight": torch.zeros(3, 2)}, flux)
+    assert module_tree(str(flux)).arch == "flux1"
+    with pytest.raises(BaseNotFoundError, match="diffusers pipeline folder"):
+        load_pipeline(str(flux))
+    sd3 = tmp_path / "sd3.5_medium.safetensors"
+    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(4608, 1536)}, sd3)
+    assert module_tree(str(sd3)).arch == "sd3.5-medium"
+    with pytest.raises(BaseNotFoundError, match="architecture without weights"):
+        load_pipeline("flux1")

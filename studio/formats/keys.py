@@ -26,6 +26,7 @@ LYCORIS_PARTS = {
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
     "dora_scale", "diff", "diff_b", "w_norm", "b_norm", "oft_blocks", "oft_diag",
 }
+CLIP_ROOTS = ("encoder.layers.", "embeddings.", "final_layer_norm")
 SAFELORAS = re.compile(r"^(unet|text_encoder):\d+:(up|down)$")
 
 
@@ -85,7 +86,7 @@ def _old_diffusers_split(key: str) -> tuple[str, str]:
 
 def _with_component(stem: str) -> str:
     """Give an unprefixed dotted module path its component prefix."""
-    if stem.startswith(("unet.", "text_encoder.", "text_encoder_2.")):
+    if stem.startswith(("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3.")):
         return stem
     return ("text_encoder." if stem.startswith("text_model.") else "unet.") + stem
 
@@ -130,7 +131,7 @@ def file_module_name(module: str) -> str:
     diffusers, peft) still names text-encoder layers ``text_model.encoder.layers...``.
     """
     component, _, path = module.partition(".")
-    if component.startswith("text_encoder") and not path.startswith("text_model."):
+    if component.startswith("text_encoder") and path.startswith(CLIP_ROOTS):  # not T5 (encoder.block...)
         return f"{component}.text_model.{path}"
     return module
 
@@ -155,11 +156,10 @@ def kohya_table(tree: ModuleTree) -> dict[str, str]:
 
 def _sgm_to_diffusers(stems: list[str], tree: ModuleTree) -> dict[str, str]:
     """Map SDXL kohya stems in original (SGM) block naming to diffusers block naming."""
-    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
-
     unet_stems = [s for s in stems if s.startswith("lora_unet_")]
     if not any(p in s for s in unet_stems for p in ("input_blocks", "middle_block", "output_blocks")):
         return {}
+    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers  # only for SGM names
     config = SimpleNamespace(layers_per_block=tree.unet_config.get("layers_per_block", 2))
     tagged = {f"{stem}.tag": stem for stem in unet_stems}
     try:

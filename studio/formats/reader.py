@@ -13,7 +13,7 @@ from studio.adapters.lora import LoraAdapter, LoraLayer
 from studio.bases import ARCHITECTURES, ModuleTree, architecture_tree, module_tree
 from studio.errors import BaseNotFoundError, FormatError, KeyMismatchError, UnsupportedVariantError
 from studio.formats import keys as keyschemes
-from studio.formats import lycoris
+from studio.formats import lycoris, transformer_files
 from studio.formats.safe import non_finite, safe_load
 
 FORMAT_ONLY_METADATA = ("format", "lora_adapter_metadata")
@@ -118,8 +118,8 @@ def candidate_trees() -> list[ModuleTree]:
     return trees + [architecture_tree(arch) for arch in ARCHITECTURES]
 
 
-def best_fit(fmt: str, layers: dict[str, RawLayer]) -> Fit:
-    fits = [fit(fmt, layers, tree) for tree in candidate_trees()]
+def best_fit(fmt: str, layers: dict[str, RawLayer], trees: list[ModuleTree] | None = None) -> Fit:
+    fits = [fit(fmt, layers, tree) for tree in (trees or candidate_trees())]
     return max(fits, key=lambda f: (f.score, -len(f.unplaced)))
 
 
@@ -198,12 +198,15 @@ def load_adapter(
     flagged = non_finite(tensors)
     if flagged:
         raise FormatError(f"{path}: {len(flagged)} tensors hold NaN or inf (fp16 overflow?), e.g. {flagged[:3]}")
+    tree = module_tree(base) if isinstance(base, str) else base
+    translated = transformer_files.translate(str(path), tensors, tree)  # FLUX.1 / SD3 layouts -> diffusers layout
+    tensors = translated.tensors if translated is not None else tensors
     fmt = keyschemes.detect_format(list(tensors), str(path))
     layers = _raw_layers(path, fmt, tensors)
-    tree = module_tree(base) if isinstance(base, str) else base
-    chosen = fit(fmt, layers, tree) if tree is not None else best_fit(fmt, layers)
+    chosen = best_fit(fmt, layers, tree.variants()) if tree is not None else best_fit(fmt, layers)
     _check_fit(path, fmt, layers, chosen, explicit_base=tree is not None)
-    return _assemble(path, fmt, layers, chosen, metadata, name, lycoris_rank)
+    adapter = _assemble(path, fmt, layers, chosen, metadata, name, lycoris_rank)
+    return transformer_files.finish(adapter, translated)
 
 
 def _assemble(path: Path, fmt: str, layers: dict[str, RawLayer], chosen: Fit, metadata: dict[str, str], name: str | None, lycoris_rank: int) -> LoraAdapter:

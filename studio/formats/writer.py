@@ -11,6 +11,7 @@ import torch
 
 from studio.adapters.lora import LoraAdapter
 from studio.fileio import save_safetensors
+from studio.formats import transformer_files
 from studio.formats.keys import file_module_name, kohya_name
 
 ExportFormat = Literal["kohya", "diffusers"]
@@ -22,6 +23,9 @@ def _has_second_encoder(adapter: LoraAdapter) -> bool:
 
 def kohya_state_dict(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     """kohya / A1111 / ComfyUI keys: ``lora_unet_..._to_q.lora_down.weight``, ``.lora_up.weight``, ``.alpha``."""
+    family = transformer_files.adapter_family(adapter)
+    if family is not None:  # FLUX.1 / SD3: BFL / SAI names, fused qkv merged back
+        return transformer_files.kohya_state_dict(adapter, family)
     second = _has_second_encoder(adapter)
     tensors = {}
     for module, layer in adapter.lora_layers.items():
