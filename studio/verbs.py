@@ -20,7 +20,7 @@ def export(
     format: Literal["kohya", "diffusers"] = "kohya",
     adapter: str | None = None,
     base: str | None = None,
-    lycoris_rank: int = 16,
+    lycoris_rank: int | None = None,
 ) -> tuple[Path, list[str]]:
     """Write a LoRA file (or one adapter of a compressed collection) in kohya or diffusers layout."""
     if adapter is not None:

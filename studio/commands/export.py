@@ -14,7 +14,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
     parser.add_argument("--adapter", default=None, help="adapter name inside a compressed collection")
     parser.add_argument("--base", default=None, help="BASE to validate / map keys against")
-    parser.add_argument("--lycoris-rank", type=int, default=16, help="rank for LoHa/LoKr conversion (truncated SVD)")
+    parser.add_argument("--lycoris-rank", type=int, default=None,
+                        help="rank for LoHa/LoKr conversion (default: per layer, the smallest rank reaching 1%% relative error)")
     return parser
 
 
