@@ -26,6 +26,7 @@ LYCORIS_PARTS = {
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
     "dora_scale", "diff", "diff_b", "w_norm", "b_norm", "oft_blocks", "oft_diag",
 }
+CLIP_TEXT_MODEL_PARTS = ("encoder.", "embeddings.", "final_layer_norm")  # what CLIP keeps under text_model.
 SAFELORAS = re.compile(r"^(unet|text_encoder):\d+:(up|down)$")
 
 
@@ -130,9 +131,9 @@ def file_module_name(module: str) -> str:
     diffusers, peft) still names text-encoder layers ``text_model.encoder.layers...``.
     """
     component, _, path = module.partition(".")
-    if component.startswith("text_encoder") and not path.startswith("text_model."):
+    if component.startswith("text_encoder") and path.startswith(CLIP_TEXT_MODEL_PARTS):
         return f"{component}.text_model.{path}"
-    return module
+    return module  # text_projection sits beside text_model, not inside it
 
 
 def file_names(tree: ModuleTree) -> dict[str, str]:
