@@ -163,27 +163,28 @@ def _lokr_scale(parts: dict[str, Tensor]) -> float:
     return effective_alpha(_alpha(parts), rank) / rank
 
 
-def _lokr_pair(parts: dict[str, Tensor], which: str) -> tuple[Tensor, Tensor | None]:
+def _lokr_pair(parts: dict[str, Tensor], which: str) -> tuple[Tensor, Tensor]:
+    """(left, right) of one Kronecker half; a full w is w @ I or I @ w, whichever inner side is smaller."""
     if f"lokr_{which}" in parts:
-        return parts[f"lokr_{which}"].double().flatten(1), None
+        full = parts[f"lokr_{which}"].double().flatten(1)
+        rows, cols = full.shape
+        return (full, torch.eye(cols, dtype=full.dtype)) if cols <= rows else (torch.eye(rows, dtype=full.dtype), full)
     return parts[f"lokr_{which}_a"].double(), parts[f"lokr_{which}_b"].double().flatten(1)
 
 
 def lokr_factors(parts: dict[str, Tensor]) -> Factors:
     """LoKr: dW = kron(w1, w2) * scale, flattened 2-D (out, in * kh * kw).
 
-    kron(L1 R1, L2 R2) = kron(L1, L2) kron(R1, R2) keeps dW factored when both halves are
-    low-rank; a 4-D w2 stays in the right-hand columns, which matches LyCORIS's ``make_kron``
+    kron(L1 R1, L2 R2) = kron(L1, L2) kron(R1, R2) keeps dW factored while the inner size is
+    smaller than the dense dW's (a full half is w @ I or I @ w); a 4-D w2 stays in the right-hand columns, which matches LyCORIS's ``make_kron``
     (w1 unsqueezed to (a, b, 1, 1)): flattening kron(w1, w2) gives kron(w1, w2.flatten(1)).
     """
     out, inp = _lokr_shape(parts)
     scale = _lokr_scale(parts)
     (l1, r1), (l2, r2) = _lokr_pair(parts, "w1"), _lokr_pair(parts, "w2")
-    if r1 is not None and r2 is not None and l1.shape[1] * l2.shape[1] < min(out, inp):
+    if l1.shape[1] * l2.shape[1] < min(out, inp):
         return torch.kron(l1, l2) * scale, torch.kron(r1, r2)
-    w1 = l1 if r1 is None else l1 @ r1
-    w2 = l2 if r2 is None else l2 @ r2
-    return torch.kron(w1, w2) * scale, None
+    return torch.kron(l1 @ r1, l2 @ r2) * scale, None
 
 
 def tucker_factors(parts: dict[str, Tensor]) -> Factors:
