@@ -42,6 +42,7 @@ TOOLS = ("kohya", "comfyui", "a1111", "diffusers")
 TOOL_LABELS = {"kohya": "kohya sd-scripts", "comfyui": "ComfyUI", "a1111": "A1111", "diffusers": "diffusers"}
 CLIP_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 KOHYA_UNET_BLOCKS = (".attentions.", ".resnets.", ".downsamplers.", ".upsamplers.")
+LYCORIS_MARKERS = ("hada_w1_a", "lokr_w1", "lokr_w1_a")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Reading:
     deltas: dict[str, tuple] = field(default_factory=dict)  # module -> Delta
     ignored: list[str] = field(default_factory=list)
     refused: str | None = None
+    native: list[str] = field(default_factory=list)  # modules the tool applies with its own LyCORIS math (not modelled)
 
 
 def _clip_path(path: str) -> str:
@@ -195,6 +197,9 @@ def comfyui_reads(tensors: dict[str, Tensor], tree: ModuleTree) -> Reading:
         if f"{x}.diff" in tensors:
             reading.deltas[module] = (tensors[f"{x}.diff"].double().flatten(1), None)
             loaded.add(f"{x}.diff")
+        if any(f"{x}.{marker}" in tensors for marker in LYCORIS_MARKERS):
+            reading.native.append(module)
+            loaded.update(k for k in tensors if k.startswith(f"{x}."))
     reading.ignored = [k for k in tensors if k not in loaded]
     return reading
 
@@ -292,6 +297,8 @@ def a1111_reads(tensors: dict[str, Tensor], tree: ModuleTree) -> Reading:
             reading.deltas[module_of[stem]] = _lora_delta(w["lora_up.weight"], w["lora_down.weight"], scale)
         elif "diff" in w:
             reading.deltas[module_of[stem]] = (w["diff"].double().flatten(1), None)
+        elif any(marker in w for marker in LYCORIS_MARKERS):
+            reading.native.append(module_of[stem])
     return reading
 
 
@@ -387,10 +394,13 @@ class Fidelity:
     max_error: float  # over the layers applied (a layer not applied is counted in ``applied``)
     refused: str | None = None
     wrong: list[str] = field(default_factory=list)  # modules applied that the adapter does not hold
+    native: int = 0  # layers applied with the tool's own LyCORIS math (not modelled here)
 
     def summary(self) -> str:
         if self.refused:
             return f"{TOOL_LABELS[self.tool]} refuses the file ({self.refused})"
+        if self.native:
+            return f"{TOOL_LABELS[self.tool]} applies {self.native} of {self.expected} layers with its own LyCORIS code (not modelled)"
         return f"{TOOL_LABELS[self.tool]} applies {self.applied} of {self.expected} layers, max relative dW error {self.max_error:.1e}"
 
     @property
@@ -416,4 +426,5 @@ def fidelity(reading: Reading, expected: dict[str, Delta]) -> Fidelity:
     for module in applied:
         worst = max(worst, relative_error(reading.deltas[module], expected[module]))
     wrong = sorted(set(reading.deltas) - set(expected))
-    return Fidelity(reading.tool, len(applied), len(expected), worst, None, wrong)
+    native = len(set(reading.native) & set(expected))
+    return Fidelity(reading.tool, len(applied), len(expected), worst, None, wrong, native)

@@ -169,13 +169,19 @@ def _build_layer(layer: RawLayer, module: str, tree: ModuleTree, configs: dict[s
             alpha, source = config.alpha_for(module, rank), "file"
         else:
             alpha, source = _kohya_alpha(layer, rank)
-        return LoraLayer(layer.parts["down"], layer.parts["up"], alpha, source), None
+        down, up = _conv_shaped(layer.parts["down"], layer.parts["up"], tree.modules[module].weight_shape)
+        return LoraLayer(down, up, alpha, source), None
     factors = lycoris.materialise(layer.variant, layer.parts)
     down, up, error = lycoris.truncate(factors, lycoris_rank, LYCORIS_TARGET, LYCORIS_MAX_RANK)
-    shape = tree.modules[module].weight_shape
-    if len(shape) == 4:  # conv: down (r, in, kh, kw), up (out, r, 1, 1), as kohya and diffusers expect
-        down, up = down.reshape(down.shape[0], *shape[1:]), up.reshape(up.shape[0], up.shape[1], 1, 1)
+    down, up = _conv_shaped(down, up, tree.modules[module].weight_shape)
     return LoraLayer(down.contiguous(), up.contiguous(), float(down.shape[0]), "file"), error
+
+
+def _conv_shaped(down: Tensor, up: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Conv factors in the 4-D shapes kohya and diffusers load: down (r, in, kh, kw), up (out, r, 1, 1)."""
+    if len(shape) != 4:
+        return down, up
+    return down.reshape(down.shape[0], *shape[1:]), up.reshape(up.shape[0], up.shape[1], 1, 1)
 
 
 def check_lycoris_rank(lycoris_rank: int | None) -> None:

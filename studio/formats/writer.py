@@ -45,11 +45,33 @@ def _sgm_config(adapter: LoraAdapter) -> dict | None:
     return architecture_tree("sdxl").unet_config
 
 
+def common_alpha(adapter: LoraAdapter) -> float:
+    """The alpha most layers have (non-zero), written for every layer of a kohya file."""
+    counts = Counter(layer.alpha for layer in adapter.lora_layers.values() if layer.alpha != 0)
+    return counts.most_common(1)[0][0] if counts else 1.0
+
+
+def with_alpha(layer: LoraLayer, alpha: float) -> LoraLayer:
+    """The same dW written with another alpha: (old alpha / new alpha) multiplied into ``up``."""
+    if layer.alpha == alpha:
+        return layer
+    up = (layer.up.float() * (layer.alpha / alpha)).to(layer.up.dtype)
+    return LoraLayer(layer.down, up, float(alpha), layer.alpha_source)
+
+
 def kohya_state_dict(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
-    """kohya / A1111 / ComfyUI keys: ``lora_unet_..._to_q.lora_down.weight``, ``.lora_up.weight``, ``.alpha``."""
+    """kohya / A1111 / ComfyUI keys: ``lora_unet_..._to_q.lora_down.weight``, ``.lora_up.weight``, ``.alpha``.
+
+    Every layer is written with the adapter's most common alpha; a layer with another alpha gets
+    the ratio multiplied into ``up`` (same dW). diffusers' kohya conversion drops per-layer alphas
+    of attention projections (their alpha keys keep the ``processor.to_q_lora`` name and match no
+    module), so one alpha for all layers is what makes it read the file exactly too.
+    """
     second, config = _has_second_encoder(adapter), _sgm_config(adapter)
+    alpha = common_alpha(adapter)
     tensors = {}
     for module, layer in adapter.lora_layers.items():
+        layer = with_alpha(layer, alpha)
         stem = kohya_stem(module, second, config)
         if f"{stem}.alpha" in tensors:
             raise ValueError(f"two layers map to the kohya name {stem!r}")
