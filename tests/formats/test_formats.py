@@ -50,7 +50,7 @@ def assert_same_deltas(a: LoraAdapter, b: LoraAdapter, rtol: float = 1e-6) -> No
     assert set(a.lora_layers) == set(b.lora_layers)
     for module in a.lora_layers:
         expected, observed = a.delta(module), b.delta(module)
-        assert float((observed - expected).norm() / expected.norm()) <= rtol, module
+        assert float((observed - expected).norm()) <= rtol * max(float(expected.norm()), 1e-30), module
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,9 @@ def test_shared_loras_import_and_round_trip(tmp_path, shared_loras):
         assert len(attention) == 128, path.name  # every attention projection of the SD1.5 UNet
         for layout in ("kohya", "diffusers"):
             again = load_adapter(save_adapter(adapter, tmp_path / f"{path.stem}.{layout}.safetensors", layout), "sd15")
-            assert_same_layers(adapter, again)
+            if adapter.source_format == "kohya" and len(adapter.alphas) == 1:
+                assert_same_layers(adapter, again)  # one alpha: the kohya round trip is tensor for tensor
+            assert_same_deltas(adapter, again)
             assert again.metadata == adapter.metadata
 
 
