@@ -7,6 +7,7 @@ out; the rest of the collection stays usable.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -16,6 +17,7 @@ from studio.adapters.lora import LoraAdapter
 from studio.bases import ARCH_LABELS, ModuleTree, module_tree
 from studio.errors import StudioError
 from studio.formats import load_adapter, shown_metadata
+from studio.formats.reader import check_lycoris_rank
 from studio.formats.safe import PICKLE_SUFFIXES
 
 ADAPTER_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES  # pickles are listed so that they are refused by name
@@ -91,14 +93,18 @@ def trigger_words(metadata: dict[str, str], limit: int = 5) -> list[str]:
         return [word.strip() for word in phrase.split(",") if word.strip()]
     try:
         frequency = json.loads(metadata.get("ss_tag_frequency", "{}"))
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply: no trigger words from it
         return []
     counts: Counter = Counter()
-    if isinstance(frequency, dict):
-        for tags in frequency.values():
-            if isinstance(tags, dict):
-                counts.update({str(tag): int(n) for tag, n in tags.items() if isinstance(n, (int, float))})
+    for tags in frequency.values() if isinstance(frequency, dict) else ():
+        if isinstance(tags, dict):
+            counts.update({str(tag): n for tag, n in tags.items() if _is_count(n)})
     return [tag for tag, _ in counts.most_common(limit)]
+
+
+def _is_count(value) -> bool:
+    """A finite, non-negative tag count (JSON allows NaN, Infinity, booleans and huge numbers)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def _single(values: list):
@@ -123,22 +129,29 @@ def describe(path: Path, adapter: LoraAdapter) -> AdapterInfo:
     )
 
 
-def load_collection(paths: list[str | Path], base: str | None = None, lycoris_rank: int = 16) -> Collection:
+def load_collection(paths: list[str | Path], base: str | None = None, lycoris_rank: int | None = None) -> Collection:
     """Load every adapter file under ``paths``; per-file errors are reported, not raised.
 
     With ``base`` every adapter is checked against that base; without, the collection's base is
     the one most adapters fit, and adapters for another base are refused with a clear message.
+    One file that cannot be read never hides the others: it becomes an error row.
     """
+    check_lycoris_rank(lycoris_rank)
     tree: ModuleTree | None = module_tree(base) if base else None
     adapters: dict[str, LoraAdapter] = {}
     infos: list[AdapterInfo] = []
     for path in expand_paths(paths):
         try:
             adapter = load_adapter(path, tree, lycoris_rank=lycoris_rank)
+            info = describe(path, adapter)
         except StudioError as error:
             infos.append(AdapterInfo(path=str(path), name=path.stem, error=str(error), size=_size(path)))
             continue
-        info = describe(path, adapter)
+        except (ValueError, TypeError, IndexError, KeyError, RuntimeError, RecursionError, OverflowError) as error:
+            # A reader bug must not hide the rest of the folder; it is reported as what it is.
+            infos.append(AdapterInfo(path=str(path), name=path.stem, size=_size(path),
+                                     error=f"{path}: could not be read (unexpected {type(error).__name__}: {error}); please report this file"))
+            continue
         if adapter.name in adapters:
             info.error = f"{path}: duplicate adapter name {adapter.name!r} (already loaded from another file); skipped"
         else:

@@ -13,7 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("STUDIO_CACHE_DIR", tempfile.mkdtemp(prefix="studio-test-cache-"))  # folder trees: not ~/.cache
 
-SHARED_LORAS = Path(__file__).resolve().parents[1].parent / "shared" / "loras"
+# /work/main/tests -> /work/shared; a worktree (/work/wt/NAME/tests) finds the same folder higher up.
+SHARED_LORAS = next(
+    (p / "shared" / "loras" for p in Path(__file__).resolve().parents[1:] if (p / "shared" / "loras").is_dir()),
+    Path(__file__).resolve().parents[1].parent / "shared" / "loras",
+)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,15 +4,23 @@
     Negative prompt: blurry
     Steps: 25, Sampler: DDIM, CFG scale: 4, Seed: 0, Size: 64x64, Model: world
 
-Adapters are written as ``<lora:NAME:WEIGHT>`` tags after the prompt, as A1111 does. Values that
-hold a comma, colon or quote are written JSON-quoted (as A1111 does) so they read back intact.
+Adapters are written as ``<lora:NAME:WEIGHT>`` tags after the prompt, as A1111 does, weights at
+full precision (``repr`` of the float). Values that hold a comma, colon or quote are written
+JSON-quoted (as A1111 does) so they read back intact.
+
+A1111's own format is ambiguous (it does not escape): a prompt line starting with "Negative
+prompt:", a literal ``<lora:...>`` tag inside the prompt, a name holding ``:`` or ``>``, or
+surrounding whitespace cannot be told apart from the structure. When the plain text would not
+read back exactly, the parameters line also carries ``Studio: {...}``, the exact parameters as
+JSON, which ``parse_parameters`` prefers; A1111 shows it as one more field.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 from studio.errors import FormatError
@@ -21,6 +29,7 @@ PNG_KEY = "parameters"
 LORA_TAG = re.compile(r"\s*<lora:([^:>]+):([^>]+)>")
 FIELD = re.compile(r'\s*([\w][\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 FIXED = ("Steps", "Sampler", "CFG scale", "Seed", "Size", "Model")
+EXACT_FIELD = "Studio"
 
 
 @dataclass
@@ -40,7 +49,17 @@ class ImageParameters:
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_text(self) -> str:
-        """The A1111-style ``parameters`` text."""
+        """The A1111-style ``parameters`` text (plus the exact ``Studio`` field when it is ambiguous)."""
+        plain = self._a1111_text()
+        try:
+            if EXACT_FIELD not in self.extra and _parse_plain(plain) == self:
+                return plain
+        except FormatError:
+            pass
+        exact = json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+        return f"{plain}, {EXACT_FIELD}: {json.dumps(exact, ensure_ascii=False)}"
+
+    def _a1111_text(self) -> str:
         tags = "".join(f" <lora:{name}:{_number(weight)}>" for name, weight in self.adapters)
         lines = [self.prompt + tags]
         if self.negative_prompt:
@@ -54,7 +73,9 @@ class ImageParameters:
 
 
 def _number(value: float) -> str:
-    return f"{value:g}" if float(value) != int(value) else str(int(value))
+    """Full precision: an integral value as an integer, any other as Python's shortest exact repr."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
 
 
 def _quoted(value: str) -> str:
@@ -63,20 +84,66 @@ def _quoted(value: str) -> str:
 
 def _unquoted(value: str) -> str:
     value = value.strip()
-    return json.loads(value) if value.startswith('"') and value.endswith('"') and len(value) > 1 else value
+    if not (value.startswith('"') and value.endswith('"') and len(value) > 1):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as error:
+        raise FormatError(f"PNG parameters: quoted value {value[:40]!r} could not be read: {error}") from error
 
 
 def parse_parameters(text: str) -> ImageParameters:
-    """Read an A1111-style ``parameters`` text back (the inverse of ``to_text``)."""
+    """Read an A1111-style ``parameters`` text back (the inverse of ``to_text``).
+
+    The exact ``Studio`` field wins when present; otherwise the text is read as A1111 writes it
+    (every ``<lora:NAME:WEIGHT>`` tag in the prompt is an adapter).
+    """
+    _, fields = _split(text)
+    if EXACT_FIELD in fields:
+        return _from_exact(fields[EXACT_FIELD])
+    return _parse_plain(text)
+
+
+def _from_exact(raw: str) -> ImageParameters:
+    try:
+        fields = json.loads(raw)
+        if not isinstance(fields, dict) or set(fields) != {f.name for f in dataclass_fields(ImageParameters)}:
+            raise ValueError("not the parameters object")
+        fields["adapters"] = [(str(name), float(weight)) for name, weight in fields["adapters"]]
+        params = ImageParameters(**fields)
+    except (ValueError, TypeError, RecursionError) as error:
+        raise FormatError(f"PNG parameters: the {EXACT_FIELD!r} field could not be read: {error}") from error
+    _check_types(params)
+    return params
+
+
+def _check_types(params: ImageParameters) -> None:
+    kinds = {"prompt": str, "negative_prompt": str, "steps": int, "sampler": str, "cfg_scale": (int, float), "seed": int,
+             "width": int, "height": int, "model": str, "extra": dict}
+    for name, kind in kinds.items():
+        value = getattr(params, name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise FormatError(f"PNG parameters: {name} is {value!r}, expected {getattr(kind, '__name__', 'a number')}")
+    params.cfg_scale = float(params.cfg_scale)
+
+
+def _split(text: str) -> tuple[list[str], dict[str, str]]:
+    """The prompt lines and the fields of the last ``Steps: ...`` line."""
     lines = text.rstrip("\n").split("\n")
     fields: dict[str, str] = {}
     if lines and re.match(r"\s*Steps:", lines[-1]):
         fields = {key.strip(): _unquoted(value) for key, value in FIELD.findall(lines.pop())}
+    return lines, fields
+
+
+def _parse_plain(text: str) -> ImageParameters:
+    """The A1111 reading of a ``parameters`` text (the exact field, if any, is left in ``extra``)."""
+    lines, fields = _split(text)
     negative_at = next((i for i, line in enumerate(lines) if line.startswith("Negative prompt:")), len(lines))
     prompt_text = "\n".join(lines[:negative_at])
     negative = "\n".join(lines[negative_at:])[len("Negative prompt:"):].strip() if negative_at < len(lines) else ""
-    adapters = [(name, float(weight)) for name, weight in LORA_TAG.findall(prompt_text)]
     try:
+        adapters = [(name, float(weight)) for name, weight in LORA_TAG.findall(prompt_text)]
         width, height = (int(v) for v in fields.get("Size", "512x512").split("x"))
         params = ImageParameters(
             prompt=LORA_TAG.sub("", prompt_text), negative_prompt=negative, steps=int(fields.get("Steps", 25)),

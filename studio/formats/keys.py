@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from types import SimpleNamespace
 from typing import Literal
 
 from studio.bases import ModuleTree
 from studio.errors import FormatError, UnsupportedVariantError
+from studio.formats.sgm import sgm_path, sgm_table
 
 FileFormat = Literal["kohya", "diffusers", "diffusers-old", "peft"]
 
@@ -133,7 +133,7 @@ def file_module_name(module: str) -> str:
     component, _, path = module.partition(".")
     if component.startswith("text_encoder") and path.startswith(CLIP_ROOTS):  # not T5 (encoder.block...)
         return f"{component}.text_model.{path}"
-    return module
+    return module  # text_projection sits beside text_model, not inside it
 
 
 def file_names(tree: ModuleTree) -> dict[str, str]:
@@ -144,36 +144,31 @@ def file_names(tree: ModuleTree) -> dict[str, str]:
 
 
 def kohya_table(tree: ModuleTree) -> dict[str, str]:
-    """kohya stem -> module name, derived from the tree (both lora_te and lora_te1 accepted)."""
+    """kohya stem -> module name, derived from the tree.
+
+    Both ``lora_te`` and ``lora_te1`` are accepted, and UNet modules under their diffusers names
+    and their original SGM names (kohya's SDXL files, A1111-style compvis names).
+    """
     has_second = "text_encoder_2" in tree.components
     table = {}
     for file_name, module in file_names(tree).items():
         table[kohya_name(file_name, has_second)] = module
         if file_name.startswith("text_encoder."):
             table[kohya_name(file_name, not has_second)] = module
+    unet = [m.removeprefix("unet.") for m in tree.modules if m.startswith("unet.")]
+    for path, sgm in sgm_table(unet, tree.unet_config).items():
+        table.setdefault(f"lora_unet_{sgm.replace('.', '_')}", f"unet.{path}")
     return table
 
 
-def _sgm_to_diffusers(stems: list[str], tree: ModuleTree) -> dict[str, str]:
-    """Map SDXL kohya stems in original (SGM) block naming to diffusers block naming."""
-    unet_stems = [s for s in stems if s.startswith("lora_unet_")]
-    if not any(p in s for s in unet_stems for p in ("input_blocks", "middle_block", "output_blocks")):
-        return {}
-    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers  # only for SGM names
-    config = SimpleNamespace(layers_per_block=tree.unet_config.get("layers_per_block", 2))
-    tagged = {f"{stem}.tag": stem for stem in unet_stems}
-    try:
-        remapped = _maybe_map_sgm_blocks_to_diffusers(dict(tagged), config)
-    except (ValueError, IndexError) as error:
-        raise FormatError(f"SGM block names could not be mapped: {error}") from error
-    renames = (("input_blocks", "down_blocks"), ("middle_block", "mid_block"), ("output_blocks", "up_blocks"))
-    mapped = {}
-    for key, stem in remapped.items():
-        key = key.removesuffix(".tag")
-        for old, new in renames:
-            key = key.replace(f"_{old}_", f"_{new}_")
-        mapped[stem] = key
-    return mapped
+def kohya_stem(module: str, has_second_encoder: bool, unet_config: dict | None = None) -> str:
+    """The stem kohya writes for a module: SGM names for the UNet when ``unet_config`` is given (SDXL)."""
+    component, _, path = module.partition(".")
+    if component == "unet" and unet_config is not None:
+        sgm = sgm_path(path, unet_config)
+        if sgm is not None:
+            return f"lora_unet_{sgm.replace('.', '_')}"
+    return kohya_name(file_module_name(module), has_second_encoder)
 
 
 def resolve_stems(fmt: FileFormat, stems: list[str], tree: ModuleTree) -> dict[str, str]:
@@ -182,10 +177,9 @@ def resolve_stems(fmt: FileFormat, stems: list[str], tree: ModuleTree) -> dict[s
         names = file_names(tree)
         return {stem: names[stem] for stem in stems if stem in names}
     table = kohya_table(tree)
-    sgm = _sgm_to_diffusers(stems, tree)
     resolved = {}
     for stem in stems:
-        candidate = sgm.get(stem, stem)
+        candidate = stem
         if candidate not in table:  # hand-made files repeat the component: lora_unet_unet_...
             candidate = re.sub(r"^(lora_unet)_unet_", r"\1_", candidate)
         if candidate in table:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,12 +10,15 @@ from torch import Tensor
 
 from studio.adapters.lora import LoraAdapter, LoraLayer
 from studio.bases import ARCHITECTURES, ModuleTree, architecture_tree, module_tree
-from studio.errors import BaseNotFoundError, FormatError, KeyMismatchError, UnsupportedVariantError
+from studio.errors import BaseNotFoundError, FormatError, KeyMismatchError, StudioError, UnsupportedVariantError
 from studio.formats import keys as keyschemes
 from studio.formats import lycoris, transformer_files
+from studio.formats.configs import AdapterConfig, component_configs
 from studio.formats.safe import non_finite, safe_load
 
-FORMAT_ONLY_METADATA = ("format", "lora_adapter_metadata")
+FORMAT_ONLY_METADATA = ("format", "lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+LYCORIS_TARGET = 0.01  # LoHa / LoKr -> LoRA: smallest rank whose relative error is at most 1% ...
+LYCORIS_MAX_RANK = 256  # ... but never above this rank
 SOURCE_FORMATS = {"loha": "lycoris-loha", "lokr": "lycoris-lokr"}
 
 
@@ -62,32 +64,42 @@ def _raw_layers(path: Path, fmt: str, tensors: dict[str, Tensor]) -> dict[str, R
         variant = lycoris.variant_of(set(named))
         if variant.startswith("refused:"):
             raise UnsupportedVariantError(f"{path}: layer {stem!r} is {variant.removeprefix('refused:')}; not imported")
-        layers[stem] = _shaped(path, RawLayer(stem, variant, named))
+        try:
+            layers[stem] = _shaped(RawLayer(stem, variant, named))
+        except FormatError as error:  # the shape checks name the tensor; the file and layer are added here
+            raise type(error)(f"{path}: {variant} layer {stem!r}: {error}") from error
     return layers
 
 
-def _shaped(path: Path, layer: RawLayer) -> RawLayer:
-    """Fill in the layer's (out, in_flat), checking that its factors fit each other."""
+def _check_alpha(parts: dict[str, Tensor]) -> None:
+    alpha = parts.get("alpha")
+    if alpha is not None and alpha.numel() != 1:
+        raise FormatError(f"alpha has shape {tuple(alpha.shape)}, expected a scalar")
+
+
+def _shaped(layer: RawLayer) -> RawLayer:
+    """Fill in the layer's (out, in_flat) from shapes alone, checking that its factors fit each other.
+
+    Nothing is multiplied here: LyCORIS layers are materialised only once they are placed on a
+    module whose weight has the same shape (so dW is never larger than that weight).
+    """
     parts = layer.parts
-    if layer.variant == "lora":
-        if "down" not in parts or "up" not in parts:
-            missing = "up" if "down" in parts else "down"
-            raise FormatError(f"{path}: layer {layer.stem!r} has no {missing} weight")
-        down, up = parts["down"], parts["up"]
-        if down.dim() not in (2, 4) or up.dim() not in (2, 4) or down.shape[0] != up.shape[1]:
-            raise FormatError(
-                f"{path}: layer {layer.stem!r}: down {tuple(down.shape)} and up {tuple(up.shape)} do not fit "
-                "(rank mismatch or wrong dimensions)"
-            )
-        layer.out_features, layer.in_features = int(up.shape[0]), int(down[0].numel())
+    _check_alpha(parts)
+    if layer.variant != "lora":
+        layer.out_features, layer.in_features = lycoris.dense_shape(layer.variant, parts)
         return layer
-    try:
-        layer.dense = lycoris.materialise(layer.variant, parts)
-    except KeyError as error:
-        raise FormatError(f"{path}: {layer.variant} layer {layer.stem!r} lacks tensor {error}") from error
-    except RuntimeError as error:
-        raise FormatError(f"{path}: {layer.variant} layer {layer.stem!r}: factors do not fit ({error})") from error
-    layer.out_features, layer.in_features = int(layer.dense[0].shape[0]), int(layer.dense[1].shape[1])
+    if "down" not in parts or "up" not in parts:
+        raise FormatError(f"has no {'up' if 'down' in parts else 'down'} weight")
+    down, up = parts["down"], parts["up"]
+    if not down.is_floating_point() or not up.is_floating_point():
+        raise FormatError(f"down ({down.dtype}) and up ({up.dtype}) must be floating-point tensors")
+    if down.dim() not in (2, 4) or up.dim() not in (2, 4) or down.shape[0] != up.shape[1]:
+        raise FormatError(f"down {tuple(down.shape)} and up {tuple(up.shape)} do not fit (rank mismatch or wrong dimensions)")
+    if down.shape[0] == 0 or down.numel() == 0 or up.numel() == 0:
+        raise FormatError(f"down {tuple(down.shape)} / up {tuple(up.shape)}: rank 0 or an empty factor")
+    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+        raise FormatError(f"conv up {tuple(up.shape)} must be 1x1")
+    layer.out_features, layer.in_features = int(up.shape[0]), int(down[0].numel())
     return layer
 
 
@@ -137,46 +149,48 @@ def _check_fit(path: Path, fmt: str, layers: dict[str, RawLayer], chosen: Fit, e
     )
 
 
-def _diffusers_alphas(metadata: dict[str, str]) -> dict[str, dict]:
-    """Per-component LoraConfig fields from diffusers' ``lora_adapter_metadata`` header entry."""
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return {}
-    try:
-        packed = json.loads(raw)
-    except json.JSONDecodeError:
-        return {}
-    per_component: dict[str, dict] = {}
-    for key, value in packed.items():
-        component, _, field_name = key.partition(".")
-        per_component.setdefault(component, {})[field_name] = value
-    return per_component
+def _kohya_alpha(layer: RawLayer, rank: int) -> tuple[float, str]:
+    """kohya / LyCORIS rule: alpha from the file; missing or 0 means alpha = rank (scale 1)."""
+    if "alpha" not in layer.parts:
+        return float(rank), "rank-default"
+    alpha = float(layer.parts["alpha"].double())
+    if alpha == 0:
+        return float(rank), "rank-default"
+    return alpha, "file"
 
 
-def _alpha_for(module: str, rank: int, parts: dict[str, Tensor], configs: dict[str, dict]) -> tuple[float, str]:
-    if "alpha" in parts:
-        alpha = parts["alpha"]
-        if alpha.numel() != 1:
-            raise FormatError(f"alpha of {module} has shape {tuple(alpha.shape)}, expected a scalar")
-        return float(alpha.double()), "file"
-    component, _, path = module.partition(".")
-    config = configs.get(component)
-    if config:
-        for pattern, value in (config.get("alpha_pattern") or {}).items():
-            if path == pattern or path.endswith("." + pattern):
-                return float(value), "file"
-        if "lora_alpha" in config:
-            return float(config["lora_alpha"]), "file"
-    return float(rank), "rank-default"
-
-
-def _build_layer(layer: RawLayer, module: str, configs: dict, lycoris_rank: int) -> tuple[LoraLayer, float | None]:
+def _build_layer(layer: RawLayer, module: str, tree: ModuleTree, configs: dict[str, AdapterConfig],
+                 lycoris_rank: int | None) -> tuple[LoraLayer, float | None]:
+    """The in-memory layer of one placed file layer, and the truncation error of a LyCORIS one."""
     if layer.variant == "lora":
         rank = int(layer.parts["down"].shape[0])
-        alpha, source = _alpha_for(module, rank, layer.parts, configs)
-        return LoraLayer(layer.parts["down"], layer.parts["up"], alpha, source), None
-    down, up, error = lycoris.truncate(layer.dense, lycoris_rank)
-    return LoraLayer(down, up, float(down.shape[0]), "file"), error
+        config = configs.get(module.partition(".")[0])
+        if config is not None and "alpha" not in layer.parts:
+            alpha, source = config.alpha_for(module, rank), "file"
+        else:
+            alpha, source = _kohya_alpha(layer, rank)
+        down, up = _conv_shaped(layer.parts["down"], layer.parts["up"], tree.modules[module].weight_shape)
+        return LoraLayer(down, up, alpha, source), None
+    factors = lycoris.materialise(layer.variant, layer.parts)
+    down, up, error = lycoris.truncate(factors, lycoris_rank, LYCORIS_TARGET, LYCORIS_MAX_RANK)
+    down, up = _conv_shaped(down, up, tree.modules[module].weight_shape)
+    return LoraLayer(down.contiguous(), up.contiguous(), float(down.shape[0]), "file"), error
+
+
+def _conv_shaped(down: Tensor, up: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Conv factors in the 4-D shapes kohya and diffusers load: down (r, in, kh, kw), up (out, r, 1, 1)."""
+    if len(shape) != 4:
+        return down, up
+    return down.reshape(down.shape[0], *shape[1:]), up.reshape(up.shape[0], up.shape[1], 1, 1)
+
+
+def check_lycoris_rank(lycoris_rank: int | None) -> None:
+    """``None`` picks the rank per layer by the error target; a given rank must be a positive integer."""
+    if lycoris_rank is None:
+        return
+    if isinstance(lycoris_rank, bool) or not isinstance(lycoris_rank, int) or lycoris_rank < 1:
+        raise StudioError(f"lycoris_rank must be a positive integer (or left out to pick the rank by a "
+                          f"{LYCORIS_TARGET:.0%} error target), not {lycoris_rank!r}")
 
 
 def load_adapter(
@@ -184,7 +198,7 @@ def load_adapter(
     base: str | ModuleTree | None = None,
     *,
     name: str | None = None,
-    lycoris_rank: int = 16,
+    lycoris_rank: int | None = None,
 ) -> LoraAdapter:
     """Read a LoRA file (kohya / A1111 / ComfyUI, diffusers, peft, LyCORIS LoHa / LoKr).
 
@@ -192,7 +206,10 @@ def load_adapter(
     the best-fitting known tree is used and named in ``adapter.base_arch``. Layers matching no
     module are skipped and listed in ``adapter.notes``; a file that fits no module, or whose
     names fit with wrong shapes (a LoRA for another base), is refused with a KeyMismatchError.
+    LoHa / LoKr layers become LoRA layers of ``lycoris_rank``, or (``None``) of the smallest
+    rank reaching a 1% relative error per layer (at most 256); the error is stated in the notes.
     """
+    check_lycoris_rank(lycoris_rank)
     path = Path(path)
     tensors, metadata = safe_load(path)
     flagged = non_finite(tensors)
@@ -209,12 +226,16 @@ def load_adapter(
     return transformer_files.finish(adapter, translated)
 
 
-def _assemble(path: Path, fmt: str, layers: dict[str, RawLayer], chosen: Fit, metadata: dict[str, str], name: str | None, lycoris_rank: int) -> LoraAdapter:
-    configs = _diffusers_alphas(metadata)
+def _assemble(path: Path, fmt: str, layers: dict[str, RawLayer], chosen: Fit, metadata: dict[str, str], name: str | None,
+              lycoris_rank: int | None) -> LoraAdapter:
+    configs, config_notes = component_configs(path, fmt, metadata)
     lora_layers: dict[str, LoraLayer] = {}
     errors: dict[str, float] = {}
     for stem, module in chosen.placed.items():
-        lora_layers[module], error = _build_layer(layers[stem], module, configs, lycoris_rank)
+        try:
+            lora_layers[module], error = _build_layer(layers[stem], module, chosen.tree, configs, lycoris_rank)
+        except FormatError as error:
+            raise type(error)(f"{path}: layer {stem!r}: {error}") from error
         if error is not None:
             errors[module] = error
     variants = {layers[stem].variant for stem in chosen.placed}
@@ -226,22 +247,38 @@ def _assemble(path: Path, fmt: str, layers: dict[str, RawLayer], chosen: Fit, me
         source_format=source,
         base_arch=chosen.tree.arch,
     )
+    adapter.notes.extend(config_notes)
     adapter.notes.extend(_notes(fmt, layers, chosen, lora_layers, errors, lycoris_rank))
     return adapter
 
 
-def _notes(fmt, layers, chosen: Fit, lora_layers: dict[str, LoraLayer], errors: dict[str, float], lycoris_rank: int) -> list[str]:
+def _notes(fmt, layers, chosen: Fit, lora_layers: dict[str, LoraLayer], errors: dict[str, float], lycoris_rank: int | None) -> list[str]:
     notes = []
-    defaulted = [m for m, layer in lora_layers.items() if layer.alpha_source == "rank-default"]
-    if defaulted and fmt == "kohya":
-        notes.append(f"alpha missing in {len(defaulted)} layers: alpha = rank (scale 1) assumed")
-    zero = [m for m, layer in lora_layers.items() if layer.alpha == 0]
+    placed = {module: layers[stem] for stem, module in chosen.placed.items()}
+    missing = [m for m, raw in placed.items() if raw.variant == "lora" and lora_layers[m].alpha_source == "rank-default" and "alpha" not in raw.parts]
+    zero = [m for m, raw in placed.items() if "alpha" in raw.parts and float(raw.parts["alpha"].double()) == 0]
+    if missing:
+        who = "as kohya does" if fmt == "kohya" else "as diffusers' loader does"
+        notes.append(f"alpha missing in {len(missing)} layers: alpha = rank (scale 1) assumed, {who}")
     if zero:
-        notes.append(f"alpha is 0 in {len(zero)} layers: they have no effect")
+        notes.append(f"alpha is 0 in {len(zero)} layers: alpha = rank (scale 1) taken, as kohya and LyCORIS do "
+                     "(ComfyUI and A1111 would apply these layers with scale 0)")
     if chosen.unplaced:
         notes.append(f"{len(chosen.unplaced)} layers match no module of {chosen.tree.label} and were skipped: {chosen.unplaced[:5]}")
     if errors:
-        worst = max(errors.values())
-        mean = sum(errors.values()) / len(errors)
-        notes.append(f"LyCORIS layers materialised and truncated to rank {lycoris_rank}: relative error mean {mean:.2e}, max {worst:.2e}")
+        notes.append(lycoris_note(errors, lora_layers, lycoris_rank))
     return notes
+
+
+def lycoris_note(errors: dict[str, float], lora_layers: dict[str, LoraLayer], lycoris_rank: int | None) -> str:
+    """What converting LoHa / LoKr layers to LoRA cost: ranks and relative errors; a warning above 1%."""
+    worst = max(errors.values())
+    mean = sum(errors.values()) / len(errors)
+    ranks = sorted({lora_layers[m].rank for m in errors})
+    how = f"truncated to rank {lycoris_rank}" if lycoris_rank else (
+        f"converted at the smallest rank reaching a {LYCORIS_TARGET:.0%} error (at most {LYCORIS_MAX_RANK})")
+    rank_text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    text = f"LyCORIS layers materialised and {how}, {rank_text}: relative error mean {mean:.2e}, max {worst:.2e}"
+    if worst > LYCORIS_TARGET:
+        return f"warning: {text}; above {LYCORIS_TARGET:.0%}: the LoRA differs from the LyCORIS file (raise the rank)"
+    return text

@@ -20,6 +20,7 @@ from studio.errors import FormatError, UnsafeFileError
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_TENSORS = 50_000
 MAX_TENSOR_ELEMENTS = 2**31
+MAX_DIMS = 8
 MAX_METADATA_VALUE_CHARS = 2_000  # shown truncated; the full value is kept for export
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 DTYPE_BYTES = {
@@ -62,17 +63,41 @@ def _parse_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
             raise FormatError(f"{path}: header length {header_len} is larger than the file ({size} bytes); truncated or not safetensors")
         handle.seek(8)
         raw = handle.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise FormatError(f"{path}: invalid header JSON ({error}); not a safetensors file") from error
-    if not isinstance(header, dict):
-        raise FormatError(f"{path}: header is not a JSON object")
+    header = _json_object(path, raw)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise FormatError(f"{path}: __metadata__ is not an object")
     _check_entries(path, header, size - 8 - header_len)
-    return header, {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}, 8 + header_len
+    return header, _metadata_strings(path, metadata), 8 + header_len
+
+
+def _json_object(path: Path, raw: bytes) -> dict:
+    """The header as a JSON object; NaN / Infinity, deep nesting and bad bytes are format errors."""
+    def refuse_constant(name: str):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        header = json.loads(raw, parse_constant=refuse_constant)
+    except (UnicodeDecodeError, ValueError) as error:  # JSONDecodeError is a ValueError
+        raise FormatError(f"{path}: invalid header JSON ({error}); not a safetensors file") from error
+    except RecursionError as error:
+        raise FormatError(f"{path}: header JSON is nested too deeply; not a safetensors file") from error
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: header is not a JSON object")
+    return header
+
+
+def _metadata_strings(path: Path, metadata: dict) -> dict[str, str]:
+    """Metadata values as strings (safetensors metadata should be strings; others are kept as JSON)."""
+    try:
+        return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    except RecursionError as error:
+        raise FormatError(f"{path}: __metadata__ is nested too deeply") from error
+
+
+def _is_count(value) -> bool:
+    """A non-negative JSON integer (``true`` and ``1.0`` are not)."""
+    return type(value) is int and value >= 0
 
 
 def _check_entries(path: Path, header: dict, data_bytes: int) -> None:
@@ -82,14 +107,15 @@ def _check_entries(path: Path, header: dict, data_bytes: int) -> None:
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise FormatError(f"{path}: tensor {key!r} has a malformed header entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPE_BYTES:
-            raise FormatError(f"{path}: tensor {key!r} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d for d in shape):
-            raise FormatError(f"{path}: tensor {key!r} has an invalid shape {shape!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            raise FormatError(f"{path}: tensor {key!r} has unknown dtype {str(dtype)[:40]!r}")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(d) for d in shape):
+            raise FormatError(f"{path}: tensor {key!r} has an invalid shape {str(shape)[:80]}")
         elements = math.prod(shape)
         if elements > MAX_TENSOR_ELEMENTS:
             raise FormatError(f"{path}: tensor {key!r} of shape {shape} has {elements} elements, over the cap")
-        begin, end = offsets if isinstance(offsets, list) and len(offsets) == 2 else (-1, -1)
+        valid = isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+        begin, end = offsets if valid else (-1, -1)
         if not (0 <= begin <= end <= data_bytes) or end - begin != elements * DTYPE_BYTES[dtype]:
             raise FormatError(f"{path}: tensor {key!r} byte range {offsets} does not fit its shape or the file (truncated?)")
 
@@ -126,7 +152,7 @@ def safe_load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Keys of floating tensors holding NaN or inf (fp16 overflow shows up as inf)."""
-    return [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    return [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value.float()).all()]
 
 
 def shown_metadata(metadata: dict[str, str], limit: int = MAX_METADATA_VALUE_CHARS) -> dict[str, str]:
