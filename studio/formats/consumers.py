@@ -306,15 +306,15 @@ def a1111_reads(tensors: dict[str, Tensor], tree: ModuleTree) -> Reading:
 
 def _meta_components(tree: ModuleTree) -> dict[str, torch.nn.Module]:
     """Weightless UNet and text encoders of the tree's architecture (sd15 / sd2 / sdxl)."""
-    from studio.bases import ARCHITECTURES, _arch_config, _text_encoder_on_meta, _unet_on_meta
+    from studio.bases.meta import arch_config, denoiser_on_meta, text_encoder_on_meta
 
-    if tree.arch not in ARCHITECTURES:
+    if tree.arch not in ("sd15", "sd2", "sdxl"):
         raise ValueError(f"the diffusers reading is modelled on sd15 / sd2 / sdxl trees, not {tree.arch!r}")
-    config = _arch_config(tree.arch)
-    components = {"unet": _unet_on_meta(config["unet"])}
+    config = arch_config(tree.arch)
+    components = {"unet": denoiser_on_meta(config["unet"])}
     for name in ("text_encoder", "text_encoder_2"):
         if name in config:
-            components[name] = _text_encoder_on_meta(config[name])
+            components[name] = text_encoder_on_meta(config[name])
     for model in components.values():
         _hollow(model)
     return components

@@ -32,7 +32,6 @@ from studio.formats import save_adapter
 from studio.train.export import to_lora
 
 Status = Literal["done", "stopped", "diverged"]
-EXPORT_ERROR_WARNING = 0.01  # an export further than 1% from the trained adapter is a warning
 DATASET_FILE = "dataset.json"
 BEST_DIR = "best"
 DIVERGENCE_PATIENCE = 2  # validations in a row above divergence_factor x the start
@@ -330,12 +329,7 @@ class _Runner:
         path = self.out / f"{config.run_name}.lora.safetensors"
         save_adapter(export.adapter, path, format=config.export_format)
         self.result.lora_path = path
-        if export.exact:
-            yield Message(f"exported as a standard {config.export_format} LoRA, exactly")
-        else:
-            level = "warning" if export.relative_error > EXPORT_ERROR_WARNING else "info"
-            yield Message(f"exported as a standard {config.export_format} LoRA by truncated SVD at rank {config.export_rank or 16}: "
-                          f"relative error {export.relative_error:.2%} (the native adapter.safetensors is exact)", level)
+        yield export.message(f"a standard {config.export_format} LoRA")
         yield Saved(path, "lora")
 
 

@@ -62,7 +62,7 @@ def test_train_a_few_steps_joins_the_collection(client):
     folder, preview = client.predict("noir", 8, api_name="/style_dataset")
     assert folder == "datasets/world-noir" and len(preview) == 8
     knobs, learning_rate = client.predict("lora", api_name="/family_defaults")
-    assert json.loads(knobs)["rank"] == 4 and learning_rate == pytest.approx(1e-3)
+    assert json.loads(knobs)["rank"] == 8 and learning_rate == pytest.approx(1e-3)
     status, plot, samples, result = client.predict(
         "noir-lora", folder, "lora", knobs, 3, 1e-3, 2, "", 3, "noirish style, a red circle", 0, api_name="/train")
     assert result["status"] == "done" and result["steps"] == 3

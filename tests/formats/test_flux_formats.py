@@ -219,5 +219,7 @@ def test_metadata_alpha_is_what_diffusers_reads(tmp_path, tiny_flux_dir):
     from studio.formats.safe import read_header
 
     _, metadata = read_header(tmp_path / "d.safetensors")
-    config = json.loads(metadata["lora_adapter_metadata"])
-    assert config["transformer.r"] == 4 and config["transformer.lora_alpha"] == 2.0
+    config = json.loads(metadata["lora_adapter_metadata"])  # the scale alpha / r = 0.5 is baked into lora_B
+    assert config["transformer.r"] == 4 and config["transformer.lora_alpha"] == 4.0
+    again = load_adapter(tmp_path / "d.safetensors", str(tiny_flux_dir))
+    assert all(torch.allclose(again.delta(m), adapter.delta(m), atol=1e-6) for m in adapter.lora_layers)
