@@ -29,6 +29,9 @@ from studio.bases import ModuleTree
 from studio.errors import ConfigError
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# Families whose builder lives outside their (pure torch) module because it opens a file another
+# room reads: "module:function", imported when the family is looked up.
+BUILDERS = {"eigenlora": "studio.subspace.training:build"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ def families() -> dict[str, Family]:
         name = getattr(module, "FAMILY", None)
         config_class = getattr(module, "Config", None)
         build = getattr(module, "build", None)
+        if build is None and name in BUILDERS:
+            where, _, function = BUILDERS[name].partition(":")
+            build = getattr(importlib.import_module(where), function)
         if isinstance(name, str) and dataclasses.is_dataclass(config_class) and callable(build):
             found[name] = Family(name, config_class, build, module)
     return found
