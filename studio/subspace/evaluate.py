@@ -11,8 +11,10 @@ r x K products only (no out x in matrix):
   covers every direction of the sums (m = rank), a Rayleigh-Ritz estimate otherwise;
 - the singular values of dW (squared row norms of the balanced A), for the per-adapter SVD baseline;
 - on covariance-route layers, a tensor sketch of dW (CountSketch on both sides, `SKETCH_SIDE`^2
-  numbers, summed over layers) whose dot products estimate <dW_i, dW_j> without unbiased-ness loss.
-Residuals use ||dW - dW_hat||^2 = tr((B^T B - beta^T beta) A A^T) + tr(beta^T beta (A A^T - alpha alpha^T)).
+  numbers, summed over layers) whose dot products are unbiased estimates of <dW_i, dW_j>.
+Residuals use ||dW - dW_hat||^2 = ||(B - B_hat) A||^2 + ||B_hat (A - A_hat)||^2 (the cross term vanishes
+for orthonormal components), from the residual factors for the stored components and, for the
+float64-orthonormal leave-one-out and random ones, as tr((B^T B - beta^T beta) A A^T) + tr(beta^T beta (A A^T - alpha alpha^T)).
 """
 
 from __future__ import annotations
@@ -183,6 +185,15 @@ def _parts(gram_a: Tensor, gram_b: Tensor, alpha: Tensor, beta: Tensor) -> tuple
     return residual.clamp_min(0.0), (gram_b * gram_a).sum((-2, -1))
 
 
+def _explicit_parts(a: Tensor, b: Tensor, gram_a: Tensor, down: Tensor, up: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """`_parts` from the residual factors A - alpha V and B - U beta themselves: the stored float32
+    components are orthonormal to ~1e-7 only, and a trace difference would lose small errors to that."""
+    residual_a, fitted_b = a - alpha @ down, up @ beta
+    residual_b = b - fitted_b
+    residual = ((residual_b.mT @ residual_b) * gram_a).sum((-2, -1)) + ((fitted_b.mT @ fitted_b) * (residual_a @ residual_a.mT)).sum((-2, -1))
+    return residual, ((b.mT @ b) * gram_a).sum((-2, -1))
+
+
 def _project_group(members: list, plans: dict[str, LayerPlan], numbers: dict[int, AdapterNumbers], device: torch.device) -> None:
     a, b = _stack(members, device)
     layer_plans_ = [plans[m[1]] for m in members]
@@ -190,7 +201,7 @@ def _project_group(members: list, plans: dict[str, LayerPlan], numbers: dict[int
     up = torch.stack([p.up for p in layer_plans_])
     gram_a, gram_b = a @ a.mT, b.mT @ b
     alpha, beta = a @ down.mT, up.mT @ b
-    residual, total = _parts(gram_a, gram_b, alpha, beta)
+    residual, total = _explicit_parts(a, b, gram_a, down, up, alpha, beta)
     random_down = torch.stack([p.random_down for p in layer_plans_])
     random_up = torch.stack([p.random_up for p in layer_plans_])
     random_residual, _ = _parts(gram_a, gram_b, a @ random_down.mT, random_up.mT @ b)

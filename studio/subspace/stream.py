@@ -33,7 +33,7 @@ from studio.subspace.distributed import all_gather_json, all_reduce_sum, barrier
 from studio.subspace.evaluate import SKETCH_SIDE, AdapterNumbers, LayerPlan, blocks, evaluate, layer_plans, loo_plan
 from studio.subspace.extract import LayerSubspace, SubspaceSpec, warn_clamped
 from studio.subspace.report import AdapterQuality, CollectionReport, build_report, mean_baseline, relative, similar_pairs, svd_baseline
-from studio.subspace.sources import AdapterSource, FileSource, check_bases, check_names, file_sources, prefetched
+from studio.subspace.sources import AdapterSource, check_bases, check_names, file_sources, prefetched
 from studio.subspace.spool import SpoolEntry, TensorSpool, write_spools
 from studio.subspace.statistics import CollectionStatistics, FittedLayer, canonical_layers, check_shape
 from studio.subspace.store import DEFAULT_BUDGET, FactorStore

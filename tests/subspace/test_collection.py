@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from studio.adapters.eigenlora import EigenLoraConfig
 from studio.errors import FormatError
-from studio.subspace import CompressedCollection, compress, export_from_collection
+from studio.subspace import CompressedCollection, compress_sources, export_from_collection, held_sources
+from studio.subspace.training import trainable_adapter
 from tests.subspace.synthetic import SHAPES, relative_delta_error, shared_collection
 
 LAYER = next(iter(SHAPES))
@@ -21,7 +22,7 @@ LAYER = next(iter(SHAPES))
 def saved(tmp_path):
     adapters = shared_collection(5, rank=4, true_k=8)
     path = tmp_path / "zoo.safetensors"
-    result = compress(adapters, k=6, base_id="sdxl-test", output=path)
+    result = compress_sources(held_sources(adapters), path, k=6, base_id="sdxl-test")
     return adapters, result, path
 
 
@@ -67,7 +68,7 @@ def test_unknown_adapter_name_is_a_clear_error(saved):
 def test_new_adapter_trains_only_loadings(saved):
     _, _, path = saved
     collection = CompressedCollection.load(path)
-    adapter = collection.new_adapter(EigenLoraConfig(str(path), k=4, augment=2, seed=3, rank=8))
+    adapter = trainable_adapter(collection, EigenLoraConfig(str(path), k=4, augment=2, seed=3, rank=8))
     layer = adapter.layer(LAYER)
     assert layer.alpha.shape == (8, 6) and layer.beta.shape == (6, 8)
     assert torch.equal(layer.down_components[:4], collection.layers[LAYER].down_components[:4])
