@@ -164,16 +164,21 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def verdict(overall: dict[str, float | None], count: int) -> tuple[str, bool | None]:
-    """One line saying whether the subspace carries shared structure, and the flag."""
-    loo, mean, rand, svd = overall["loo"], overall["mean"], overall["random"], overall["svd"]
+    """One line saying whether the subspace carries shared structure (leave-one-out against the
+    baselines), and for storage whether per-adapter SVD would do better; plus the flag."""
+    loo, mean, rand, svd, inside = overall["loo"], overall["mean"], overall["random"], overall["svd"], overall["in_sample"]
     if count < MIN_ADAPTERS or loo is None or mean is None:
         return f"too few adapters ({count}) to judge shared structure (leave-one-out needs {MIN_ADAPTERS} or more)", None
     numbers = f"LOO {loo:.2f} vs mean {mean:.2f} vs random {rand:.2f}"
     if loo <= STRUCTURE_RATIO * min(mean, rand):
         return f"this collection shares structure: {numbers}", True
+    if svd <= inside:
+        storage = f"use per-adapter SVD instead (error {svd:.2f} vs {inside:.2f} at the same bytes)"
+    else:
+        storage = f"for storage the collection still beats per-adapter SVD (error {inside:.2f} vs {svd:.2f} at the same bytes)"
     if mean <= STRUCTURE_RATIO * rand:
-        return f"no structure beyond the mean adapter: {numbers}; use per-adapter SVD instead (error {svd:.2f} at the same bytes)", False
-    return f"no shared structure: {numbers}; use per-adapter SVD instead (error {svd:.2f} at the same bytes)", False
+        return f"no structure beyond the mean adapter: {numbers}; {storage}", False
+    return f"no shared structure: {numbers}; {storage}", False
 
 
 def build_report(qualities: list[AdapterQuality], pairs: list[SimilarPair], loo_exact: bool, loo_note: str, products_exact: bool) -> CollectionReport:
