@@ -34,7 +34,8 @@ LOO_MAX_ADAPTERS = 64  # adapters leave-one-out is computed for, at most (evenly
 LOO_MIN_LAYERS = 8
 LOO_NOISE = 1e-10  # a downdated sum whose top eigenvalue is below this fraction of the full sum's is empty
 SKETCH_SIDE = 64  # tensor sketch of dW: SKETCH_SIDE x SKETCH_SIDE buckets per adapter
-BLOCK_BYTES = 64 << 20  # float64 factor bytes evaluated in one batch
+BLOCK_BYTES = 64 << 20  # float64 factor bytes evaluated in one batch ...
+BLOCK_ADAPTERS = 8  # ... and at most this many adapters (memory stays flat from a few adapters on)
 RANDOM_SEED = 0x5EED  # offsets of the per-layer seeds of the random baseline and the sketch hashes
 SKETCH_SEED = 0xC0DE
 
@@ -221,6 +222,8 @@ def _top_directions(energies: Tensor, matrix: Tensor, k: int, full_top: Tensor) 
     """Top-``k`` eigenvectors (G, m, k) of symmetric ``matrix`` (G, m, m); directions that are
     rounding noise (below `RANK_TOLERANCE` of the top, or all of them when the downdated sum is
     empty against the full sum's top ``full_top``) are zeroed."""
+    if matrix.shape[-1] == 0:  # the sums have no direction at all (an all-zero layer)
+        return matrix.new_zeros(matrix.shape[0], 0, k)
     values, vectors = batched_eigh(matrix)
     values, vectors = values.flip(-1)[:, :k], vectors.flip(-1)[:, :, :k]
     top = values[:, :1]
@@ -235,8 +238,8 @@ def _loo_group(members: list, plans: dict[str, LayerPlan], numbers: dict[int, Ad
     k = plans[members[0][1]].principal
     c_down = a @ q_down  # (G, r, m)
     c_up = q_up.mT @ b  # (G, m', r)
-    w_down = _top_directions(lam_down, torch.diag_embed(lam_down) - c_down.mT @ c_down, k, lam_down[:, 0])
-    w_up = _top_directions(lam_up, torch.diag_embed(lam_up) - c_up @ c_up.mT, k, lam_up[:, 0])
+    w_down = _top_directions(lam_down, torch.diag_embed(lam_down) - c_down.mT @ c_down, k, lam_down[:, :1].sum(1))
+    w_up = _top_directions(lam_up, torch.diag_embed(lam_up) - c_up @ c_up.mT, k, lam_up[:, :1].sum(1))
     residual, total = _parts(a @ a.mT, b.mT @ b, c_down @ w_down, w_up.mT @ c_up)
     values = torch.stack([residual, total]).cpu().tolist()
     for j, (index, _, _) in enumerate(members):
@@ -263,10 +266,11 @@ def _sketch_group(members: list, plans: dict[str, LayerPlan], numbers: dict[int,
 
 
 def blocks(count: int, sizes: list[int], budget: int = BLOCK_BYTES) -> list[range]:
-    """Consecutive ranges of adapters whose float64 factors (``sizes`` numbers each) fit ``budget``."""
+    """Consecutive ranges of at most `BLOCK_ADAPTERS` adapters whose float64 factors (``sizes``
+    numbers each) fit ``budget`` (an adapter larger than the budget gets a block of its own)."""
     result, start, held = [], 0, 0
     for index, size in enumerate(sizes):
-        if index > start and held + 8 * size > budget:
+        if index > start and (held + 8 * size > budget or index - start >= BLOCK_ADAPTERS):
             result.append(range(start, index))
             start, held = index, 0
         held += 8 * size

@@ -28,7 +28,11 @@ NEAR_COSINE = 0.98
 EXACT_DISTANCE = 1e-4  # relative distance under which two updates are the same (float32 factors)
 RESCALED_COSINE = 1 - 1e-6
 MAX_PAIRS = 100
-STRUCTURE_RATIO = 0.85  # LOO must be this fraction of the better baseline (or lower) to count as shared structure
+# Shared structure: the others' subspace captures (1 - LOO^2) of an unseen adapter's energy; it
+# counts when that is at least MIN_CAPTURED and STRUCTURE_GAIN times what the better baseline
+# (mean adapter or random subspace) captures. The same test decides "structure of the mean only".
+STRUCTURE_GAIN = 2.0
+MIN_CAPTURED = 0.1
 MIN_ADAPTERS = 3
 
 
@@ -163,20 +167,29 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(found) / len(found) if found else None
 
 
+def captured(error: float) -> float:
+    """Fraction of an update's energy a model captures, from its relative error."""
+    return max(0.0, 1.0 - error * error)
+
+
+def _beats(error: float, baseline: float) -> bool:
+    return captured(error) >= MIN_CAPTURED and captured(error) >= STRUCTURE_GAIN * captured(baseline)
+
+
 def verdict(overall: dict[str, float | None], count: int) -> tuple[str, bool | None]:
     """One line saying whether the subspace carries shared structure (leave-one-out against the
-    baselines), and for storage whether per-adapter SVD would do better; plus the flag."""
+    baselines, in captured energy), and for storage whether per-adapter SVD would do better; plus the flag."""
     loo, mean, rand, svd, inside = overall["loo"], overall["mean"], overall["random"], overall["svd"], overall["in_sample"]
     if count < MIN_ADAPTERS or loo is None or mean is None:
         return f"too few adapters ({count}) to judge shared structure (leave-one-out needs {MIN_ADAPTERS} or more)", None
     numbers = f"LOO {loo:.2f} vs mean {mean:.2f} vs random {rand:.2f}"
-    if loo <= STRUCTURE_RATIO * min(mean, rand):
+    if _beats(loo, min(mean, rand)):
         return f"this collection shares structure: {numbers}", True
     if svd <= inside:
         storage = f"use per-adapter SVD instead (error {svd:.2f} vs {inside:.2f} at the same bytes)"
     else:
         storage = f"for storage the collection still beats per-adapter SVD (error {inside:.2f} vs {svd:.2f} at the same bytes)"
-    if mean <= STRUCTURE_RATIO * rand:
+    if _beats(mean, rand):
         return f"no structure beyond the mean adapter: {numbers}; {storage}", False
     return f"no shared structure: {numbers}; {storage}", False
 

@@ -140,3 +140,20 @@ def test_result_json_carries_the_report():
     assert [a["name"] for a in report["adapters"]] == [a.name for a in result.adapters]
     assert {"loo_error", "mean_error", "random_error", "svd_error"} <= set(data["adapters"][0])
     assert result.collection.report["verdict"] == result.report.verdict  # kept in the file's header
+
+
+def test_leave_one_out_estimates_say_so_and_stay_close(monkeypatch):
+    import studio.subspace.evaluate as evaluate
+
+    adapters = [random_adapter(f"u{i}", rank=4, seed=200 + i) for i in range(10)]
+    exact = leave_one_out(adapters, k=4)
+    monkeypatch.setattr(evaluate, "LOO_MIN_DIRECTIONS", 1)  # m = 4 K = 16 < the 40 directions the sums have
+    ritz = compressed(adapters, k=4)
+    assert not ritz.report.loo_exact and "Rayleigh-Ritz" in ritz.report.loo_note
+    assert max(abs(a.loo_error - b) for a, b in zip(ritz.adapters, exact)) < 5e-3
+    monkeypatch.setattr(evaluate, "LOO_PAIRS", 10)  # 5 adapters x 2 layers
+    monkeypatch.setattr(evaluate, "LOO_MIN_LAYERS", 1)
+    monkeypatch.setattr(evaluate, "LOO_MAX_ADAPTERS", 5)
+    sampled = compressed(adapters, k=4)
+    assert "on 2 of 3 layers and 5 of 10 adapters: sampled" in sampled.report.loo_note
+    assert sum(a.loo_error is not None for a in sampled.adapters) == 5

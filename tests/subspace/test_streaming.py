@@ -84,12 +84,14 @@ def _peak_kib(count: int, output: Path) -> int:
 
 
 def test_peak_memory_does_not_grow_with_collection_size(tmp_path):
-    """4 layers 768 x 768, rank 32: each adapter holds 0.75 MiB; 10 vs 100 adapters."""
-    small = _peak_kib(10, tmp_path / "small.safetensors")
+    """4 layers 768 x 768, rank 32: each adapter holds 0.75 MiB; 40 vs 100 adapters (both past
+    N r = 768, where layers sum covariances instead of keeping factors). The canonical factors kept
+    between the passes are bounded by ``held_bytes`` (4 MiB here; the rest spills to disk)."""
+    small = _peak_kib(40, tmp_path / "small.safetensors")
     large = _peak_kib(100, tmp_path / "large.safetensors")
-    held_all_mib = 90 * 4 * 2 * 32 * 768 * 4 / 2**20  # what holding the extra adapters would cost: 67.5 MiB
+    held_all_mib = 60 * 4 * 2 * 32 * 768 * 4 / 2**20  # what holding the extra adapters would cost: 45 MiB
     grew_mib = (large - small) / 1024
-    assert grew_mib < 0.15 * held_all_mib, f"peak grew by {grew_mib:.1f} MiB between 10 and 100 adapters"
+    assert grew_mib < 0.15 * held_all_mib, f"peak grew by {grew_mib:.1f} MiB between 40 and 100 adapters"
     assert CompressedCollection.load(tmp_path / "large.safetensors").names[-1] == "gen_0099"
 
 
