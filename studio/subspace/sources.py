@@ -8,6 +8,7 @@ works from the kept canonical factors). `prefetched` loads the next sources on a
 from __future__ import annotations
 
 import hashlib
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 from studio.adapters.lora import LoraAdapter
 from studio.errors import StudioError
 
-PREFETCH = 2  # sources loaded ahead of the one being processed
+LOADERS = max(1, min(4, (os.cpu_count() or 2) // 4))  # loader threads: 1 on small machines, up to 4 beside a GPU
+PREFETCH = 2 * LOADERS  # sources loaded ahead of the one being processed
 
 
 class AdapterSource(Protocol):
@@ -130,10 +132,10 @@ def _load(index: int, source: AdapterSource) -> Loaded:
 
 def prefetched(sources: Sequence[AdapterSource], indices: Iterable[int], ahead: int = PREFETCH) -> Iterator[Loaded]:
     """`Loaded` of ``sources[i]`` for each index in order, loading up to ``ahead`` sources in
-    advance on one worker thread (file reading, parsing and hashing release the GIL for most of
-    their time). A source's error is raised when its turn comes."""
+    advance on `LOADERS` worker threads (file reading, tensor checks and hashing release the GIL
+    for most of their time). A source's error is raised when its turn comes."""
     order = list(indices)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="studio-load") as pool:
+    with ThreadPoolExecutor(max_workers=LOADERS, thread_name_prefix="studio-load") as pool:
         pending: list[Future] = [pool.submit(_load, i, sources[i]) for i in order[:ahead]]
         for position in range(len(order)):
             following = position + ahead

@@ -81,6 +81,7 @@ class LayerStatistics:
 
     route: Route
     members: list[int] = field(default_factory=list)  # adapter indices having the layer, in order added
+    position: dict[int, int] = field(default_factory=dict)  # adapter index -> its place in members
     ranks: list[int] = field(default_factory=list)
     downs: list[Tensor] = field(default_factory=list)  # gram route: canonical A (r, in) per member
     ups: list[Tensor] = field(default_factory=list)  # gram route: canonical B (out, r) per member
@@ -130,11 +131,14 @@ class CollectionStatistics:
     def _zeros(self, dim: int) -> Tensor:
         return torch.zeros(dim, dim, dtype=self.dtype, device=self.device)
 
-    def add(self, index: int, factors: Factors) -> None:
+    def add(self, index: int, factors: Factors) -> Factors:
         """Accumulate adapter ``index``'s canonical factors (float32, on the device); the gram
-        route keeps references to them, the covariance route only their sums."""
+        route keeps references to them (`kept`), the covariance route only their sums. Returns the
+        factors of the covariance-route layers (the caller keeps those for the second pass)."""
+        summed = {}
         for name, (down, up) in factors.items():
             stats = self._layer(name, down.shape[0])
+            stats.position[index] = len(stats.members)
             stats.members.append(index)
             stats.ranks.append(down.shape[0])
             stats.count += down.shape[0]
@@ -144,6 +148,23 @@ class CollectionStatistics:
             else:
                 stats.down_covariance.addmm_(down.T.to(self.dtype), down.to(self.dtype))
                 stats.up_covariance.addmm_(up.to(self.dtype), up.T.to(self.dtype))
+                summed[name] = (down, up)
+        return summed
+
+    def kept(self, index: int) -> Factors:
+        """Adapter ``index``'s factors on the gram-route layers (device tensors, as added)."""
+        found = {}
+        for name, stats in self.layers.items():
+            if stats.route == "gram" and stats.downs:
+                position = stats.position.get(index)
+                if position is not None:
+                    found[name] = (stats.downs[position], stats.ups[position])
+        return found
+
+    def release(self) -> None:
+        """Drop the kept factors and the sums (after the second pass)."""
+        for stats in self.layers.values():
+            stats.downs, stats.ups, stats.down_covariance, stats.up_covariance = [], [], None, None
 
     def all_reduce(self, group=None) -> None:
         """Sum the statistics of every rank (layers seen by any rank), layers in sorted order.
@@ -166,7 +187,8 @@ class CollectionStatistics:
     def fit(self, spec: SubspaceSpec) -> dict[str, FittedLayer]:
         """Components of every layer (sorted by name) with their directions; K clamping is left to
         the caller to report. Gram layers of equal (M, in, out) and covariances of equal size go
-        through batched eighs (in chunks of `BATCH_ELEMENTS`). Kept factors are released."""
+        through batched eighs (in chunks of `BATCH_ELEMENTS`). The sums are released; kept factors
+        stay for the second pass (`kept`, then `release`)."""
         names = sorted(self.layers)
         found: dict[str, tuple[Directions, Directions, Tensor | None]] = {}
         found.update(self._fit_grams([n for n in names if self.layers[n].route == "gram"]))
@@ -177,7 +199,7 @@ class CollectionStatistics:
             shape, stats = self.shapes[name], self.layers[name]
             subspace = build_subspace(down, up, spec, layer_seed(spec.seed, name), shape.in_features, shape.out_features)
             fitted[name] = FittedLayer(subspace, down, up, stats.route, list(stats.members), products)
-            stats.downs, stats.ups, stats.down_covariance, stats.up_covariance = [], [], None, None
+            stats.down_covariance, stats.up_covariance = None, None
         return fitted
 
     def _fit_grams(self, names: list[str]) -> dict[str, tuple[Directions, Directions, Tensor]]:

@@ -256,11 +256,11 @@ def _compress(sources, output: Path, spec: SubspaceSpec, base_id: str, device, g
         warn_clamped({n: f.subspace for n, f in fitted.items()}, spec.augment)
     _broadcast_subspaces(fitted, group)
     shapes = dict(statistics.shapes)
-    del statistics
     loo = loo_plan(list(range(len(sources))), list(fitted))
     plans = layer_plans(fitted, loo.layers, spec.seed, device)
-    spools, numbers = yield from _second_pass(run, fitted, plans, loo.adapters, work, rank)
+    spools, numbers = yield from _second_pass(run, statistics, fitted, plans, loo.adapters, work, rank)
     run.store.close()
+    statistics.release()
     gathered = _gather_numbers(run, numbers, plans, group)
     report = _report(gathered, fitted, plans, loo, len(sources), group)
     reports = _adapter_reports(gathered, report)
@@ -296,8 +296,7 @@ def _first_pass(run: _Run, statistics: CollectionStatistics) -> Generator[Progre
         for layer_name, layer in adapter.lora_layers.items():
             check_shape(statistics.shapes, layer_name, LayerShape.of(layer), name)
         canonicals = dict(zip(adapter.lora_layers, canonical_layers(list(adapter.lora_layers.values()), run.device)))
-        statistics.add(loaded.index, canonicals)
-        run.store.add(canonicals)
+        run.store.add(statistics.add(loaded.index, canonicals))  # gram-route layers stay in the statistics
         run.records[loaded.index] = _record(adapter, name, loaded.sha256, loaded.nbytes)
         del adapter, canonicals, loaded
         yield Progress(step, len(run.shard), stage="statistics")
@@ -316,10 +315,11 @@ def _broadcast_subspaces(fitted: dict[str, FittedLayer], group) -> None:
 
 
 def _second_pass(
-    run: _Run, fitted: dict[str, FittedLayer], plans: dict[str, LayerPlan], loo_adapters: set[int], work: Path, rank: int
+    run: _Run, statistics: CollectionStatistics, fitted: dict[str, FittedLayer], plans: dict[str, LayerPlan], loo_adapters: set[int], work: Path, rank: int
 ) -> Generator[Progress, None, tuple[list[dict], list[AdapterNumbers]]]:
-    """Evaluate this rank's adapters from the store in blocks; spool loadings and info (and, on
-    rank 0, the components first). Returns the spool descriptions and the numbers."""
+    """Evaluate this rank's adapters in blocks, from the factors the statistics kept (gram-route
+    layers) and the store (the others); spool loadings and info (and, on rank 0, the components
+    first). Returns the spool descriptions and the numbers."""
     spools = []
     if rank == 0:
         components = TensorSpool(work / f"components.rank{rank}")
@@ -331,8 +331,9 @@ def _second_pass(
     loadings_spool = TensorSpool(work / f"loadings.rank{rank}")
     spools.append(loadings_spool)
     order, found, step = list(plans), [], 0
-    for block in blocks(len(run.store), run.store.sizes):
-        items = [(run.shard[j], run.store.get(j)) for j in block]
+    sizes = [stored + sum(a.numel() + b.numel() for a, b in statistics.kept(index).values()) for stored, index in zip(run.store.sizes, run.shard)]
+    for block in blocks(len(run.store), sizes):
+        items = [(run.shard[j], {**statistics.kept(run.shard[j]), **run.store.get(j)}) for j in block]
         for numbers in evaluate(items, plans, loo_adapters, run.device):
             record = run.records[numbers.index]
             residual, total = (sum(p[i] for p in numbers.parts.values()) for i in (0, 1))
