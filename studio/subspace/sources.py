@@ -136,8 +136,13 @@ def prefetched(sources: Sequence[AdapterSource], indices: Iterable[int], ahead: 
     for most of their time). A source's error is raised when its turn comes."""
     order = list(indices)
     with ThreadPoolExecutor(max_workers=LOADERS, thread_name_prefix="studio-load") as pool:
-        pending: list[Future] = [pool.submit(_load, i, sources[i]) for i in order[:ahead]]
+        if order:  # the first load alone: it builds the readers' caches (module trees) once
+            first = pool.submit(_load, order[0], sources[order[0]]).result()
+        pending: list[Future] = [pool.submit(_load, i, sources[i]) for i in order[1 : 1 + ahead]]
         for position in range(len(order)):
+            if position == 0:
+                yield first
+                continue
             following = position + ahead
             if following < len(order):
                 pending.append(pool.submit(_load, order[following], sources[order[following]]))
