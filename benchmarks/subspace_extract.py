@@ -310,8 +310,7 @@ def files_table(args) -> None:
                 os.link(path, link)
     size = sum(p.stat().st_size for p in paths)
     output = Path(tempfile.gettempdir()) / "studio-bench" / f"out-{args.files}-{args.n}.safetensors"
-    print(f"\nWHAT `studio compress` RUNS: {args.n} {args.files} rank-{args.rank} files ({size / 1e6:,.0f} MB) on {args.device}, "
-          f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}", flush=True)
+    print(f"\nWHAT `studio compress` RUNS: {args.n} {args.files} rank-{args.rank} files ({size / 1e6:,.0f} MB) on {args.device}", flush=True)
     header = f"{'run':>4}{'wall s':>9}{'files/s':>9}{'MB/s':>8}{'CPU s':>8}{'peak RSS GB':>13}{'mean err':>10}  verdict"
     print(f"{header}\n{'-' * len(header)}")
     for run in range(1, args.repeat + 1):
