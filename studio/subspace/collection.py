@@ -33,6 +33,7 @@ from studio.subspace.spool import TensorSpool, write_spools
 FORMAT_TAG = "studio.eigenlora-collection"
 FORMAT_VERSION = "1"
 ORTHONORMAL_TOLERANCE = 1e-3
+RECONSTRUCTION_KEYS = ("studio.reconstructed_from", "studio.reconstruction_error", "studio.original_sha256")
 
 
 @dataclass(frozen=True)
@@ -225,10 +226,17 @@ class CompressedCollection:
         return EigenLoraAdapter(name, layers, record.metadata, shapes)
 
     def export(self, name: str) -> LoraAdapter:
-        """The stored adapter as a plain LoRA (alpha = rank, original metadata carried over)."""
+        """The stored adapter as a plain LoRA (alpha = rank). The original metadata is carried over
+        and tagged as a reconstruction (`RECONSTRUCTION_KEYS`: source collection, relative error,
+        the original file's sha256), so that no tool takes it for the original file."""
         record = self.record(name)
         lora = self.adapter(name).to_lora()
         lora.base_arch = record.base_arch
+        lora.metadata.update({
+            "studio.reconstructed_from": Path(self.path).name if self.path else "compressed collection",
+            "studio.reconstruction_error": f"{record.rel_error:.6g}",
+            "studio.original_sha256": record.sha256,
+        })
         lora.notes.append(f"reconstructed from {self._where()} (relative error {record.rel_error:.3e})")
         return lora
 

@@ -102,7 +102,7 @@ class CompressResult:
     def as_json(self) -> dict:
         ks = list(self.k.values())
         return {
-            "adapters": [asdict(a) | {"layer_errors": None} for a in self.adapters],
+            "adapters": [{key: value for key, value in asdict(a).items() if key != "layer_errors"} for a in self.adapters],
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "ratio": self.bytes_out / self.bytes_in if self.bytes_in else None,

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from studio.adapters.eigenlora import EigenLoraConfig
 from studio.errors import FormatError
 from studio.subspace import CompressedCollection, compress_sources, export_from_collection, held_sources
+from studio.subspace.collection import RECONSTRUCTION_KEYS
 from studio.subspace.training import trainable_adapter
 from tests.subspace.synthetic import SHAPES, relative_delta_error, shared_collection
 
@@ -56,7 +57,9 @@ def test_export_delta_equals_collection_adapter_delta(saved):
             assert exported.lora_layers[layer].alpha == exported.lora_layers[layer].rank == 4
         error = sum(relative_delta_error(adapter, exported, l) ** 2 for l in SHAPES) ** 0.5
         assert error < 3 * result.adapters[adapters.index(adapter)].rel_error + 1e-5
-        assert exported.metadata == adapter.metadata
+        assert {k: v for k, v in exported.metadata.items() if k not in RECONSTRUCTION_KEYS} == adapter.metadata
+        assert exported.metadata["studio.reconstructed_from"] == "zoo.safetensors"
+        assert float(exported.metadata["studio.reconstruction_error"]) == pytest.approx(result.adapters[adapters.index(adapter)].rel_error, rel=1e-5)
 
 
 def test_unknown_adapter_name_is_a_clear_error(saved):
