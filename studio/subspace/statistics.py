@@ -33,6 +33,9 @@ from studio.subspace.extract import (
 )
 
 GRAM_MAX_ROWS = 4096  # stacked rows above which a layer sums d x d covariances instead (Gram eigh cost ~ M^3)
+# Numbers per float64 stack when fitting gram layers (stacked factors, Grams and directions are each
+# about this size): 128 MiB on a CPU, where peak memory is the target; 512 MiB on a GPU.
+GRAM_BATCH = {"cpu": 1 << 24, "cuda": 1 << 26}
 Route = Literal["gram", "covariance"]
 Factors = dict[str, tuple[Tensor, Tensor]]
 
@@ -210,7 +213,7 @@ class CollectionStatistics:
         result = {}
         for (count, n_in, n_out, ranks), members in groups.items():
             owner = _owner_matrix(list(ranks), self.device)
-            for part in chunks(len(members), 2 * count * (n_in + n_out + count)):
+            for part in chunks(len(members), 2 * count * (n_in + n_out + count), GRAM_BATCH.get(self.device.type, 1 << 24)):
                 batch = [members[j] for j in part]
                 downs = torch.stack([torch.cat(self.layers[n].downs) for n in batch]).double()  # (L, M, in)
                 ups = torch.stack([torch.cat(self.layers[n].ups, dim=1).T for n in batch]).double()  # (L, M, out)
