@@ -157,3 +157,20 @@ def test_leave_one_out_estimates_say_so_and_stay_close(monkeypatch):
     sampled = compressed(adapters, k=4)
     assert "on 2 of 3 layers and 5 of 10 adapters: sampled" in sampled.report.loo_note
     assert sum(a.loo_error is not None for a in sampled.adapters) == 5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("count", [7, 20])
+def test_cuda_compress_is_the_cpu_compress(count):
+    """The same code on the GPU: components, errors, LOO and baselines within float tolerance."""
+    adapters = shared_collection(count, rank=4, true_k=12)
+    cpu, cuda = compressed(adapters, k=5), compressed(adapters, k=5, device="cuda")
+    for layer, sub in cpu.layers.items():
+        other = cuda.layers[layer]  # same subspaces (projectors), whatever the signs
+        assert torch.allclose(sub.down_components.T @ sub.down_components, other.down_components.T @ other.down_components, atol=1e-4)
+        assert torch.allclose(sub.up_components @ sub.up_components.T, other.up_components @ other.up_components.T, atol=1e-4)
+    for a, b in zip(cpu.adapters, cuda.adapters):
+        assert a.rel_error == pytest.approx(b.rel_error, rel=1e-4, abs=1e-6)
+        assert a.loo_error == pytest.approx(b.loo_error, rel=1e-4, abs=1e-6)
+        assert a.random_error == pytest.approx(b.random_error, rel=1e-6) and a.svd_error == pytest.approx(b.svd_error, rel=1e-6)
+    assert cpu.report.overall == pytest.approx(cuda.report.overall, rel=1e-4)
