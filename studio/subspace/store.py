@@ -42,24 +42,21 @@ class FactorStore:
         return len(self._items)
 
     def add(self, factors: Factors) -> None:
-        """Keep one adapter's factors (moved to the CPU; already-CPU tensors are not copied)."""
-        numbers = sum(a.numel() + b.numel() for a, b in factors.values())
-        self.sizes.append(numbers)
-        size = 4 * numbers
-        if self.held + size <= self.budget:
-            self._items.append({name: (a.detach().to("cpu", torch.float32), b.detach().to("cpu", torch.float32)) for name, (a, b) in factors.items()})
-            self.held += size
+        """Keep one adapter's factors: one device-to-host copy of all of them, kept as views of
+        that buffer, or written to the spool file without a further copy."""
+        layout = [(name, tuple(a.shape), tuple(b.shape)) for name, (a, b) in factors.items()]
+        flat = torch.cat([t.detach().reshape(-1).float() for pair in factors.values() for t in pair]) if factors else torch.zeros(0)
+        flat = flat.to("cpu")
+        self.sizes.append(flat.numel())
+        if self.held + 4 * flat.numel() <= self.budget:
+            self._items.append(_split(flat, layout))
+            self.held += 4 * flat.numel()
             return
         if self._handle is None:
             self._handle = self.path.open("wb")
-        layout, offset = [], self._written
-        for name, (a, b) in factors.items():
-            for tensor in (a, b):
-                raw = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
-                self._handle.write(raw.tobytes())
-                self._written += raw.size
-            layout.append((name, tuple(a.shape), tuple(b.shape)))
-        self._items.append(_Spilled(offset, layout))
+        self._handle.write(flat.numpy().data)
+        self._items.append(_Spilled(self._written, layout))
+        self._written += flat.numel()
 
     def get(self, index: int) -> Factors:
         """Adapter ``index``'s factors (CPU float32)."""
@@ -68,14 +65,8 @@ class FactorStore:
             return item
         if self._handle is not None and not self._handle.closed:
             self._handle.flush()
-        sizes = [int(np.prod(d)) + int(np.prod(u)) for _, d, u in item.layout]
-        flat = torch.from_numpy(np.fromfile(self.path, dtype=np.float32, count=sum(sizes), offset=4 * item.offset))
-        factors, start = {}, 0
-        for (name, down_shape, up_shape), size in zip(item.layout, sizes):
-            down_size = int(np.prod(down_shape))
-            factors[name] = (flat[start : start + down_size].reshape(down_shape), flat[start + down_size : start + size].reshape(up_shape))
-            start += size
-        return factors
+        count = sum(int(np.prod(d)) + int(np.prod(u)) for _, d, u in item.layout)
+        return _split(torch.from_numpy(np.fromfile(self.path, dtype=np.float32, count=count, offset=4 * item.offset)), item.layout)
 
     @property
     def spilled(self) -> int:
@@ -89,3 +80,13 @@ class FactorStore:
         self._items, self.sizes = [], []
         self.held = 0
         self.path.unlink(missing_ok=True)
+
+
+def _split(flat: torch.Tensor, layout: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> Factors:
+    """Views of one flat buffer as ``{layer: (down, up)}`` in ``layout`` order."""
+    factors, start = {}, 0
+    for name, down_shape, up_shape in layout:
+        down_size, up_size = int(np.prod(down_shape)), int(np.prod(up_shape))
+        factors[name] = (flat[start : start + down_size].reshape(down_shape), flat[start + down_size : start + down_size + up_size].reshape(up_shape))
+        start += down_size + up_size
+    return factors

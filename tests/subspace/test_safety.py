@@ -89,3 +89,21 @@ def test_outputs_get_the_umask_mode(zoo, tmp_path):
         assert stat.S_IMODE(output.stat().st_mode) == 0o640
     finally:
         os.umask(previous)
+
+
+def test_factor_store_keeps_then_spills_and_reads_back(tmp_path):
+    import torch
+
+    from studio.subspace.store import FactorStore
+
+    generator = torch.Generator().manual_seed(0)
+    items = [{f"l{j}": (torch.randn(2, 3 + j, generator=generator), torch.randn(4, 2, generator=generator)) for j in range(3)} for _ in range(4)]
+    store = FactorStore(tmp_path, budget=4 * sum(a.numel() + b.numel() for a, b in items[0].values()) + 1)  # room for one adapter
+    for item in items:
+        store.add(item)
+    assert store.spilled == 3 and store.path.exists()
+    for index, item in enumerate(items):
+        for name, (a, b) in item.items():
+            assert torch.equal(store.get(index)[name][0], a) and torch.equal(store.get(index)[name][1], b)
+    store.close()
+    assert not store.path.exists()
