@@ -216,15 +216,17 @@ def compress_events(
         raise StudioError("compress needs at least one adapter")
     check_names([s.name for s in sources])
     output.parent.mkdir(parents=True, exist_ok=True)
-    rank, _ = rank_and_world(group)
+    rank, world = rank_and_world(group)
     if rank == 0:
         remove_stale(output)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.{os.getpid()}.", suffix=".spool", dir=output.parent))
     device, threads = torch.device(device), torch.get_num_threads()
+    run = _Run(sources, spec, device, group, FactorStore(work, held_bytes), shard=_shard(len(sources), rank, world))
+    statistics = CollectionStatistics(len(sources), device, statistics_dtype, gram=world == 1)
     if device.type == "cpu":
         torch.set_num_threads(CPU_THREADS)
     try:
-        result = yield from _compress(sources, output, spec, base_id, device, group, statistics_dtype, held_bytes, work)
+        result = yield from _compress(run, statistics, output, base_id, work)
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(work, ignore_errors=True)
@@ -244,10 +246,10 @@ class _Run:
     shard: range = range(0)
 
 
-def _compress(sources, output: Path, spec: SubspaceSpec, base_id: str, device, group, dtype, held_bytes: int, work: Path) -> Generator[Event, None, CompressResult]:
-    rank, world = rank_and_world(group)
-    run = _Run(sources, spec, device, group, FactorStore(work, held_bytes), shard=_shard(len(sources), rank, world))
-    statistics = CollectionStatistics(len(sources), device, dtype, gram=world == 1)
+def _compress(run: _Run, statistics: CollectionStatistics, output: Path, base_id: str, work: Path) -> Generator[Event, None, CompressResult]:
+    """Both passes, the report and the file (rank 0); every rank returns the same result."""
+    sources, spec, device, group = run.sources, run.spec, run.device, run.group
+    rank, _ = rank_and_world(group)
     yield from _first_pass(run, statistics)
     base_id = base_id or check_bases(a for rank_arches in all_gather_json([r.base_arch for r in run.records.values()], group) for a in rank_arches)
     statistics.all_reduce(group)
@@ -262,7 +264,7 @@ def _compress(sources, output: Path, spec: SubspaceSpec, base_id: str, device, g
     run.store.close()
     statistics.release()
     gathered = _gather_numbers(run, numbers, plans, group)
-    report = _report(gathered, fitted, plans, loo, len(sources), group)
+    report = _report(gathered, fitted, plans, loo, len(sources))
     reports = _adapter_reports(gathered, report)
     everything = all_gather_json(spools, group)
     if rank == 0:
@@ -395,7 +397,8 @@ def _products(gathered: dict, fitted: dict[str, FittedLayer], count: int) -> tup
     return products, sketches is None
 
 
-def _report(gathered: dict, fitted: dict[str, FittedLayer], plans: dict[str, LayerPlan], loo, count: int, group) -> CollectionReport:
+def _report(gathered: dict, fitted: dict[str, FittedLayer], plans: dict[str, LayerPlan], loo, count: int) -> CollectionReport:
+    """Per-adapter qualities, the near-duplicate pairs and the verdict from the gathered numbers."""
     rows = gathered["rows"]
     products, exact = _products(gathered, fitted, count)
     means = mean_baseline(products) if count > 1 else [None] * count
