@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from studio.bases import world_dir  # noqa: E402
 from studio.collection import load_collection, trigger_words  # noqa: E402
 from studio.engine import Engine, GenerateRequest  # noqa: E402
-from studio.subspace.verbs import compress  # noqa: E402
+from studio.subspace import compress_sources, held_sources  # noqa: E402
 
 PROMPTS = ("a red circle on a white background", "a small blue star on a black background, top left")
 
@@ -60,8 +61,9 @@ def measure(adapters: list, ks: list[str], images: int, steps: int) -> tuple[lis
             anchor.append(np.abs(originals[(adapter.name, i)] - _pixels(engine, None, prompt, seed=i, steps=steps)).mean())
     rows = []
     full_k = max(l.rank for a in adapters for l in a.lora_layers.values()) * len(adapters)
+    folder = Path(tempfile.mkdtemp(prefix="export-fidelity-"))
     for k in ks:
-        result = compress(adapters, k=full_k if k == "full" else int(k))
+        result = compress_sources(held_sources(adapters), folder / f"k{k}.safetensors", k=full_k if k == "full" else int(k))
         diffs = []
         for adapter in adapters:
             exported = result.collection.export(adapter.name)

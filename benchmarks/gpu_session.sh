@@ -26,7 +26,7 @@ for s in $stages; do
   case $s in
     tests) stage tests 180 python3 -m pytest -q -m gpu tests/train tests/engine tests/subspace tests/adapters -p no:cacheprovider ;;
     engine) stage engine 240 python3 benchmarks/engine_switch.py ;;
-    subspace) stage subspace 240 python3 benchmarks/subspace_extract.py --device cuda --max-layers 12 --profile ;;
+    subspace) stage subspace 590 bash -c "python3 benchmarks/subspace_extract.py --device cuda --files sdxl --n 20 --rank 32 --k 14 --repeat 2 && python3 benchmarks/subspace_extract.py --device cuda --files sd15 --n 1000 --rank 16 --k 14 && python3 benchmarks/subspace_extract.py --kernel --device cuda --max-layers 12 --profile" ;;
     train_speed) stage train_speed 150 bash -c "python3 benchmarks/train_speed.py && python3 benchmarks/train_speed.py --k 7 --families lora,eigenlora" ;;
     multi_gpu) stage multi_gpu 590 python3 benchmarks/multi_gpu_train.py --processes 2 ;;
     quality) stage quality 590 python3 benchmarks/quality.py --device cuda --eval-every 30 --out $OUT/quality.md ;;

@@ -100,9 +100,9 @@ def render_style(style, index: int, folder: Path, n_train: int, n_val: int, seed
 
 
 def build_subspace(zoo: Path, holdout: list[str], k: int, output: Path) -> dict:
-    """Compress every zoo LoRA except the held-out styles with ``compress(k=K)``; report the energy."""
+    """Compress every zoo LoRA except the held-out styles (the streaming compress, k=K); report the energy."""
     from studio.collection import load_collection
-    from studio.subspace.verbs import compress
+    from studio.subspace import compress_sources, held_sources
 
     collection = load_collection([zoo])
     errors = [info.error for info in collection.infos if info.error]
@@ -113,7 +113,7 @@ def build_subspace(zoo: Path, holdout: list[str], k: int, output: Path) -> dict:
         raise SystemExit(f"held-out styles {missing} are not in the zoo {zoo} ({sorted(collection.adapters)})")
     kept = [adapter for name, adapter in sorted(collection.adapters.items()) if name not in holdout]
     started = time.perf_counter()
-    result = compress(kept, k=k, output=output)
+    result = compress_sources(held_sources(kept), output, k=k)
     curves = result.explained
     at_k = [(down[min(k, len(down)) - 1] + up[min(k, len(up)) - 1]) / 2 for down, up in curves.values()]
     k90 = [max(_first_at(down, 0.9), _first_at(up, 0.9)) for down, up in curves.values()]

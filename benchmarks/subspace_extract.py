@@ -1,23 +1,37 @@
-"""Benchmark EigenLoRAx extraction: ours (canonical, uncentred, Gram eigh) vs the reference
-procedure (centred, d x d covariance, general eig), on SDXL UNet attention-projection shapes.
+"""Benchmark `studio compress` as users run it, plus labelled in-memory kernel rows.
 
-  python benchmarks/subspace_extract.py --device cuda            # 20 rank-32 LoRAs, sampled layers
-  python benchmarks/subspace_extract.py --device cpu --quick     # small, CPU-friendly
-  python benchmarks/subspace_extract.py --device cuda --max-layers 12 --profile   # + per-phase times
-  python benchmarks/subspace_extract.py --shapes 20x640x640,20x1280x2048 --max-layers 8 --profile  # CPU, no diffusers
-  python benchmarks/subspace_extract.py --zoo assets/world/loras # quality table on real files
-  python benchmarks/subspace_extract.py --make-zoo /tmp/zoo      # write synthetic SD1.5 files to try --zoo
+What `studio compress` runs (the default): LoRA files with real base shapes and random factors are
+written to disk first (once, reused), then `python -m studio compress DIR -o OUT --k K --json` is
+timed as a whole subprocess under /usr/bin/time -v (wall, CPU, peak RSS of the process):
 
-Synthetic LoRAs share a 48-dimensional subspace per layer plus a common mean direction and 5 %
-noise, so K matters and the centred reference's missing mean shows. Both methods are timed on the
-same layers, on the same device, in the same run; the table gives ratios against the reference.
-The reference's general eig of d x d matrices is slow (d = 1280..2048), so it runs on an evenly
-spaced sample of layers (--max-layers); ours is also timed on every layer of the UNet.
+  python benchmarks/subspace_extract.py --files sd15 --n 6 --rank 16             # 2-core CPU target: <= 30 s, <= 1.5 GB
+  python benchmarks/subspace_extract.py --files locon --n 2 --rank 16            # SD1.5 LoCon (3x3 convs, in up to 11,520)
+  python benchmarks/subspace_extract.py --device cuda --files sdxl --n 20 --rank 32    # GPU target: <= 10 s
+  python benchmarks/subspace_extract.py --device cuda --files sd15 --n 1000 --rank 16  # GPU target: >= 30 files/s, bounded RSS
+
+In-memory kernel rows (NOT what the command runs: adapters already in memory, the test oracle's
+Gram path vs the reference procedure, no file reading, no second pass, no report):
+
+  python benchmarks/subspace_extract.py --kernel --device cuda            # 20 rank-32 LoRAs, sampled SDXL layers
+  python benchmarks/subspace_extract.py --kernel --device cpu --quick     # small, CPU-friendly
+  python benchmarks/subspace_extract.py --kernel --shapes 20x640x640,20x1280x2048 --max-layers 8 --profile
+  python benchmarks/subspace_extract.py --zoo assets/world/loras          # quality table on real files (oracle, in memory)
+  python benchmarks/subspace_extract.py --make-zoo /tmp/zoo               # write synthetic SD1.5 files to try --zoo
+
+Kernel rows: synthetic LoRAs share a 48-dimensional subspace per layer plus a common mean
+direction and 5 % noise, so K matters and the centred reference's missing mean shows. Both methods
+are timed on the same layers, on the same device, in the same run; the table gives ratios against
+the reference. The reference's general eig of d x d matrices is slow (d = 1280..2048), so it runs on
+an evenly spaced sample of layers (--max-layers).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,11 +44,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from studio.adapters.lora import LoraAdapter, LoraLayer  # noqa: E402
-from studio.subspace.collection import CompressedCollection, LayerShape  # noqa: E402
+from studio.subspace import compress_sources, held_sources  # noqa: E402
+from studio.subspace.collection import AdapterRecord, CompressedCollection, LayerShape, pack_loadings  # noqa: E402
 from studio.subspace.extract import SubspaceSpec  # noqa: E402
-from studio.subspace.verbs import (  # noqa: E402
-    AdapterRecord, collection_factors, compress_sources, fit_subspaces, leave_one_out, pack_loadings, reconstruct_all, reconstruction_errors,
-)
+from studio.subspace.oracle import fit_subspaces, leave_one_out, reconstruction_errors  # noqa: E402
+from studio.subspace.reconstruct import collection_factors, reconstruct_all  # noqa: E402
 
 SDXL_UNET = dict(
     sample_size=128, in_channels=4, out_channels=4,
@@ -131,20 +145,6 @@ def collection_bytes(adapters: list[LoraAdapter], layers: dict, rebuilt: list, f
     return collection.save(folder / f"{label}.safetensors").stat().st_size
 
 
-class _Held:
-    def __init__(self, adapter: LoraAdapter) -> None:
-        self.adapter, self.name = adapter, adapter.name
-
-    def load(self) -> LoraAdapter:
-        return self.adapter
-
-    def sha256(self) -> str:
-        return ""
-
-    def nbytes(self) -> int:
-        return sum(l.down.nbytes + l.up.nbytes for l in self.adapter.lora_layers.values())
-
-
 def custom_shapes(text: str) -> dict[str, tuple[int, int]]:
     """``{layer: (out, in)}`` from "20x640x640,20x1280x2048" (count x out x in per group)."""
     shapes = {}
@@ -157,6 +157,7 @@ def custom_shapes(text: str) -> dict[str, tuple[int, int]]:
 def speed_table(args) -> None:
     shapes = custom_shapes(args.shapes) if args.shapes else sdxl_attention_shapes()
     sample = sample_layers(shapes, args.max_layers, 640 if args.quick else None)
+    print("IN-MEMORY KERNEL ROWS (adapters already in memory; `studio compress` is timed by --files)")
     print(f"SDXL UNet: {len(shapes)} attention projections; timing both methods on {len(sample)} of them; "
           f"{args.n} rank-{args.rank} LoRAs, K={args.k}, device {args.device}")
     adapters = synthetic_loras(sample, args.n, args.rank)
@@ -175,9 +176,9 @@ def speed_table(args) -> None:
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            streamed = compress_sources([_Held(a) for a in adapters], Path(folder) / "stream.safetensors", k=args.k, device=args.device)
+            streamed = compress_sources(held_sources(adapters), Path(folder) / "stream.safetensors", k=args.k, device=args.device)
         _sync(args.device)
-        rows["ours, streaming + file"] = (time.perf_counter() - start, streamed.bytes_out, sum(a.rel_error for a in streamed.adapters) / len(streamed.adapters))
+        rows["compress_sources (held)"] = (time.perf_counter() - start, streamed.bytes_out, sum(a.rel_error for a in streamed.adapters) / len(streamed.adapters))
     ref_seconds, ref_bytes, ref_error = rows["reference"]
     header = f"{'method':<24}{'seconds':>10}{'x ref time':>12}{'file bytes':>14}{'/ original':>12}{'/ ref file':>12}{'mean rel err':>14}{'/ ref err':>11}"
     print(f"\noriginal LoRAs (fp16): {original:,} bytes\n{header}\n{'-' * len(header)}")
@@ -198,11 +199,11 @@ def speed_table(args) -> None:
 
 def zoo_table(folder: Path, device: str) -> None:
     from studio.formats import load_adapter
-    from studio.subspace.verbs import adapter_files
+    from studio.subspace.sources import adapter_files
 
     adapters = [load_adapter(path) for path in adapter_files([folder])]
     ranks = sorted({r for a in adapters for r in a.ranks})
-    print(f"\nzoo {folder}: {len(adapters)} LoRAs, ranks {ranks}, {len({l for a in adapters for l in a.layers()})} layers")
+    print(f"\nIN-MEMORY ORACLE: zoo {folder}: {len(adapters)} LoRAs, ranks {ranks}, {len({l for a in adapters for l in a.layers()})} layers")
     header = f"{'K':>4}{'ours err':>12}{'ref err':>12}{'ours/ref':>10}{'LOO ours':>12}{'LOO ref':>12}"
     print(f"{header}\n{'-' * len(header)}")
     for k in ZOO_KS:
@@ -225,6 +226,103 @@ def make_zoo(folder: Path, count: int = 8) -> None:
     print(f"wrote {count} synthetic SD1.5 LoRAs to {folder}")
 
 
+# ---------------------------------------------------------------- what `studio compress` runs
+
+ARCH_OF = {"sd15": "sd15", "locon": "sd15", "sdxl": "sdxl"}
+LOCON_MAX_IN = 1280  # LoCon 3x3 convs with at most this many input channels (flattened in = 2,880 .. 11,520)
+
+
+def target_shapes(kind: str) -> dict[str, tuple[int, ...]]:
+    """``{unet.<module>: weight shape}``: attention projections (sd15, sdxl), plus 3x3 resnet /
+    sampler convs for LoCon, from the base's weightless module tree."""
+    from studio.bases import module_tree
+
+    tree = module_tree(ARCH_OF[kind])
+    shapes = {n: m.weight_shape for n, m in tree.modules.items() if n.startswith("unet.") and ".attn" in n and n.endswith(PROJECTIONS)}
+    if kind == "locon":
+        shapes |= {
+            n: m.weight_shape for n, m in tree.modules.items()
+            if n.startswith("unet.") and m.kind == "conv" and m.weight_shape[2:] == (3, 3) and 4 < m.weight_shape[1] <= LOCON_MAX_IN and n.split(".")[-1] in ("conv1", "conv2", "conv")
+        }
+    return shapes
+
+
+def random_lora(name: str, shapes: dict, rank: int, conv_rank: int, seed: int) -> LoraAdapter:
+    """Random fp16 factors (down ~ N(0, 1/in), up ~ N(0, 1e-4)) on the given modules, alpha = rank / 2."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for module, shape in shapes.items():
+        r = conv_rank if len(shape) == 4 else rank
+        n_in = int(torch.tensor(shape[1:]).prod())
+        down = torch.randn(r, *shape[1:], generator=generator) / n_in**0.5
+        up = 0.01 * torch.randn(shape[0], r, *((1, 1) if len(shape) == 4 else ()), generator=generator)
+        layers[module] = LoraLayer(down.half(), up.half(), r / 2)
+    return LoraAdapter(name, layers, {"ss_network_dim": str(rank), "ss_network_alpha": str(rank / 2)})
+
+
+def write_files(kind: str, count: int, rank: int, conv_rank: int, folder: Path) -> list[Path]:
+    """``count`` kohya files of ``kind`` in ``folder`` (kept and reused when already there)."""
+    from studio.formats import save_adapter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{kind}_r{rank}_{j:04d}.safetensors" for j in range(count)]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        shapes = target_shapes(kind)
+        started = time.perf_counter()
+        for path in missing:
+            save_adapter(random_lora(path.stem, shapes, rank, conv_rank, seed=int(path.stem.rsplit("_", 1)[1])), path)
+        print(f"wrote {len(missing)} {kind} files ({len(shapes)} layers each) to {folder} in {time.perf_counter() - started:.1f} s", flush=True)
+    return paths
+
+
+def _time_v(stderr: str) -> dict:
+    found = {}
+    for key, pattern in (("rss_kb", r"Maximum resident set size \(kbytes\): (\d+)"), ("user", r"User time \(seconds\): ([\d.]+)"), ("sys", r"System time \(seconds\): ([\d.]+)")):
+        match = re.search(pattern, stderr)
+        found[key] = float(match.group(1)) if match else float("nan")
+    return found
+
+
+def time_compress(folder: Path, output: Path, k: int, device: str, extra: list[str]) -> dict:
+    """Run `python -m studio compress FOLDER -o OUTPUT --k K --device D --json` as a whole process."""
+    command = [sys.executable, "-m", "studio", "compress", str(folder), "-o", str(output), "--k", str(k), "--device", device, "--json", *extra]
+    timed = ["/usr/bin/time", "-v", *command] if Path("/usr/bin/time").exists() else command
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    output.unlink(missing_ok=True)
+    started = time.perf_counter()
+    done = subprocess.run(timed, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(f"studio compress failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return {"wall": wall, "command": " ".join(command[1:]), "result": json.loads(done.stdout), **_time_v(done.stderr)}
+
+
+def files_table(args) -> None:
+    folder = args.folder or Path(tempfile.gettempdir()) / "studio-bench" / f"{args.files}-r{args.rank}"
+    paths = write_files(args.files, args.n, args.rank, args.conv_rank, folder)
+    run_folder = folder / f"run-{args.n}" if len(list(folder.glob("*.safetensors"))) != args.n else folder
+    if run_folder != folder:  # the folder holds more files than asked for: link the first n into a subfolder
+        run_folder.mkdir(exist_ok=True)
+        for path in paths:
+            link = run_folder / path.name
+            if not link.exists():
+                os.link(path, link)
+    size = sum(p.stat().st_size for p in paths)
+    output = Path(tempfile.gettempdir()) / "studio-bench" / f"out-{args.files}-{args.n}.safetensors"
+    print(f"\nWHAT `studio compress` RUNS: {args.n} {args.files} rank-{args.rank} files ({size / 1e6:,.0f} MB) on {args.device}", flush=True)
+    header = f"{'run':>4}{'wall s':>9}{'files/s':>9}{'MB/s':>8}{'CPU s':>8}{'peak RSS GB':>13}{'mean err':>10}  verdict"
+    print(f"{header}\n{'-' * len(header)}")
+    for run in range(1, args.repeat + 1):
+        found = time_compress(run_folder, output, args.k, args.device, args.extra.split() if args.extra else [])
+        result = found["result"]
+        errors = [a["rel_error"] for a in result["adapters"]]
+        verdict = (result.get("report") or {}).get("verdict", "")
+        print(f"{run:>4}{found['wall']:>9.2f}{args.n / found['wall']:>9.1f}{size / 1e6 / found['wall']:>8.1f}{found['user'] + found['sys']:>8.1f}"
+              f"{found['rss_kb'] / 2**20:>13.2f}{sum(errors) / len(errors):>10.3e}  {verdict}", flush=True)
+    print(f"command: {found['command']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -238,7 +336,20 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="per-phase times: canonical / gram+eigh / projection / file")
     parser.add_argument("--shapes", help="synthetic layers instead of SDXL's, e.g. 20x640x640,20x1280x2048 (count x out x in)")
     parser.add_argument("--skip-speed", action="store_true", help="only the zoo table")
+    parser.add_argument("--files", choices=sorted(ARCH_OF), help="write files of this kind and time `studio compress` on them (the default: sd15)")
+    parser.add_argument("--kernel", action="store_true", help="the in-memory kernel table instead of the command")
+    parser.add_argument("--conv-rank", type=int, default=8, help="rank of LoCon conv layers (--files locon)")
+    parser.add_argument("--folder", type=Path, help="where the files are written (default: $TMPDIR/studio-bench/KIND-rRANK)")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs of the command")
+    parser.add_argument("--extra", default="", help="extra arguments for `studio compress`, e.g. '--stats-dtype float32'")
     args = parser.parse_args()
+    if not args.kernel and not args.zoo and not args.make_zoo:
+        args.files = args.files or "sd15"
+    if args.files:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device visible")
+        files_table(args)
+        return
     if args.make_zoo:
         make_zoo(args.make_zoo)
         return

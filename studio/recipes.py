@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 from studio.errors import ConfigError
-from studio.events import Done, Event, Message, Saved
+from studio.events import Done, Event, Message
 
 JobKind = Literal["world", "compress", "train", "benchmark"]
 
@@ -88,17 +88,15 @@ def _world(recipe: dict, path: Path) -> Iterator[Event]:
 
 def _compress(recipe: dict, path: Path) -> Iterator[Event]:
     from studio.collection import load_collection
-    from studio.subspace.verbs import compress
+    from studio.subspace import compress_events, held_sources
 
     job = typed(CompressJob, recipe.get("compress", {}), f"{path} [compress]")
     collection = load_collection(job.paths, base=job.base)
     for info in collection.infos:
         if info.error:
             yield Message(info.error, "warning")
-    result = compress(list(collection.adapters.values()), k=job.k, energy=job.energy, augment=job.augment,
-                      base_id=job.base or "", output=job.output)
-    yield Saved(Path(job.output), "collection")
-    yield Done(result)
+    yield from compress_events(held_sources(collection.adapters.values()), job.output, k=job.k, energy=job.energy,
+                               augment=job.augment, base_id=job.base or "")
 
 
 def _train(recipe: dict, path: Path) -> Iterator[Event]:

@@ -5,12 +5,16 @@ shared by a collection, and loadings alpha (r, K), beta (K, r) owned by one adap
 compressed collection gives one of these back for each stored adapter; a new adapter trains only
 its loadings (2 K r numbers per layer instead of r (in + out)). `to_lora` writes it as a plain
 LoRA exactly: A = alpha V_A, B = U_B beta, alpha = rank.
+
+Pure torch: this module never opens a file. A trainable adapter on a collection file is built by
+`studio.subspace.training.build` (the subspace room reads collections).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -19,26 +23,38 @@ from studio.adapters.base import AdapterBase
 from studio.adapters.lora import LoraAdapter, LoraLayer
 
 
+Init = Literal["zero", "mean", "nearest"]
+INITS = ("zero", "mean", "nearest")
+
+
 @dataclass
 class EigenLoraConfig:
-    """A new EigenLoRA adapter on a compressed collection's components.
+    """A new EigenLoRA adapter on a compressed collection's components (the ``[adapter]`` table of
+    a train config with ``family = "eigenlora"``)."""
 
-    ``collection``: path of the compressed collection file; ``k``: components per layer (None:
-    as stored; smaller keeps the leading ones); ``augment``: P extra random components,
-    orthogonal to the stored ones (seeded by ``seed``); ``rank``: r of the loadings.
-    """
-
-    collection: str = ""
-    k: int | None = None
-    augment: int = 0
-    seed: int = 0
-    rank: int = 32
+    collection: str = field(default="", metadata={"help": "compressed collection file (from `studio compress`) whose components the adapter uses"})
+    k: int | None = field(default=None, metadata={"help": "components per layer (default: as stored; smaller keeps the leading ones)"})
+    augment: int = field(default=0, metadata={"help": "P extra random components per layer, orthogonal to the stored ones (seeded by seed)"})
+    seed: int = field(default=0, metadata={"help": "seed of the augmented components and of the random initial loadings"})
+    rank: int = field(default=32, metadata={"help": "r of the loadings alpha (r x K) and beta (K x r)"})
+    init: Init = field(default="zero", metadata={"help": (
+        "starting update: 'zero' (dW = 0, alpha random, beta zero, as LoRA), 'mean' (the collection's mean "
+        "adapter: the mean of the stored adapters' loadings cores beta @ alpha per layer), 'nearest' (the stored "
+        "adapter closest to init_reference, or the one closest to the mean when init_reference is empty)"
+    )})
+    init_reference: str = field(default="", metadata={"help": (
+        "with init = 'nearest': a stored adapter's name, or a LoRA file whose nearest stored adapter (by update cosine) starts the training"
+    )})
 
     def __post_init__(self) -> None:
         if self.k is not None and self.k < 1:
             raise ValueError(f"EigenLoraConfig.k must be >= 1 or None, got {self.k}")
         if self.augment < 0 or self.rank < 1:
             raise ValueError(f"EigenLoraConfig needs augment >= 0 and rank >= 1, got {self.augment}, {self.rank}")
+        if self.init not in INITS:
+            raise ValueError(f"EigenLoraConfig.init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.init_reference and self.init != "nearest":
+            raise ValueError(f"EigenLoraConfig.init_reference is used with init = 'nearest' only (init is {self.init!r})")
 
 
 class EigenLoraLayer(nn.Module):
@@ -94,8 +110,11 @@ class EigenLoraAdapter(nn.Module, AdapterBase):
         self.weight_shapes = dict(weight_shapes or {})
 
     @classmethod
-    def new(cls, name: str, components: dict[str, tuple[Tensor, Tensor]], rank: int, seed: int = 0) -> "EigenLoraAdapter":
-        """A fresh adapter to train: alpha random (Kaiming-uniform over K), beta zero, so dW = 0."""
+    def new(cls, name: str, components: dict[str, tuple[Tensor, Tensor]], rank: int, seed: int = 0, cores: dict[str, Tensor] | None = None) -> "EigenLoraAdapter":
+        """A fresh adapter to train. Without ``cores``: alpha random (Kaiming-uniform over K), beta
+        zero, so dW = 0. With ``cores`` (layer -> K x K starting core C, dW = U C V): the rank-r
+        balanced factors of C (beta = P S^1/2, alpha = S^1/2 R^T from its SVD); directions beyond
+        C's rank get random alpha rows and zero beta columns, so they train from dW unchanged."""
         generator = torch.Generator().manual_seed(seed)
         layers = {}
         for layer, (down_components, up_components) in components.items():
@@ -103,6 +122,8 @@ class EigenLoraAdapter(nn.Module, AdapterBase):
             bound = 1.0 / math.sqrt(max(k, 1))
             alpha = (torch.rand(rank, k, generator=generator) * 2 - 1) * bound
             beta = torch.zeros(k, rank)
+            if cores is not None and layer in cores:
+                alpha, beta = _factor_core(cores[layer].double(), alpha, beta)
             layers[layer] = EigenLoraLayer(down_components, up_components, alpha, beta)
         return cls(name, layers)
 
@@ -149,23 +170,22 @@ class EigenLoraAdapter(nn.Module, AdapterBase):
         return LoraAdapter(self.name, lora_layers, dict(self.metadata), "studio")
 
 
+CORE_TOLERANCE = 1e-7  # singular values of a starting core below this fraction of the largest are zero
+
+
+def _factor_core(core: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """Balanced rank-r factors of ``core`` (K x K) written into copies of ``alpha`` (r, K) / ``beta`` (K, r):
+    the leading singular directions, at most r (a core of higher rank is truncated); rows of alpha beyond
+    the core's rank keep their random values and beta's columns their zeros."""
+    left, values, right = torch.linalg.svd(core)
+    nonzero = int((values > CORE_TOLERANCE * values[:1].clamp_min(torch.finfo(values.dtype).tiny)).sum()) if values.numel() else 0
+    count = min(alpha.shape[0], nonzero)
+    root = values[:count].sqrt()
+    alpha, beta = alpha.clone(), beta.clone()
+    alpha[:count] = (root.unsqueeze(1) * right[:count]).float()
+    beta[:, :count] = (left[:, :count] * root.unsqueeze(0)).float()
+    return alpha, beta
+
+
 FAMILY = "eigenlora"
 Config = EigenLoraConfig
-
-
-def build(config: EigenLoraConfig, tree) -> "EigenLoraAdapter":
-    """A new trainable adapter on the components of ``config.collection`` (only loadings train).
-
-    The components live in a compressed collection file; reading it is the subspace room's job,
-    so it is imported here, at build time, and never by the math above.
-    """
-    from studio.errors import ConfigError
-    from studio.subspace.collection import CompressedCollection
-
-    if not config.collection:
-        raise ConfigError("[adapter] family 'eigenlora' needs collection = <compressed collection file>")
-    adapter = CompressedCollection.load(config.collection).new_adapter(config, name=FAMILY)
-    unknown = [layer for layer in adapter.layers() if layer not in tree.modules]
-    if unknown:
-        raise ConfigError(f"collection {config.collection}: {len(unknown)} layer(s) not in base {tree.label}, e.g. {unknown[0]}")
-    return adapter

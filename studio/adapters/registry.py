@@ -10,6 +10,7 @@ registered here explicitly, as peft's ``register_peft_method`` does; nothing is 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -62,7 +63,16 @@ def register_family(name: str, config_class: type, build: Callable[[Any, ModuleT
 
 register_family("lora", lora_train.Config, lora_train.build, TrainingDefaults(learning_rate=1e-3),
                 "plain LoRA: A and B per layer")
-register_family("eigenlora", eigenlora.Config, eigenlora.build, TrainingDefaults(learning_rate=1e-2),
+def _late(target: str) -> Callable[[Any, ModuleTree], nn.Module]:
+    """A builder named "module:function", imported when first called: the eigenlora builder opens a
+    collection file, which is the subspace room's job (the family module itself stays pure torch)."""
+    def build(config: Any, tree: ModuleTree) -> nn.Module:
+        module, _, function = target.partition(":")
+        return getattr(importlib.import_module(module), function)(config, tree)
+    return build
+
+
+register_family("eigenlora", eigenlora.Config, _late("studio.subspace.training:build"), TrainingDefaults(learning_rate=1e-2),
                 "EigenLoRAx: only the loadings against a compressed collection's components train")
 register_family("superlora", superlora.Config, superlora.build, TrainingDefaults(learning_rate=1e-2),
                 "SuperLoRA: grouped / Kronecker / Tucker factors shared across layers")

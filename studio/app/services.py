@@ -234,7 +234,7 @@ class Studio:
 
     def compress(self, form: CompressForm) -> Iterator[Event]:
         """`studio.subspace.compress_events` on the collection, then `studio.verbs.export` per adapter."""
-        from studio.subspace.verbs import HeldSource, compress_events
+        from studio.subspace import HeldSource, compress_events
         from studio.verbs import export
 
         with self.lock:

@@ -64,7 +64,7 @@ def run(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from studio.subspace.verbs import compress_events, file_sources
+    from studio.subspace import compress_events, file_sources
 
     device, started = _start_distributed(args.device)
     try:

@@ -19,7 +19,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from studio.formats import load_adapter
     from studio.subspace.collection import CompressedCollection
-    from studio.subspace.verbs import project_adapter
+    from studio.subspace import project_adapter
 
     collection = CompressedCollection.load(args.collection)
     result = project_adapter(collection, load_adapter(args.adapter, args.base))

@@ -9,6 +9,10 @@ The header metadata ``studio.collection`` (JSON) holds the layer names and shape
 the adapter names, sha256 and errors, and the base model id. Per-adapter details live in
 tensors so the header stays small for thousands of adapters. Reading is safe (no pickle,
 capped header) and lazy: components at load, one adapter's loadings when asked.
+
+This module is the one place that knows the layout: writing (`collection_metadata`, `save`) and
+reading (`read_collection`: header caps and byte ranges by `studio.formats.safe.read_header`, then
+every expected key, dtype and shape against the metadata, and orthonormal components).
 """
 
 from __future__ import annotations
@@ -20,15 +24,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from studio.adapters.eigenlora import EigenLoraAdapter, EigenLoraConfig, EigenLoraLayer
+from studio.adapters.eigenlora import EigenLoraAdapter, EigenLoraLayer
 from studio.adapters.lora import LoraAdapter, LoraLayer
 from studio.errors import FormatError, StudioError
-from studio.subspace.extract import LayerSubspace, layer_seed, orthonormal_complement
+from studio.subspace.extract import LayerSubspace
 from studio.subspace.spool import TensorSpool, write_spools
 
 FORMAT_TAG = "studio.eigenlora-collection"
 FORMAT_VERSION = "1"
 ORTHONORMAL_TOLERANCE = 1e-3
+RECONSTRUCTION_KEYS = ("studio.reconstructed_from", "studio.reconstruction_error", "studio.original_sha256")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class AdapterRecord:
     source_format: str = ""
     base_arch: str = ""
     bytes_in: int = 0
+    norm: float = 0.0  # ||dW||_F over all layers (canonical factors, scale folded in)
 
     def summary(self) -> dict:
         return {"name": self.name, "sha256": self.sha256, "rel_error": self.rel_error}
@@ -121,8 +127,11 @@ def record_from_info(raw: Tensor, order: list[str], where: str) -> AdapterRecord
     return record
 
 
-def collection_metadata(base_id: str, spec: dict, layers: dict[str, LayerSubspace], shapes: dict[str, LayerShape], summaries: list[dict]) -> dict[str, str]:
-    """The header metadata: format tag, version and the ``studio.collection`` JSON."""
+def collection_metadata(
+    base_id: str, spec: dict, layers: dict[str, LayerSubspace], shapes: dict[str, LayerShape], summaries: list[dict], report: dict | None = None
+) -> dict[str, str]:
+    """The header metadata: format tag, version and the ``studio.collection`` JSON (with the
+    collection report's overall numbers and verdict when given)."""
     layer_list = [
         {
             "name": name, "in": shapes[name].in_features, "out": shapes[name].out_features,
@@ -132,13 +141,16 @@ def collection_metadata(base_id: str, spec: dict, layers: dict[str, LayerSubspac
         for name, sub in layers.items()
     ]
     body = {"base_id": base_id, "spec": spec, "layers": layer_list, "adapters": summaries}
+    if report:
+        body["report"] = report
     return {"studio.format": FORMAT_TAG, "studio.version": FORMAT_VERSION, "studio.collection": json.dumps(body)}
 
 
 class CompressedCollection:
     """Shared components and the stored adapters of a compressed collection.
 
-    Built in memory by `studio.subspace.verbs.compress` or read from a file by `load`.
+    Read from a file by `load` (what `compress_events` returns), or built in memory by the test
+    oracle (`studio.subspace.oracle`) and saved with `save`.
     """
 
     def __init__(
@@ -151,6 +163,7 @@ class CompressedCollection:
         path: Path | None = None,
         records: list[AdapterRecord] | None = None,
         loadings: list[Tensor] | None = None,
+        report: dict | None = None,
     ) -> None:
         self.layers = layers
         self.shapes = shapes
@@ -160,6 +173,7 @@ class CompressedCollection:
         self.path = path
         self._records = records
         self._loadings = loadings
+        self.report = dict(report or {})  # overall numbers and verdict of the compress that wrote it
         self._order = list(layers)
         self._positions = {s["name"]: j for j, s in enumerate(summaries)}
         if len(self._positions) != len(summaries):
@@ -212,26 +226,19 @@ class CompressedCollection:
         return EigenLoraAdapter(name, layers, record.metadata, shapes)
 
     def export(self, name: str) -> LoraAdapter:
-        """The stored adapter as a plain LoRA (alpha = rank, original metadata carried over)."""
+        """The stored adapter as a plain LoRA (alpha = rank). The original metadata is carried over
+        and tagged as a reconstruction (`RECONSTRUCTION_KEYS`: source collection, relative error,
+        the original file's sha256), so that no tool takes it for the original file."""
         record = self.record(name)
         lora = self.adapter(name).to_lora()
         lora.base_arch = record.base_arch
+        lora.metadata.update({
+            "studio.reconstructed_from": Path(self.path).name if self.path else "compressed collection",
+            "studio.reconstruction_error": f"{record.rel_error:.6g}",
+            "studio.original_sha256": record.sha256,
+        })
         lora.notes.append(f"reconstructed from {self._where()} (relative error {record.rel_error:.3e})")
         return lora
-
-    def new_adapter(self, config: EigenLoraConfig, name: str = "eigenlora") -> EigenLoraAdapter:
-        """A fresh trainable adapter on these components: the first ``config.k`` per layer plus
-        ``config.augment`` seeded random components orthogonal to them."""
-        components = {}
-        for layer, sub in self.layers.items():
-            k = min(config.k or sub.k, sub.k)
-            down, up = sub.down_components[:k].double(), sub.up_components[:, :k].double()
-            generator = torch.Generator().manual_seed(layer_seed(config.seed, layer))
-            extra = min(config.augment, min(down.shape[1], up.shape[0]) - k)
-            down = torch.cat([down.T, orthonormal_complement(down.T, extra, generator)], dim=1).T
-            up = torch.cat([up, orthonormal_complement(up, extra, generator)], dim=1)
-            components[layer] = (down.float().contiguous(), up.float().contiguous())
-        return EigenLoraAdapter.new(name, components, config.rank, config.seed)
 
     def save(self, path: str | Path) -> Path:
         """Write an in-memory collection to one safetensors file (atomically)."""
@@ -247,7 +254,7 @@ class CompressedCollection:
                 spool.add(f"adapter.{j}.loadings", flat)
                 spool.add(f"adapter.{j}.info", info_tensor(record, self._order))
             spool.close()
-            metadata = collection_metadata(self.base_id, self.spec, self.layers, self.shapes, self.summaries)
+            metadata = collection_metadata(self.base_id, self.spec, self.layers, self.shapes, self.summaries, self.report)
             return write_spools(path, [(spool.path, spool.entries, spool.size)], metadata)
         finally:
             spool.remove()
@@ -264,11 +271,106 @@ class CompressedCollection:
     @classmethod
     def load(cls, path: str | Path) -> "CompressedCollection":
         """Read and check a collection file: header caps, format tag, every tensor's shape."""
-        from studio.subspace.reading import read_collection
-
         return read_collection(Path(path))
 
 
 def export_from_collection(path: str | Path, name: str) -> LoraAdapter:
     """A stored adapter of a collection file as a plain LoRA (alpha = rank), for `studio export`."""
     return CompressedCollection.load(path).export(name)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _body(path: Path, metadata: dict[str, str]) -> dict:
+    if metadata.get("studio.format") != FORMAT_TAG:
+        raise FormatError(f"{path}: not a compressed collection (studio.format is {metadata.get('studio.format')!r})")
+    if metadata.get("studio.version") != FORMAT_VERSION:
+        raise FormatError(f"{path}: collection format version {metadata.get('studio.version')!r}, this studio reads {FORMAT_VERSION}")
+    try:
+        body = json.loads(metadata["studio.collection"])
+        if not isinstance(body.get("layers"), list) or not isinstance(body.get("adapters"), list):
+            raise TypeError("layers and adapters must be lists")
+    except (KeyError, json.JSONDecodeError, TypeError, AttributeError) as error:
+        raise FormatError(f"{path}: invalid studio.collection metadata ({error})") from error
+    return body
+
+
+def _expect(path: Path, entries: dict, key: str, dtype: str, shape: list[int] | None, ndim: int) -> None:
+    entry = entries.get(key)
+    if entry is None:
+        raise FormatError(f"{path}: tensor {key!r} is missing")
+    if entry["dtype"] != dtype or len(entry["shape"]) != ndim or (shape is not None and entry["shape"] != shape):
+        wanted = shape if shape is not None else f"{ndim}-D"
+        raise FormatError(f"{path}: tensor {key!r} is {entry['dtype']} {entry['shape']}, expected {dtype} {wanted}")
+
+
+def _check_layer(path: Path, entries: dict, i: int, layer: dict) -> tuple[str, LayerShape, int]:
+    try:
+        name, k = str(layer["name"]), int(layer["k"])
+        shape = LayerShape(int(layer["in"]), int(layer["out"]), tuple(int(d) for d in layer["down_tail"]), tuple(int(d) for d in layer["up_tail"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise FormatError(f"{path}: layer {i} description is invalid ({error})") from error
+    _expect(path, entries, f"layer.{i}.down_components", "F32", [k, shape.in_features], 2)
+    _expect(path, entries, f"layer.{i}.up_components", "F32", [shape.out_features, k], 2)
+    _expect(path, entries, f"layer.{i}.down_explained", "F32", None, 1)
+    _expect(path, entries, f"layer.{i}.up_explained", "F32", None, 1)
+    return name, shape, k
+
+
+def _check_orthonormal(path: Path, name: str, down: torch.Tensor, up: torch.Tensor) -> None:
+    for side, gram in (("down", down.double() @ down.double().T), ("up", up.double().T @ up.double())):
+        deviation = (gram - torch.eye(gram.shape[0], dtype=gram.dtype)).abs()
+        if not torch.isfinite(gram).all() or (deviation.numel() and float(deviation.max()) > ORTHONORMAL_TOLERANCE):
+            raise FormatError(f"{path}: {side} components of layer {name!r} are not orthonormal (corrupt file?)")
+
+
+def read_collection(path: Path) -> CompressedCollection:
+    """Load the components and the adapter list of a collection; loadings stay on disk."""
+    from safetensors import safe_open
+
+    from studio.formats.safe import read_header
+
+    entries, metadata = read_header(path)
+    body = _body(path, metadata)
+    expected_keys, layers, shapes = set(), {}, {}
+    checked = [_check_layer(path, entries, i, layer) for i, layer in enumerate(body["layers"])]
+    for j, summary in enumerate(body["adapters"]):
+        if not isinstance(summary, dict) or not isinstance(summary.get("name"), str):
+            raise FormatError(f"{path}: adapter {j} summary is invalid")
+        _expect(path, entries, f"adapter.{j}.loadings", "F32", None, 1)
+        _expect(path, entries, f"adapter.{j}.info", "U8", None, 1)
+        expected_keys |= {f"adapter.{j}.loadings", f"adapter.{j}.info"}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for i, (name, shape, k) in enumerate(checked):
+                tensors = {part: handle.get_tensor(f"layer.{i}.{part}") for part in ("down_components", "up_components", "down_explained", "up_explained")}
+                expected_keys |= {f"layer.{i}.{part}" for part in tensors}
+                _check_orthonormal(path, name, tensors["down_components"], tensors["up_components"])
+                layer = body["layers"][i]
+                layers[name] = LayerSubspace(**tensors, requested_k=int(layer.get("requested_k", k)), principal_k=int(layer.get("principal_k", k)), augment=int(layer.get("augment", 0)))
+                shapes[name] = shape
+    except FormatError:
+        raise
+    except Exception as error:  # safetensors' own error types
+        raise FormatError(f"{path}: could not read components ({error})") from error
+    extra = set(entries) - expected_keys
+    if extra:
+        raise FormatError(f"{path}: unexpected tensors {sorted(extra)[:5]}")
+    if len(layers) != len(checked):
+        raise FormatError(f"{path}: a layer name appears twice")
+    summaries = [{"name": s["name"], "sha256": str(s.get("sha256", "")), "rel_error": float(s.get("rel_error", 0.0))} for s in body["adapters"]]
+    report = body.get("report") if isinstance(body.get("report"), dict) else None
+    return CompressedCollection(layers, shapes, summaries, str(body.get("base_id", "")), body.get("spec") or {}, path, report=report)
+
+
+def is_collection_file(path: str | Path) -> bool:
+    """Whether ``path`` is a compressed collection (its header says so); reads the header only.
+    A file whose header cannot be read is not one (the LoRA reader then names its problem)."""
+    from studio.formats.safe import read_header
+
+    try:
+        _, metadata = read_header(Path(path))
+    except (StudioError, OSError):
+        return False
+    return metadata.get("studio.format") == FORMAT_TAG

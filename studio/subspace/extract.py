@@ -53,6 +53,9 @@ class SubspaceSpec:
         if self.augment < 0:
             raise ValueError(f"augment must be >= 0, got {self.augment}")
 
+    def as_json(self) -> dict:
+        return {"k": self.k, "energy": self.energy, "augment": self.augment, "seed": self.seed}
+
 
 @dataclass
 class Directions:
@@ -178,7 +181,14 @@ def directions_batch(rows: Tensor) -> list[Directions]:
     count, dim = rows64.shape[-2:]
     if count > dim:
         return directions_from_covariances(rows64.mT @ rows64, [count] * rows64.shape[0])
-    energies, mixing = _sorted_eigh(rows64 @ rows64.mT)  # (L, M, M)
+    return directions_from_grams(rows64, rows64 @ rows64.mT)
+
+
+def directions_from_grams(rows64: Tensor, grams: Tensor) -> list[Directions]:
+    """Directions of row sets (L, M, d) from their Gram matrices (L, M, M) = rows @ rows^T:
+    eigenvectors E of the Gram give the directions rows^T E / sqrt(lambda) (one batched eigh)."""
+    count = rows64.shape[-2]
+    energies, mixing = _sorted_eigh(grams)  # (L, M, M)
     kept = _kept_counts(energies)
     widest = max(kept, default=0)
     roots = energies[:, :widest].clamp_min(torch.finfo(torch.float64).tiny).sqrt()
@@ -202,12 +212,15 @@ def directions_from_covariances(covariances: Tensor, counts: list[int]) -> list[
 
 
 def explained_curve(energies: Tensor) -> Tensor:
-    """Cumulative explained-energy fraction of the first 1, 2, ... components (float32)."""
-    energies = energies[:MAX_CURVE].double()
+    """Cumulative explained-energy fraction of the first 1, 2, ... components (float32), kept up to
+    `MAX_CURVE` components; the fractions are of the energy of ALL components, so a kept curve
+    that stops short of the last component ends below 1. Non-decreasing by construction
+    (descending, clamped non-negative energies), capped at 1 against rounding."""
+    energies = energies.double().clamp_min(0.0)
     total = energies.sum() if energies.numel() else energies.new_zeros(())
     if total <= 0:
-        return torch.zeros_like(energies, dtype=torch.float32)
-    return (energies.cumsum(0) / total).float()
+        return torch.zeros(min(energies.numel(), MAX_CURVE), dtype=torch.float32)
+    return (energies[:MAX_CURVE].cumsum(0) / total).clamp_max(1.0).float()
 
 
 def components_for_energy(energies: Tensor, energy: float) -> int:

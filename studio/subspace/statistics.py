@@ -1,25 +1,43 @@
-"""Per-layer statistics for streaming extraction: memory independent of the number of adapters.
+"""Per-layer statistics for streaming extraction: bounded memory, exact results.
 
-For each layer, the sums  sum_i A_i^T A_i  (in x in) and  sum_i B_i B_i^T  (out x out) of the
-canonical factors hold everything the principal directions need (their eigenvectors are the
-right / left singular vectors of the stacked matrices). Adapters are added one at a time and
-dropped; ranks of torch.distributed each sum their shard and the sums are all-reduced.
+Each layer takes one of two routes, chosen when the layer is first seen from the expected number
+of stacked rows M = N * r (N adapters of rank r) against the layer's width:
+
+- ``gram``: while M <= max(in, out) (and M <= `GRAM_MAX_ROWS`), the canonical factors themselves
+  are kept (M x in and out x M: less than a d x d sum) and the directions come from the M x M Gram
+  matrices of the stacked factors. The same Grams give every pair of adapters' update inner
+  products <dW_i, dW_j> exactly (near-duplicates, the mean-adapter baseline).
+- ``covariance``: otherwise the sums  sum_i A_i^T A_i (in x in) and sum_i B_i B_i^T (out x out)
+  are accumulated (memory independent of N) and eigendecomposed at the end; ranks of
+  torch.distributed each sum their shard and the sums are all-reduced (distributed runs always
+  take this route).
+
+Both routes give the same directions (eigenvectors of the same sums) up to float rounding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 
-from studio.adapters.lora import LoraAdapter, LoraLayer
+from studio.adapters.lora import LoraLayer
 from studio.errors import StudioError
 from studio.subspace.canonical import canonical_batch
 from studio.subspace.collection import LayerShape
 from studio.subspace.distributed import all_gather_json, all_reduce_sum
-from studio.subspace.extract import Directions, LayerSubspace, SubspaceSpec, build_subspace, chunks, directions_from_covariances, layer_seed
+from studio.subspace.extract import (
+    Directions, LayerSubspace, SubspaceSpec, build_subspace, chunks, directions_from_covariances, directions_from_grams, layer_seed,
+)
+
+GRAM_MAX_ROWS = 4096  # stacked rows above which a layer sums d x d covariances instead (Gram eigh cost ~ M^3)
+# Numbers per float64 stack when fitting gram layers (stacked factors, Grams and directions are each
+# about this size): 128 MiB on a CPU, where peak memory is the target; 512 MiB on a GPU.
+GRAM_BATCH = {"cpu": 1 << 24, "cuda": 1 << 26}
+Route = Literal["gram", "covariance"]
+Factors = dict[str, tuple[Tensor, Tensor]]
 
 
 def canonical_factors(layer: LoraLayer, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
@@ -62,69 +80,153 @@ def check_shape(shapes: dict[str, LayerShape], layer: str, shape: LayerShape, ad
 
 @dataclass
 class LayerStatistics:
-    """Sums of A^T A and B B^T over the adapters having this layer, and how many rows (sum of r)."""
+    """One layer's statistics: kept factors (gram route) or summed covariances, and who has it."""
 
-    down_covariance: Tensor
-    up_covariance: Tensor
-    count: int = 0
+    route: Route
+    members: list[int] = field(default_factory=list)  # adapter indices having the layer, in order added
+    position: dict[int, int] = field(default_factory=dict)  # adapter index -> its place in members
+    ranks: list[int] = field(default_factory=list)
+    downs: list[Tensor] = field(default_factory=list)  # gram route: canonical A (r, in) per member
+    ups: list[Tensor] = field(default_factory=list)  # gram route: canonical B (out, r) per member
+    down_covariance: Tensor | None = None
+    up_covariance: Tensor | None = None
+    count: int = 0  # stacked rows (sum of ranks)
+
+
+@dataclass
+class FittedLayer:
+    """A layer's components plus what the report needs: all directions and energies of both sides
+    (leave-one-out), and for gram layers the members' exact update inner products."""
+
+    subspace: LayerSubspace
+    down: Directions
+    up: Directions
+    route: Route
+    members: list[int]
+    pair_products: Tensor | None = None  # (n, n) float64 <dW_i, dW_j> over `members` (gram route)
 
 
 class CollectionStatistics:
-    """Streaming accumulator: `add` one adapter at a time, `all_reduce` across ranks, `subspaces`."""
+    """Streaming accumulator: `add` one adapter's canonical factors at a time, `all_reduce` across
+    ranks, then `fit` the components. ``expected`` is the number of adapters of the whole run
+    (all ranks): with ``gram`` False (distributed runs) every layer sums covariances."""
 
-    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, expected: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64, gram: bool = True) -> None:
+        self.expected = expected
         self.device = torch.device(device)
         self.dtype = dtype
+        self.gram = gram
         self.layers: dict[str, LayerStatistics] = {}
         self.shapes: dict[str, LayerShape] = {}
 
-    def _layer(self, name: str) -> LayerStatistics:
+    def _layer(self, name: str, rank: int) -> LayerStatistics:
         if name not in self.layers:
             shape = self.shapes[name]
-            self.layers[name] = LayerStatistics(
-                torch.zeros(shape.in_features, shape.in_features, dtype=self.dtype, device=self.device),
-                torch.zeros(shape.out_features, shape.out_features, dtype=self.dtype, device=self.device),
-            )
+            rows = self.expected * rank
+            if self.gram and rows <= min(max(shape.in_features, shape.out_features), GRAM_MAX_ROWS):
+                self.layers[name] = LayerStatistics("gram")
+            else:
+                self.layers[name] = LayerStatistics(
+                    "covariance", down_covariance=self._zeros(shape.in_features), up_covariance=self._zeros(shape.out_features)
+                )
         return self.layers[name]
 
-    def add(self, adapter: LoraAdapter) -> None:
-        """Accumulate one adapter's canonical factors (the adapter can be dropped afterwards)."""
-        for name, lora_layer in adapter.lora_layers.items():
-            check_shape(self.shapes, name, LayerShape.of(lora_layer), adapter.name)
-        canonicals = canonical_layers(list(adapter.lora_layers.values()), self.device)
-        for name, (down, up) in zip(adapter.lora_layers, canonicals):
-            stats = self._layer(name)
-            stats.down_covariance.addmm_(down.T.to(self.dtype), down.to(self.dtype))
-            stats.up_covariance.addmm_(up.to(self.dtype), up.T.to(self.dtype))
+    def _zeros(self, dim: int) -> Tensor:
+        return torch.zeros(dim, dim, dtype=self.dtype, device=self.device)
+
+    def add(self, index: int, factors: Factors) -> Factors:
+        """Accumulate adapter ``index``'s canonical factors (float32, on the device); the gram
+        route keeps references to them (`kept`), the covariance route only their sums. Returns the
+        factors of the covariance-route layers (the caller keeps those for the second pass)."""
+        summed = {}
+        for name, (down, up) in factors.items():
+            stats = self._layer(name, down.shape[0])
+            stats.position[index] = len(stats.members)
+            stats.members.append(index)
+            stats.ranks.append(down.shape[0])
             stats.count += down.shape[0]
+            if stats.route == "gram":
+                stats.downs.append(down)
+                stats.ups.append(up)
+            else:
+                stats.down_covariance.addmm_(down.T.to(self.dtype), down.to(self.dtype))
+                stats.up_covariance.addmm_(up.to(self.dtype), up.T.to(self.dtype))
+                summed[name] = (down, up)
+        return summed
+
+    def kept(self, index: int) -> Factors:
+        """Adapter ``index``'s factors on the gram-route layers (device tensors, as added)."""
+        found = {}
+        for name, stats in self.layers.items():
+            if stats.route == "gram" and stats.downs:
+                position = stats.position.get(index)
+                if position is not None:
+                    found[name] = (stats.downs[position], stats.ups[position])
+        return found
+
+    def release(self) -> None:
+        """Drop the kept factors and the sums (after the second pass)."""
+        for stats in self.layers.values():
+            stats.downs, stats.ups, stats.down_covariance, stats.up_covariance = [], [], None, None
 
     def all_reduce(self, group=None) -> None:
-        """Sum the statistics of every rank (layers seen by any rank), layers in sorted order."""
+        """Sum the statistics of every rank (layers seen by any rank), layers in sorted order.
+        Only the covariance route can be reduced (distributed runs use nothing else)."""
         gathered = all_gather_json({name: [s.in_features, s.out_features, list(s.down_tail), list(s.up_tail)] for name, s in self.shapes.items()}, group)
         for rank_shapes in gathered:
             for name, (n_in, n_out, down_tail, up_tail) in rank_shapes.items():
                 check_shape(self.shapes, name, LayerShape(n_in, n_out, tuple(down_tail), tuple(up_tail)), f"(another rank's adapter with layer {name})")
         self.shapes = {name: self.shapes[name] for name in sorted(self.shapes)}
-        reduced = {}
+        members = all_gather_json({name: s.members for name, s in self.layers.items()}, group)
         for name in self.shapes:
-            stats = self._layer(name)
-            all_reduce_sum(stats.down_covariance, group)
-            all_reduce_sum(stats.up_covariance, group)
-            count = all_reduce_sum(torch.tensor([stats.count], dtype=torch.float64), group)
-            reduced[name] = LayerStatistics(stats.down_covariance, stats.up_covariance, int(count.item()))
-        self.layers = reduced
+            stats = self._layer(name, 1)
+            if stats.route == "covariance":
+                all_reduce_sum(stats.down_covariance, group)
+                all_reduce_sum(stats.up_covariance, group)
+                stats.count = int(all_reduce_sum(torch.tensor([stats.count], dtype=torch.float64), group).item())
+                stats.members = sorted(i for rank_members in members for i in rank_members.get(name, []))
+        self.layers = {name: self.layers[name] for name in self.shapes}
 
-    def subspaces(self, spec: SubspaceSpec) -> dict[str, LayerSubspace]:
-        """Components of every layer from the (reduced) sums; K clamping is left to the caller to report.
-
-        Covariances of equal size go through one batched eigh (in chunks of `BATCH_ELEMENTS`)."""
+    def fit(self, spec: SubspaceSpec) -> dict[str, FittedLayer]:
+        """Components of every layer (sorted by name) with their directions; K clamping is left to
+        the caller to report. Gram layers of equal (M, in, out) and covariances of equal size go
+        through batched eighs (in chunks of `BATCH_ELEMENTS`). The sums are released; kept factors
+        stay for the second pass (`kept`, then `release`)."""
         names = sorted(self.layers)
+        found: dict[str, tuple[Directions, Directions, Tensor | None]] = {}
+        found.update(self._fit_grams([n for n in names if self.layers[n].route == "gram"]))
+        found.update(self._fit_covariances([n for n in names if self.layers[n].route == "covariance"]))
+        fitted = {}
+        for name in names:
+            down, up, products = found[name]
+            shape, stats = self.shapes[name], self.layers[name]
+            subspace = build_subspace(down, up, spec, layer_seed(spec.seed, name), shape.in_features, shape.out_features)
+            fitted[name] = FittedLayer(subspace, down, up, stats.route, list(stats.members), products)
+            stats.down_covariance, stats.up_covariance = None, None
+        return fitted
+
+    def _fit_grams(self, names: list[str]) -> dict[str, tuple[Directions, Directions, Tensor]]:
+        groups: dict[tuple[int, int, int, tuple[int, ...]], list[str]] = {}
+        for name in names:
+            stats, shape = self.layers[name], self.shapes[name]
+            groups.setdefault((stats.count, shape.in_features, shape.out_features, tuple(stats.ranks)), []).append(name)
+        result = {}
+        for (count, n_in, n_out, ranks), members in groups.items():
+            owner = _owner_matrix(list(ranks), self.device)
+            for part in chunks(len(members), 2 * count * (n_in + n_out + count), GRAM_BATCH.get(self.device.type, 1 << 24)):
+                batch = [members[j] for j in part]
+                downs = torch.stack([torch.cat(self.layers[n].downs) for n in batch]).double()  # (L, M, in)
+                ups = torch.stack([torch.cat(self.layers[n].ups, dim=1).T for n in batch]).double()  # (L, M, out)
+                down_grams, up_grams = downs @ downs.mT, ups @ ups.mT
+                products = owner.T @ (down_grams * up_grams) @ owner  # (L, n, n): <dW_i, dW_j>
+                for name, d, u, p in zip(batch, directions_from_grams(downs, down_grams), directions_from_grams(ups, up_grams), products):
+                    result[name] = (d, u, p)
+        return result
+
+    def _fit_covariances(self, names: list[str]) -> dict[str, tuple[Directions, Directions, None]]:
         down = self._directions(names, lambda s: s.down_covariance)
         up = self._directions(names, lambda s: s.up_covariance)
-        return {
-            name: build_subspace(down[name], up[name], spec, layer_seed(spec.seed, name), self.shapes[name].in_features, self.shapes[name].out_features)
-            for name in names
-        }
+        return {name: (down[name], up[name], None) for name in names}
 
     def _directions(self, names: list[str], side) -> dict[str, Directions]:
         """Directions of one side (``side(stats)`` is its covariance) of every named layer."""
@@ -142,4 +244,18 @@ class CollectionStatistics:
 
     def nbytes(self) -> int:
         """Bytes held by the statistics (for memory reports and tests)."""
-        return sum(s.down_covariance.nbytes + s.up_covariance.nbytes for s in self.layers.values())
+        total = 0
+        for s in self.layers.values():
+            total += sum(t.nbytes for t in s.downs) + sum(t.nbytes for t in s.ups)
+            total += sum(t.nbytes for t in (s.down_covariance, s.up_covariance) if t is not None)
+        return total
+
+
+def _owner_matrix(ranks: list[int], device: torch.device) -> Tensor:
+    """(M, n) float64 indicator: row p of the stacked factors belongs to member j."""
+    owner = torch.zeros(sum(ranks), len(ranks), dtype=torch.float64, device=device)
+    start = 0
+    for j, rank in enumerate(ranks):
+        owner[start : start + rank, j] = 1.0
+        start += rank
+    return owner

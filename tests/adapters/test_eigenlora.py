@@ -83,11 +83,10 @@ def test_bad_shapes_and_configs_are_refused():
 
 
 def test_collection_adapters_share_their_basis_and_core_rebuilds_delta(tmp_path):
-    from tests.subspace.synthetic import shared_collection
-    from studio.subspace.verbs import compress
+    from tests.subspace.synthetic import compressed, shared_collection
 
     adapters = shared_collection(n=3, true_k=4)
-    collection = compress(adapters, k=4).collection
+    collection = compressed(adapters, k=4).collection
     first, second = collection.adapter(adapters[0].name), collection.adapter(adapters[1].name)
     layer = first.layers()[0]
     assert all(a is b for a, b in zip(first.basis(layer), second.basis(layer)))

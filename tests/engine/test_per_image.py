@@ -71,10 +71,11 @@ def test_per_image_needs_one_entry_per_image(engine):
 
 
 def test_compressed_collection_spec_generates_like_its_exported_lora(engine, tmp_path):
-    verbs = pytest.importorskip("studio.subspace.verbs")
+    from studio.subspace import compress_sources, held_sources
+
     loras = [random_lora(engine, f"c{i}", 90 + i, layers=attention_layers(engine, text_encoder=False)) for i in range(3)]
     path = tmp_path / "coll.safetensors"
-    verbs.compress(loras, k=8, output=path, base_id="tiny")
+    compress_sources(held_sources(loras), path, k=8, base_id="tiny")
     from studio.subspace.collection import CompressedCollection
 
     exported = CompressedCollection.load(path).export("c1")

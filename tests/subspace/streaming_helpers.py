@@ -84,6 +84,9 @@ def spawn_two(output: str, count: int, port: int) -> None:
     mp.spawn(distributed_worker, args=(2, port, output, count, dict(SHAPES)), nprocs=2, join=True)
 
 
+HELD_BYTES = 4 << 20
+
+
 def peak_memory_main() -> None:
     """``python -m tests.subspace.streaming_helpers COUNT OUTPUT``: print ru_maxrss (KiB) after compressing."""
     import resource
@@ -93,7 +96,7 @@ def peak_memory_main() -> None:
     count, output = int(sys.argv[1]), sys.argv[2]
     shapes = {f"unet.layer{i}.to_q": (768, 768) for i in range(4)}
     torch.set_num_threads(1)
-    compress_sources(sources(count, shapes, rank=32), output, k=8)
+    compress_sources(sources(count, shapes, rank=32), output, k=8, held_bytes=HELD_BYTES)  # factors beyond this spill to disk
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 

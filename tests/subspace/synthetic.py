@@ -50,3 +50,23 @@ def random_adapter(name: str, rank: int = 4, seed: int = 99, shapes=SHAPES) -> L
 def relative_delta_error(a, b, layer: str) -> float:
     reference = a.delta(layer)
     return float((b.delta(layer).float() - reference).norm() / reference.norm())
+
+
+_FOLDER: list = []
+
+
+def compressed(adapters: list[LoraAdapter], **options):
+    """`compress_sources` of in-memory adapters (the streaming compress every front end runs),
+    written to a file in a temporary folder removed at exit; returns the `CompressResult`."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from studio.subspace import compress_sources, held_sources
+
+    if not _FOLDER:
+        _FOLDER.append(Path(tempfile.mkdtemp(prefix="studio-subspace-tests-")))
+        atexit.register(shutil.rmtree, _FOLDER[0], True)
+    output = _FOLDER[0] / f"c{len(list(_FOLDER[0].iterdir()))}.safetensors"
+    return compress_sources(held_sources(adapters), output, **options)

@@ -13,7 +13,8 @@ from studio.subspace.canonical import _balanced, canonical_batch, fix_signs
 from studio.subspace.extract import batched_eigh, directions_batch, layer_seed, directions_from_covariance, directions_from_covariances, directions_from_rows
 from studio.subspace.project import error_parts, project
 from studio.subspace.statistics import canonical_layers
-from studio.subspace.verbs import collection_factors, fit_subspaces, reconstruct, reconstruct_all
+from studio.subspace.oracle import fit_subspaces
+from studio.subspace.reconstruct import collection_factors, reconstruct, reconstruct_all
 
 
 def _layer(rank: int, n_in: int, n_out: int, generator: torch.Generator, deficient: int | None = None) -> LoraLayer:

@@ -11,7 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from studio.adapters.eigenlora import EigenLoraConfig
 from studio.errors import FormatError
-from studio.subspace import CompressedCollection, compress, export_from_collection
+from studio.subspace import CompressedCollection, compress_sources, export_from_collection, held_sources
+from studio.subspace.collection import RECONSTRUCTION_KEYS
+from studio.subspace.training import trainable_adapter
 from tests.subspace.synthetic import SHAPES, relative_delta_error, shared_collection
 
 LAYER = next(iter(SHAPES))
@@ -21,7 +23,7 @@ LAYER = next(iter(SHAPES))
 def saved(tmp_path):
     adapters = shared_collection(5, rank=4, true_k=8)
     path = tmp_path / "zoo.safetensors"
-    result = compress(adapters, k=6, base_id="sdxl-test", output=path)
+    result = compress_sources(held_sources(adapters), path, k=6, base_id="sdxl-test")
     return adapters, result, path
 
 
@@ -55,7 +57,9 @@ def test_export_delta_equals_collection_adapter_delta(saved):
             assert exported.lora_layers[layer].alpha == exported.lora_layers[layer].rank == 4
         error = sum(relative_delta_error(adapter, exported, l) ** 2 for l in SHAPES) ** 0.5
         assert error < 3 * result.adapters[adapters.index(adapter)].rel_error + 1e-5
-        assert exported.metadata == adapter.metadata
+        assert {k: v for k, v in exported.metadata.items() if k not in RECONSTRUCTION_KEYS} == adapter.metadata
+        assert exported.metadata["studio.reconstructed_from"] == "zoo.safetensors"
+        assert float(exported.metadata["studio.reconstruction_error"]) == pytest.approx(result.adapters[adapters.index(adapter)].rel_error, rel=1e-5)
 
 
 def test_unknown_adapter_name_is_a_clear_error(saved):
@@ -67,7 +71,7 @@ def test_unknown_adapter_name_is_a_clear_error(saved):
 def test_new_adapter_trains_only_loadings(saved):
     _, _, path = saved
     collection = CompressedCollection.load(path)
-    adapter = collection.new_adapter(EigenLoraConfig(str(path), k=4, augment=2, seed=3, rank=8))
+    adapter = trainable_adapter(collection, EigenLoraConfig(str(path), k=4, augment=2, seed=3, rank=8))
     layer = adapter.layer(LAYER)
     assert layer.alpha.shape == (8, 6) and layer.beta.shape == (6, 8)
     assert torch.equal(layer.down_components[:4], collection.layers[LAYER].down_components[:4])

@@ -7,17 +7,17 @@ import pytest
 import torch
 
 from studio.adapters.lora import LoraAdapter, LoraLayer
-from studio.subspace import SubspaceSpec, SubspaceWarning, canonical, compress, extract, project, reference_extract
+from studio.subspace import SubspaceSpec, SubspaceWarning, canonical, extract, project, project_adapter, reference_extract
+from studio.subspace.oracle import leave_one_out, reconstruction_errors
 from studio.subspace.project import error_parts
-from studio.subspace.verbs import leave_one_out, project_adapter, reconstruction_errors
-from tests.subspace.synthetic import SHAPES, in_span_adapter, random_adapter, shared_bases, shared_collection
+from tests.subspace.synthetic import SHAPES, compressed, in_span_adapter, random_adapter, shared_bases, shared_collection
 
 LAYER = next(iter(SHAPES))
 
 
 def test_shared_subspace_recovered_exactly_at_true_k():
     adapters = shared_collection(8, rank=4, true_k=6)
-    result = compress(adapters, k=6)
+    result = compressed(adapters, k=6)
     assert max(a.rel_error for a in result.adapters) < 1e-5
     assert set(result.k.values()) == {6}
     bases = shared_bases(6)
@@ -26,13 +26,13 @@ def test_shared_subspace_recovered_exactly_at_true_k():
         assert torch.dist(down_basis @ sub.down_components.T @ sub.down_components, down_basis) < 1e-5
         assert torch.dist(sub.up_components @ sub.up_components.T @ up_basis, up_basis) < 1e-5
         assert float(sub.down_explained[5]) == pytest.approx(1.0, abs=1e-6)
-    smaller = compress(adapters, k=3)
+    smaller = compressed(adapters, k=3)
     assert min(a.rel_error for a in smaller.adapters) > 0.05
 
 
 def test_components_are_orthonormal_and_deterministic():
     adapters = shared_collection(5, rank=4, true_k=8)
-    first, second = compress(adapters, k=5), compress(adapters, k=5)
+    first, second = compressed(adapters, k=5), compressed(adapters, k=5)
     for layer, sub in first.layers.items():
         assert torch.equal(sub.down_components, second.layers[layer].down_components)
         assert torch.equal(sub.up_components, second.layers[layer].up_components)
@@ -86,7 +86,7 @@ def test_canonical_makes_results_independent_of_scale_split():
             mixing = q @ torch.diag(torch.exp(torch.randn(4, generator=generator)))  # invertible, badly scaled
             layers[name] = LoraLayer(torch.linalg.solve(mixing, layer.down), layer.up @ mixing, layer.alpha)
         split.append(LoraAdapter(adapter.name, layers))
-    plain, mixed = compress(adapters, k=6), compress(split, k=6)
+    plain, mixed = compressed(adapters, k=6), compressed(split, k=6)
     for before, after in zip(plain.adapters, mixed.adapters):
         assert after.rel_error == pytest.approx(before.rel_error, rel=1e-4)
     for layer, sub in plain.layers.items():
@@ -97,7 +97,7 @@ def test_canonical_makes_results_independent_of_scale_split():
 def test_k_clamped_with_warning_for_one_adapter():
     adapter = random_adapter("solo", rank=4)
     with pytest.warns(SubspaceWarning, match="K clamped"):
-        result = compress([adapter], k=10)
+        result = compressed([adapter], k=10)
     assert set(result.k.values()) == {4}
     assert result.adapters[0].rel_error < 1e-5
 
@@ -106,9 +106,9 @@ def test_duplicated_adapters_clamp_and_reconstruct():
     adapter = random_adapter("a", rank=4)
     copies = [LoraAdapter(f"copy{i}", adapter.lora_layers) for i in range(3)]
     with pytest.warns(SubspaceWarning):
-        first = compress(copies, k=8)
+        first = compressed(copies, k=8)
     with pytest.warns(SubspaceWarning):
-        second = compress(copies, k=8)
+        second = compressed(copies, k=8)
     assert set(first.k.values()) == {4}
     assert all(a.rel_error < 1e-5 for a in first.adapters)
     for layer in first.layers:
@@ -120,7 +120,7 @@ def test_rank_deficient_layer_clamps_to_its_true_rank():
     down = torch.randn(8, 3, generator=generator) @ torch.randn(3, 32, generator=generator)  # rank 3 in a rank-8 LoRA
     adapter = LoraAdapter("deficient", {LAYER: LoraLayer(down, torch.randn(48, 8, generator=generator), 8.0)})
     with pytest.warns(SubspaceWarning):
-        result = compress([adapter], k=6)
+        result = compressed([adapter], k=6)
     assert result.k[LAYER] == 3
     assert result.adapters[0].rel_error < 1e-5
     assert result.collection.export("deficient").lora_layers[LAYER].down.shape == (8, 32)
@@ -131,7 +131,7 @@ def test_one_side_spanning_less_is_completed_not_truncated():
     generator = torch.Generator().manual_seed(4)
     down = torch.randn(4, 32, generator=generator)
     adapters = [LoraAdapter(f"b{i}", {LAYER: LoraLayer(down, torch.randn(48, 4, generator=generator), 4.0)}) for i in range(3)]
-    result = compress(adapters, k=12)
+    result = compressed(adapters, k=12)
     sub = result.layers[LAYER]
     assert sub.k == 12 and torch.allclose(sub.down_components @ sub.down_components.T, torch.eye(12), atol=1e-5)
     assert max(a.rel_error for a in result.adapters) < 1e-5
@@ -140,7 +140,7 @@ def test_one_side_spanning_less_is_completed_not_truncated():
 def test_mixed_ranks_share_one_subspace():
     bases = shared_bases(8, seed=5)
     adapters = [in_span_adapter(f"r{rank}", bases, rank, seed=rank) for rank in (2, 4, 8)]
-    result = compress(adapters, k=8)
+    result = compressed(adapters, k=8)
     assert max(a.rel_error for a in result.adapters) < 1e-5
     for rank, adapter in zip((2, 4, 8), adapters):
         exported = result.collection.export(adapter.name)
@@ -152,7 +152,7 @@ def test_partial_layer_coverage_uses_adapters_that_have_the_layer():
     bases = shared_bases(6, seed=6)
     second = list(SHAPES)[1]
     adapters = [in_span_adapter("partial", bases, 4, seed=1, layers=[LAYER])] + [in_span_adapter(f"full{i}", bases, 4, seed=10 + i) for i in range(3)]
-    result = compress(adapters, k=6)
+    result = compressed(adapters, k=6)
     assert max(a.rel_error for a in result.adapters) < 1e-5
     assert result.collection.record("partial").ranks == {LAYER: 4}
     exported = result.collection.export("partial")
@@ -161,7 +161,7 @@ def test_partial_layer_coverage_uses_adapters_that_have_the_layer():
 
 
 def test_unseen_adapter_out_of_span_reports_large_error():
-    collection = compress(shared_collection(8, rank=4, true_k=6), k=6).collection
+    collection = compressed(shared_collection(8, rank=4, true_k=6), k=6).collection
     outside = project_adapter(collection, random_adapter("outside", rank=4, seed=123))
     assert outside.rel_error > 0.9
     inside = project_adapter(collection, in_span_adapter("inside", shared_bases(6), 4, seed=777))
@@ -170,7 +170,7 @@ def test_unseen_adapter_out_of_span_reports_large_error():
 
 
 def test_uncovered_layers_count_as_lost():
-    collection = compress(shared_collection(4, rank=4, true_k=6), k=6).collection
+    collection = compressed(shared_collection(4, rank=4, true_k=6), k=6).collection
     extra = random_adapter("extra", shapes={"unet.up_blocks.1.attentions.0.proj_in": (40, 40)})
     result = project_adapter(collection, extra)
     assert result.uncovered_layers == ["unet.up_blocks.1.attentions.0.proj_in"]
@@ -179,10 +179,10 @@ def test_uncovered_layers_count_as_lost():
 
 def test_energy_threshold_picks_smallest_k_and_reports_curves():
     adapters = shared_collection(8, rank=4, true_k=6)
-    exact = compress(adapters, energy=1.0)
+    exact = compressed(adapters, energy=1.0)
     assert set(exact.k.values()) == {6}
     assert max(a.rel_error for a in exact.adapters) < 1e-5
-    loose = compress(adapters, energy=0.5)
+    loose = compressed(adapters, energy=0.5)
     for layer, sub in loose.layers.items():
         needed = max(int((sub.down_explained < 0.5 - 1e-7).sum()) + 1, int((sub.up_explained < 0.5 - 1e-7).sum()) + 1)
         assert sub.k == needed < 6

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from studio.events import Done, Progress, Saved
-from studio.subspace import CompressedCollection, compress, compress_events, compress_files, compress_sources
-from studio.subspace.verbs import HeldSource, content_sha256
+from studio.subspace import CompressedCollection, HeldSource, compress_events, compress_files, compress_sources
+from studio.subspace.oracle import gram_compress
+from studio.subspace.sources import content_sha256
 from tests.ports import free_port
 from tests.subspace.streaming_helpers import load_plain, save_plain, sources
 from tests.subspace.synthetic import SHAPES, shared_collection
@@ -35,7 +36,7 @@ def _assert_same(a: CompressedCollection, b: CompressedCollection, tolerance: fl
 @pytest.mark.parametrize("spec", [{"k": 5}, {"energy": 0.97}, {"k": 4, "augment": 2}])
 def test_streaming_equals_in_memory(tmp_path, spec):
     adapters = shared_collection(7, rank=4, true_k=12)  # 28 rows: Gram route in memory for the wide layers
-    in_memory = compress(adapters, **spec)
+    in_memory = gram_compress(adapters, **spec)
     streamed = compress_sources([HeldSource(a) for a in adapters], tmp_path / "s.safetensors", **spec)
     _assert_same(streamed.collection, in_memory.collection)
     for x, y in zip(streamed.adapters, in_memory.adapters):
@@ -53,7 +54,7 @@ def test_compress_events_report_both_passes_per_adapter(tmp_path):
     result = events[-1].result
     assert max(a.rel_error for a in result.adapters) < 1e-5  # the synthetic collection spans K=6 exactly
     assert [a.sha256 for a in result.adapters] == [content_sha256(a) for a in adapters]
-    _assert_same(result.collection, compress(adapters, k=6).collection)
+    _assert_same(result.collection, gram_compress(adapters, k=6).collection)
 
 
 def test_compress_files_from_folder_records_file_hashes(tmp_path):
@@ -83,12 +84,14 @@ def _peak_kib(count: int, output: Path) -> int:
 
 
 def test_peak_memory_does_not_grow_with_collection_size(tmp_path):
-    """4 layers 768 x 768, rank 32: each adapter holds 0.75 MiB; 10 vs 100 adapters."""
-    small = _peak_kib(10, tmp_path / "small.safetensors")
+    """4 layers 768 x 768, rank 32: each adapter holds 0.75 MiB; 40 vs 100 adapters (both past
+    N r = 768, where layers sum covariances instead of keeping factors). The canonical factors kept
+    between the passes are bounded by ``held_bytes`` (4 MiB here; the rest spills to disk)."""
+    small = _peak_kib(40, tmp_path / "small.safetensors")
     large = _peak_kib(100, tmp_path / "large.safetensors")
-    held_all_mib = 90 * 4 * 2 * 32 * 768 * 4 / 2**20  # what holding the extra adapters would cost: 67.5 MiB
+    held_all_mib = 60 * 4 * 2 * 32 * 768 * 4 / 2**20  # what holding the extra adapters would cost: 45 MiB
     grew_mib = (large - small) / 1024
-    assert grew_mib < 0.15 * held_all_mib, f"peak grew by {grew_mib:.1f} MiB between 10 and 100 adapters"
+    assert grew_mib < 0.15 * held_all_mib, f"peak grew by {grew_mib:.1f} MiB between 40 and 100 adapters"
     assert CompressedCollection.load(tmp_path / "large.safetensors").names[-1] == "gen_0099"
 
 

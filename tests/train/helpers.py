@@ -62,7 +62,7 @@ def tiny_collection(pipeline_dir: Path, path: Path, count: int = 4, rank: int = 
     from studio.adapters.lora import LoraAdapter, LoraLayer
     from studio.adapters.registry import select_layers
     from studio.bases import module_tree
-    from studio.subspace import compress
+    from studio.subspace import compress_sources, held_sources
 
     tree = module_tree(str(pipeline_dir))
     layers = select_layers(tree)
@@ -74,5 +74,5 @@ def tiny_collection(pipeline_dir: Path, path: Path, count: int = 4, rank: int = 
             out, inn = tree.modules[layer].weight_shape[:2]
             lora_layers[layer] = LoraLayer(torch.randn(rank, inn, generator=generator), torch.randn(out, rank, generator=generator), float(rank))
         adapters.append(LoraAdapter(f"zoo{n}", lora_layers))
-    compress(adapters, k=8, output=path)
+    compress_sources(held_sources(adapters), path, k=8)
     return path
