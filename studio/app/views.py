@@ -111,7 +111,8 @@ class TrainView:
             if "val_loss" in event.metrics:
                 self.validation.append((event.step, float(event.metrics["val_loss"])))
         elif isinstance(event, Sample):
-            self.samples.append((event.image, f"step {event.step}: {event.prompt}"))
+            label = "base (no adapter)" if event.label == "base" else f"step {event.step}"
+            self.samples.append((event.image, f"{label}: {event.prompt}"))
         elif isinstance(event, Message):
             self.log.append(f"[{event.level}] {event.text}")
         elif isinstance(event, Saved) and event.kind != "sample":

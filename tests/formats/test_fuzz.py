@@ -128,11 +128,11 @@ def fuzz_reader(folder: Path, cases: int, seed: int) -> dict[str, int]:
 
 
 def _collection_file(folder: Path) -> Path:
-    from studio.subspace import compress
+    from studio.subspace import compress_sources, held_sources
     from tests.subspace.synthetic import shared_collection
 
     path = folder / "zoo.safetensors"
-    compress(shared_collection(3, rank=2, true_k=3), k=2, base_id="fuzz", output=path)
+    compress_sources(held_sources(shared_collection(3, rank=2, true_k=3)), path, k=2, base_id="fuzz")
     return path
 
 

@@ -38,7 +38,7 @@ def test_subspace_modules_import_no_circle():
 
 
 def test_eigenlora_family_is_pure_torch():
-    allowed = {"__future__", "math", "dataclasses", "typing", "torch", "studio.adapters.lora"}
+    allowed = {"__future__", "math", "dataclasses", "typing", "torch", "studio.adapters.lora", "studio.adapters.base"}
     assert _imports(ROOT / "studio" / "adapters" / "eigenlora.py") <= allowed
 
 
