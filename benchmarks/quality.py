@@ -101,15 +101,15 @@ def family_rows(lora_numbers: int, chosen: dict[str, dict]) -> list[Row]:
     """Every family; LoRA and EigenLoRAx rows use the settings the sweep chose (``chosen``), if it ran."""
     d = max(1, int(lora_numbers * 0.1))
     lora, eigen = chosen.get("lora", {}), chosen.get("eigenlora", {})
-    return [
+    return [  # in order of importance: a time budget cuts the last ones first
         Row("lora", "LoRA r=8", settings=lora),
-        Row("lora-te", "LoRA r=8 on UNet + text encoder", knobs={"components": ["unet", "text_encoder"]}, settings=lora),
         Row("eigenlora", "EigenLoRAx K=14, zero start", "eigenlora", {"k": 14}, eigen),
-        Row("eigenlora-mean", "EigenLoRAx K=14, mean start", "eigenlora", {"k": 14, "init": "mean"}, eigen),
         Row("eigenlora-random", "EigenLoRAx K=14 on a random subspace (control)", "eigenlora", {"k": 14, "collection": "random"}, eigen),
         Row("mean-lora", "the collection's mean adapter, no training (control)", "eigenlora", {"k": 14}, kind="mean"),
         Row("superlora", "SuperLoRA G=8 r=4", "superlora", {"groups": 8, "rank": 4, "alpha": 4}),
         Row("unilora", f"Uni-LoRA d={d} r=8", "unilora", {"d": d, "rank": 8, "alpha": 8}),
+        Row("lora-te", "LoRA r=8 on UNet + text encoder", knobs={"components": ["unet", "text_encoder"]}, settings=lora),
+        Row("eigenlora-mean", "EigenLoRAx K=14, mean start", "eigenlora", {"k": 14, "init": "mean"}, eigen),
     ]
 
 
