@@ -152,16 +152,18 @@ def noisy(latents: Tensor, timesteps: Tensor, noise: Tensor, alphas_cumprod: Ten
     return a.sqrt() * latents + (1 - a).sqrt() * noise
 
 
-def _denoise_errors(unet: nn.Module, text_encoder: nn.Module | None, latents: Tensor, tokens_or_states: Tensor,
-                    gen: torch.Generator, alphas_cumprod: Tensor) -> tuple[Tensor, Tensor]:
-    """(per-sample mean squared error of the predicted noise, the timesteps drawn) of one batch."""
-    device = latents.device
-    noise = torch.randn(latents.shape, generator=gen, device=device)
-    timesteps = torch.randint(0, len(alphas_cumprod), (len(latents),), generator=gen, device=device)
-    with autocast(device):
-        states = text_encoder(tokens_or_states)[0] if text_encoder is not None else tokens_or_states
+def draw_noise(latents: Tensor, gen: torch.Generator, total_timesteps: int) -> tuple[Tensor, Tensor]:
+    """(noise like ``latents``, one timestep per sample) drawn from ``gen``, in that order."""
+    noise = torch.randn(latents.shape, generator=gen, device=latents.device)
+    timesteps = torch.randint(0, total_timesteps, (len(latents),), generator=gen, device=latents.device)
+    return noise, timesteps
+
+
+def denoise_errors(unet: nn.Module, latents: Tensor, states: Tensor, noise: Tensor, timesteps: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """Per-sample mean squared error of the UNet's predicted noise (epsilon prediction)."""
+    with autocast(latents.device):
         pred = unet(noisy(latents, timesteps, noise, alphas_cumprod), timesteps, states).sample
-    return (pred.float() - noise).pow(2).flatten(1).mean(dim=1), timesteps
+    return (pred.to(noise.dtype) - noise).pow(2).flatten(1).mean(dim=1)  # fp32 (the noise's dtype) under bf16 autocast
 
 
 def train_base(unet: nn.Module, text_encoder: nn.Module, latents: Tensor, ids: Tensor, empty_ids: Tensor,
@@ -187,7 +189,10 @@ def train_base(unet: nn.Module, text_encoder: nn.Module, latents: Tensor, ids: T
         pick = torch.randint(0, len(latents), (plan.batch,), generator=gen, device=device)
         drop = torch.rand(plan.batch, generator=gen, device=device) < empty_prob
         tokens = torch.where(drop[:, None], empty_ids.view(1, -1).long(), ids[pick].long())
-        loss = _denoise_errors(unet, text_encoder, latents[pick], tokens, gen, alphas)[0].mean()
+        noise, timesteps = draw_noise(latents[pick], gen, len(alphas))
+        with autocast(device):
+            states = text_encoder(tokens)[0]
+        loss = denoise_errors(unet, latents[pick], states, noise, timesteps, alphas).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -201,20 +206,26 @@ def train_base(unet: nn.Module, text_encoder: nn.Module, latents: Tensor, ids: T
     return unet, text_encoder
 
 
+def zoo_batch(data: ZooData, per_style: int, gen: torch.Generator, total_timesteps: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One step's (rows, noise, timesteps): ``per_style`` rows of each style's pool, style after
+    style, then the noise and timesteps of the whole batch, all drawn from ``gen``."""
+    device = data.latents.device
+    rows = torch.cat([pool[torch.randint(0, len(pool), (per_style,), generator=gen, device=device)] for pool in data.pools])
+    return (rows, *draw_noise(data.latents[rows], gen, total_timesteps))
+
+
 def zoo_loss(lora: MultiLora, unet: nn.Module, data: ZooData, per_style: int, gen: torch.Generator, scheduler: Any,
              weighting: Weighting = Weighting()) -> Tensor:
     """One step's loss of every style of ``lora``: the sum over styles of each style's own mean.
 
-    ``per_style`` samples of each style are drawn from its pool (style after style, from ``gen``),
-    then noise and timesteps for the whole batch; each sample's squared error is weighted by
-    ``weighting``'s timestep weight. A style's gradient is the one it would get trained alone on
-    its rows of the batch.
+    The batch is ``zoo_batch``'s; each sample's squared error is weighted by ``weighting``'s
+    timestep weight. A style's gradient is the one it would get trained alone on its rows.
     """
     device = data.latents.device
-    pick = torch.cat([pool[torch.randint(0, len(pool), (per_style,), generator=gen, device=device)] for pool in data.pools])
+    alphas = scheduler.alphas_cumprod.to(device, data.latents.dtype)
+    rows, noise, timesteps = zoo_batch(data, per_style, gen, len(alphas))
     lora.index = torch.arange(len(data.pools), device=device).repeat_interleave(per_style)
-    alphas = scheduler.alphas_cumprod.to(device)
-    errors, timesteps = _denoise_errors(unet, None, data.latents[pick], data.states[pick], gen, alphas)
+    errors = denoise_errors(unet, data.latents[rows], data.states[rows], noise, timesteps, alphas)
     weighted = errors * timestep_weights(scheduler, timesteps, weighting.kind, weighting.gamma)
     return weighted.view(len(data.pools), per_style).mean(dim=1).sum()
 
