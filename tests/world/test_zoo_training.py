@@ -200,3 +200,20 @@ def test_world_validation_loss_gives_the_old_loops_numbers():
         with_lora = validation_loss(unet, data.latents, data.states, alphas)
         assert with_lora == pytest.approx(_old_validation_loss(unet, data.latents, data.states, alphas), rel=1e-6)
     assert with_lora != pytest.approx(validation_loss(unet, data.latents, data.states, alphas), rel=1e-3)  # the merge took effect
+
+
+def test_the_trainers_validation_draws_are_unchanged_on_the_shared_function():
+    """studio/train's validation loss moved onto the same fixed-draws function: same draws, same mean."""
+    from studio.train.validation import fixed_draws_loss, level_grids
+
+    latents = torch.randn((5, 4, 3, 3), generator=torch.Generator().manual_seed(0))
+
+    def error(noise, timesteps):  # stands in for the model's squared error
+        return ((0.5 * noise - latents[: len(noise)]) ** 2 * (timesteps.view(-1, 1, 1, 1) + 1) / 1000).mean()
+
+    generator, old = torch.Generator().manual_seed(12_345), []
+    for k in range(8):  # the trainer's loop before the move
+        timesteps = torch.full((5,), int(1000 * (k + 0.5) / 8), dtype=torch.long)
+        old.append(float(error(torch.randn(latents.shape, generator=generator), timesteps)))
+    new = fixed_draws_loss(lambda rows, noise, timesteps: error(noise, timesteps), 5, latents.shape[1:], level_grids(5, 1000, 8), 12_345)
+    assert new == pytest.approx(sum(old) / len(old), rel=1e-12)
