@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from studio.bases import ModuleTree, load_pipeline, module_tree, pipeline_tree
 from studio.bases.conditioning import native_resolution, noisy_and_target
 from studio.bases.family import Base, base_of
 from studio.errors import BaseNotFoundError, ConfigError
+from studio.train import checkpoint
 from studio.train import conditioning as conditioning_mod
 from studio.train import data as data_mod
 from studio.engine.patch import Attachment
@@ -223,6 +225,7 @@ def start(config: TrainConfig, scan: data_mod.Scan) -> Session:
     mixed = precision(config)
     accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.grad_accumulation, cpu=not torch.cuda.is_available())
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed, torch.float32)
+    leftovers = checkpoint.clean_leftovers(Path(config.output_dir)) if accelerator.is_main_process else []
     pipe = _load(config, accelerator.device, weight_dtype)
     base = base_of(pipe)
     noise_scheduler = training_scheduler(pipe, base)
@@ -243,8 +246,9 @@ def start(config: TrainConfig, scan: data_mod.Scan) -> Session:
     optimizer = torch.optim.AdamW(trainable_parameters(adapter), lr=config.learning_rate, weight_decay=config.weight_decay)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     model, optimizer = accelerator.prepare(Trainee(pipe, adapter, config.guidance), optimizer)
+    notes = [f"removed {len(leftovers)} half-written file(s) left by an interrupted run, e.g. {leftovers[0].name}"] if leftovers else []
     return Session(config, accelerator, pipe, tree, family_config, adapter, attached, model, optimizer, lr_schedule,
-                   noise_scheduler, train_set, val_set, scan, resolution, weight_dtype, conditioner, base)
+                   noise_scheduler, train_set, val_set, scan, resolution, weight_dtype, conditioner, base, notes)
 
 
 FLOW_WEIGHTINGS = ("none", "sampler")
