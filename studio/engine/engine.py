@@ -47,7 +47,8 @@ from studio.engine.schedulers import build_scheduler, label_of_scheduler
 from studio.engine.specs import check_name, display_name, existing_file, parse_spec
 from studio.errors import ConfigError
 
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes signed 64-bit seeds
+MAX_SEED = 2**63 - 1
+BF16_FAMILIES = ("flux1", "sd3")  # trained in bf16; their activations overflow float16  # torch.Generator.manual_seed takes signed 64-bit seeds
 AdapterLike = Any  # Adapter | Mix | MixTerm | str (SPEC or registered name) | None | a sequence of these
 
 
@@ -56,7 +57,8 @@ class EngineConfig:
     """Where the pipeline runs and how adapters are kept there."""
 
     device: str | None = field(default=None, metadata={"help": "torch device; None: cuda when available, else cpu"})
-    dtype: DtypeName = field(default="auto", metadata={"help": "weight dtype; auto: float16 on cuda, float32 on cpu"})
+    dtype: DtypeName = field(default="auto", metadata={
+        "help": "weight dtype; auto: float32 on cpu; on cuda bfloat16 for FLUX.1 / SD3 (fp16 overflows there), float16 otherwise"})
     cache_bytes: int = field(default=4 << 30, metadata={"help": "bytes of prepared adapter updates kept on the device (LRU)"})
     merge_from: MergeFrom = field(default="auto", metadata={
         "help": "keep LoRA factors (auto: when at most half the size of dW) or dense dW for merging"})
@@ -66,9 +68,12 @@ class EngineConfig:
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    def resolved_dtype(self) -> torch.dtype:
+    def resolved_dtype(self, family: str = "") -> torch.dtype:
+        """The weight dtype for a base family (``studio.bases.Base.id``; "" when not known yet)."""
         if self.dtype == "auto":
-            return torch.float16 if self.resolved_device().type == "cuda" else torch.float32
+            if self.resolved_device().type != "cuda":
+                return torch.float32
+            return torch.bfloat16 if family in BF16_FAMILIES and torch.cuda.is_bf16_supported() else torch.float16
         return getattr(torch, self.dtype)
 
 
@@ -111,7 +116,7 @@ class Engine:
         from studio.bases import load_pipeline
 
         config = config or EngineConfig()
-        pipe = load_pipeline(base, dtype=config.resolved_dtype(), device=config.resolved_device())
+        pipe = load_pipeline(base, dtype=config.resolved_dtype(_family_of(base)), device=config.resolved_device())
         label = base if base == "world" else display_name(Path(base).name)
         return cls(pipe, label, config)
 
@@ -370,7 +375,7 @@ class Engine:
         check_request(request)
         with self._catalog:
             if self._cost is None:
-                self._cost = estimate.cost_model(self.pipe, self.config.resolved_dtype())
+                self._cost = estimate.cost_model(self.pipe, self.config.resolved_dtype(self.base.id))
             cost, measured = self._cost, self._flops_per_second
         width, height = self.size_of(request)
         images = len(request.adapters) if request.per_image else request.batch
@@ -451,6 +456,19 @@ def _non_finite_image(job: ImageJob) -> NonFiniteUpdateError:
         f"the image for seed {job.seed} came out non-finite (NaN/inf pixels, which would save as a black PNG) with {used}; "
         "lower the adapter weight or check the adapter's alpha"
     )
+
+
+def _family_of(base: str) -> str:
+    """The base family of a BASE before loading it (from its module tree; "" for hub ids or when unknown)."""
+    from studio.bases import is_hub_id, module_tree
+    from studio.errors import StudioError
+
+    if is_hub_id(base):
+        return ""
+    try:
+        return module_tree(base).family
+    except StudioError:
+        return ""
 
 
 def _number(value: float) -> str:

@@ -160,3 +160,13 @@ def test_estimates_follow_the_base(engines):
     assert flux.unet_rows == 2 and sd3.unet_rows == 4  # FLUX: no CFG batch
     bigger = engines["flux"].estimate(request(guidance=3.5, batch=2, width=64, height=64))
     assert bigger.tflop > 3 * flux.tflop
+
+
+def test_auto_dtype_is_bfloat16_for_flux_and_sd3_on_cuda(monkeypatch, tiny_flux_dir):
+    from studio.engine.engine import _family_of
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    config = EngineConfig(device="cuda")
+    assert [config.resolved_dtype(f) for f in ("flux1", "sd3", "sdxl", "sd", "")] == [torch.bfloat16] * 2 + [torch.float16] * 3
+    assert EngineConfig(device="cpu").resolved_dtype("flux1") == torch.float32
+    assert _family_of(str(tiny_flux_dir)) == "flux1" and _family_of("sdxl") == "sdxl" and _family_of("org/name") == ""

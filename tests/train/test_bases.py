@@ -115,16 +115,20 @@ def test_every_family_trains_on_every_base_and_its_export_applies_like_the_hooks
 TEXT_ENCODERS = {"sd": ["unet", "text_encoder"], "sdxl": ["unet", "text_encoder", "text_encoder_2"], "flux": ["transformer", "text_encoder"]}
 
 
-@pytest.mark.parametrize("base", list(TEXT_ENCODERS))
-def test_text_encoder_lora_trains_and_changes_the_encoders_output(base, base_dirs, style_data, tmp_path):
+TEXT_CASES = {"lora": ({"rank": 4, "alpha": 4}, 3e-2), "superlora": ({"groups": 4, "rank": 4}, 3e-2), "unilora": ({"d": 512, "rank": 4}, 0.3)}
+
+
+@pytest.mark.parametrize("base,family", [("sd", "lora"), ("sd", "superlora"), ("sd", "unilora"), ("sdxl", "lora"), ("flux", "lora")])
+def test_text_encoder_lora_trains_and_changes_the_encoders_output(base, family, base_dirs, style_data, tmp_path):
     from studio.adapters.lora import LoraAdapter
     from studio.bases import load_pipeline
     from studio.bases.conditioning import encode_prompts
     from studio.formats import load_adapter
 
     out = tmp_path / "run"
-    knobs = {"rank": 4, "alpha": 4, "components": TEXT_ENCODERS[base]}
-    result = run_to_end(train(_config(base_dirs[base], base, style_data, out, "lora", knobs, 3e-2)))
+    knobs, lr = TEXT_CASES[family]
+    knobs = {**knobs, "components": TEXT_ENCODERS[base]}
+    result = run_to_end(train(_config(base_dirs[base], base, style_data, out, family, knobs, lr)))
     assert result.status == "done" and result.validation[STEPS] < 0.99 * result.validation[0], result.validation
     lora = load_adapter(next(out.glob("*.lora.safetensors")), str(base_dirs[base]))
     assert isinstance(lora, LoraAdapter)
