@@ -199,3 +199,21 @@ def test_gradient_checkpointing_trains_the_same_steps(base_dirs, style_data, tmp
     assert plain.losses[2] != plain.losses[1]
     for step in (1, 2):
         assert checkpointed.losses[step] == pytest.approx(plain.losses[step], rel=1e-5)
+
+
+def test_flux_resume_is_exact(base_dirs, style_data, tmp_path):
+    import threading
+
+    from studio.events import Done, Progress
+
+    common = dict(steps=4, checkpoint_every=2, export_format="none", timestep_sampling="logit_normal")
+    straight = run_to_end(train(_config(base_dirs["flux"], "flux", style_data, tmp_path / "a", "lora", {"rank": 2}, 1e-2, **common)))
+    config = _config(base_dirs["flux"], "flux", style_data, tmp_path / "b", "lora", {"rank": 2}, 1e-2, **common)
+    stop = threading.Event()
+    for event in train(config, stop=stop):
+        if isinstance(event, Progress) and event.step == 1:
+            stop.set()
+        if isinstance(event, Done):
+            assert event.result.status == "stopped"
+    resumed = run_to_end(train(config, resume_dir=tmp_path / "b"))
+    assert [resumed.losses[s] for s in range(1, 5)] == [straight.losses[s] for s in range(1, 5)]
