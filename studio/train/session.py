@@ -158,7 +158,8 @@ def components(pipe: Any) -> dict[str, nn.Module]:
 
 
 def _load(config: TrainConfig, device: Any, weight_dtype: torch.dtype) -> Any:
-    pipe = load_pipeline(config.base, torch.float32, device)
+    """The frozen base in the weight dtype (loaded in it: a 12 B FLUX transformer is never held in fp32)."""
+    pipe = load_pipeline(config.base, weight_dtype, device)
     conditioning_mod.conditioner_for(pipe)  # refuses bases the loop cannot condition, before any work
     freeze(pipe.vae, *components(pipe).values())
     pipe.to(device, weight_dtype)
