@@ -110,10 +110,11 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def studio_row(pipe: Any, base: str, data: Path, out: Path, args, batch: int, checkpointing: bool, device: torch.device,
+def studio_row(pipe: Any, base: str, data: Path, out: Path, args, batch: int, checkpointing: bool,
                components: list[str] | None = None) -> TrainRow:
     """One `studio.train` run on the handed pipeline: median step time after warm-up, peak memory."""
     denoiser = session_mod.base_of(pipe).denoiser
+    device = getattr(pipe, denoiser).device
     knobs = {"rank": args.rank, "alpha": args.rank, **({"components": components} if components else {})}
     what = "studio.train(config) [lora" + (f" on {'+'.join(components)}" if components else "") + "]"
     config = TrainConfig(base=base, data=str(data), output_dir=str(out), family="lora", adapter=knobs, steps=args.steps,
@@ -245,10 +246,10 @@ def run_all(pipe: Any, base: str, args, device: torch.device, text_tokens: int, 
         data = random_dataset(Path(folder) / "data", args.images, args.size)
         configs = parse_configs(args.configs)
         for index, (batch, checkpointing) in enumerate(configs):
-            rows.append(studio_row(pipe, base, data, Path(folder) / f"run{index}", args, batch, checkpointing, device))
+            rows.append(studio_row(pipe, base, data, Path(folder) / f"run{index}", args, batch, checkpointing))
             print(f"# {rows[-1]}", file=sys.stderr, flush=True)
         for index, (components, batch) in enumerate(extra):
-            rows.append(studio_row(pipe, base, data, Path(folder) / f"extra{index}", args, batch, False, device, components))
+            rows.append(studio_row(pipe, base, data, Path(folder) / f"extra{index}", args, batch, False, components))
         if not args.skip_anchor:  # last: peft rewraps the modules it targets
             for batch, checkpointing in configs:
                 anchors[(batch, checkpointing)] = peft_row(pipe, args, batch, checkpointing, device, text_tokens)
