@@ -217,3 +217,12 @@ def test_flux_resume_is_exact(base_dirs, style_data, tmp_path):
             assert event.result.status == "stopped"
     resumed = run_to_end(train(config, resume_dir=tmp_path / "b"))
     assert [resumed.losses[s] for s in range(1, 5)] == [straight.losses[s] for s in range(1, 5)]
+
+
+def test_flux_schnell_trains_without_a_guidance_embedding(style_data, tmp_path):
+    from tests.tiny_pipeline import build_tiny_flux_pipeline
+
+    folder = build_tiny_flux_pipeline(tmp_path / "schnell", guidance_embeds=False)
+    knobs, lr = _cases(Path())["lora"]
+    result = run_to_end(train(_config(folder, "flux", style_data, tmp_path / "run", "lora", knobs, lr, export_format="none")))
+    assert result.status == "done" and result.validation[STEPS] < 0.99 * result.validation[0], result.validation
