@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from studio.events import run_to_end
+from studio.events import Message, run_to_end
 from studio.train import checkpoint, train
 from tests.train.helpers import tiny_config
 
@@ -41,8 +41,9 @@ def test_leftovers_of_a_killed_run_are_removed_on_resume_and_outputs_get_umask_m
     assert sorted(p.name for p in checkpoint.clean_leftovers(out)) == sorted([half.name] + [p.name for p in temporaries])
     assert not half.exists() and not any(p.exists() for p in temporaries) and all(p.exists() for p in kept)
     half.mkdir()
-    resumed = run_to_end(train(config, resume_dir=out))
-    assert resumed.status == "done" and not half.exists()
+    events = list(train(config, resume_dir=out))
+    assert events[-1].result.status == "done" and not half.exists()
+    assert any(isinstance(e, Message) and "removed 1 half-written file(s)" in e.text and half.name in e.text for e in events)
     for path in (folder / "step-000002", out / "best"):
         assert _mode(path) == 0o755, (path, oct(_mode(path)))
     for path in (*(folder / "step-000002").iterdir(), folder / "latest", out / "adapter.safetensors", out / "config.toml",
