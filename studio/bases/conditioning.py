@@ -41,10 +41,13 @@ def native_resolution(pipe) -> int:
     return int(denoiser.config.sample_size) * int(pipe.vae_scale_factor)
 
 
-def encode_prompts(pipe, prompts: list[str], device: torch.device | str = "cpu", max_sequence_length: int = 256) -> PromptEmbeds:
-    """Encode prompts the way the base's pipeline does (no negative batch; callers add CFG if the base uses it)."""
+def encode_prompts(pipe, prompts: list[str], device: torch.device | str = "cpu", max_sequence_length: int = 256,
+                   grad: bool = False) -> PromptEmbeds:
+    """Encode prompts the way the base's pipeline does (no negative batch; callers add CFG if the base uses it).
+
+    ``grad``: keep the autograd graph (training LoRA layers inside a text encoder)."""
     base = base_of(pipe)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         if base.id == "flux1":
             sequence, pooled, text_ids = pipe.encode_prompt(prompts, prompt_2=prompts, device=device, max_sequence_length=max_sequence_length)
             return PromptEmbeds(sequence, pooled, text_ids)

@@ -206,6 +206,6 @@ def batch_key(engine: "Engine", request: GenerateRequest) -> tuple:
     """What images of one pipeline call must share: steps, size, scheduler, guidance."""
     scheduler = None
     if request.scheduler is not None:
-        choice = scheduler_choice(request.scheduler)
+        choice = scheduler_choice(request.scheduler, engine.base.target == "flow")
         scheduler = (choice.class_name, tuple(sorted(choice.options.items())))
-    return (int(request.steps), engine.size_of(request), scheduler, float(request.guidance_for(engine.base_label)))
+    return (int(request.steps), engine.size_of(request), scheduler, float(engine.guidance_of(request)))

@@ -10,6 +10,14 @@ One re-entrant lock per engine serializes every switch-and-generate: the web app
 several threads, and a switch in the middle of another thread's denoising loop would mix weights.
 Resolving names and files uses a second, short lock, so callers can resolve while a batch runs.
 ``studio.engine.batcher.Batcher`` gathers concurrent requests into one per-image batch.
+
+Every base the studio knows works alike (``studio.bases.base_of(pipe)``): the components that
+take adapters are the base's ``adapter_components`` (SD: unet + CLIP; SDXL: unet + both CLIPs;
+FLUX.1: transformer + CLIP + T5; SD3: transformer + three encoders), the default size is the
+base's native resolution. FLUX.1 has no CFG batch: ``guidance`` is the embedded (distilled)
+guidance of FLUX.1-dev (written to PNG info as Forge does: ``CFG scale: 1, Distilled CFG
+Scale: g``), FLUX.1-schnell has none, and a negative prompt is refused (nothing would read it).
+SD, SDXL and SD3 run CFG as ``[uncond; cond]``, so the per-image hooks give row b image b % n.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import numpy as np
 import torch
 
 from studio.adapters.base import Adapter, AdapterBase
+from studio.bases.conditioning import native_resolution
+from studio.bases.family import base_of
 from studio.engine.batched import per_image_hooks
 from studio.engine.infotext import ImageParameters
 from studio.engine.live import NonFiniteUpdateError, PreparedCache, merge_plan, targetable_modules
@@ -37,8 +47,8 @@ from studio.engine.schedulers import build_scheduler, label_of_scheduler
 from studio.engine.specs import check_name, display_name, existing_file, parse_spec
 from studio.errors import ConfigError
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes signed 64-bit seeds
+MAX_SEED = 2**63 - 1
+BF16_FAMILIES = ("flux1", "sd3")  # trained in bf16; their activations overflow float16  # torch.Generator.manual_seed takes signed 64-bit seeds
 AdapterLike = Any  # Adapter | Mix | MixTerm | str (SPEC or registered name) | None | a sequence of these
 
 
@@ -47,7 +57,8 @@ class EngineConfig:
     """Where the pipeline runs and how adapters are kept there."""
 
     device: str | None = field(default=None, metadata={"help": "torch device; None: cuda when available, else cpu"})
-    dtype: DtypeName = field(default="auto", metadata={"help": "weight dtype; auto: float16 on cuda, float32 on cpu"})
+    dtype: DtypeName = field(default="auto", metadata={
+        "help": "weight dtype; auto: float32 on cpu; on cuda bfloat16 for FLUX.1 / SD3 (fp16 overflows there), float16 otherwise"})
     cache_bytes: int = field(default=4 << 30, metadata={"help": "bytes of prepared adapter updates kept on the device (LRU)"})
     merge_from: MergeFrom = field(default="auto", metadata={
         "help": "keep LoRA factors (auto: when at most half the size of dW) or dense dW for merging"})
@@ -57,9 +68,12 @@ class EngineConfig:
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    def resolved_dtype(self) -> torch.dtype:
+    def resolved_dtype(self, family: str = "") -> torch.dtype:
+        """The weight dtype for a base family (``studio.bases.Base.id``; "" when not known yet)."""
         if self.dtype == "auto":
-            return torch.float16 if self.resolved_device().type == "cuda" else torch.float32
+            if self.resolved_device().type != "cuda":
+                return torch.float32
+            return torch.bfloat16 if family in BF16_FAMILIES and torch.cuda.is_bf16_supported() else torch.float16
         return getattr(torch, self.dtype)
 
 
@@ -82,7 +96,9 @@ class Engine:
         self.config = config or EngineConfig()
         self.lock = threading.RLock()
         self._catalog = threading.RLock()  # guards _registry and _files; never held while taking self.lock
-        components = {name: getattr(pipe, name) for name in COMPONENTS if getattr(pipe, name, None) is not None}
+        self.base = base_of(pipe)
+        self.guidance_mode = self.base.guidance_for(dict(getattr(pipe, self.base.denoiser).config))
+        components = {name: getattr(pipe, name) for name in self.base.adapter_components if isinstance(getattr(pipe, name, None), torch.nn.Module)}
         self.live = MergedWeights(targetable_modules(components))
         self.cache = PreparedCache(self.config.cache_bytes)
         self.active: Mix = Mix()
@@ -100,7 +116,7 @@ class Engine:
         from studio.bases import load_pipeline
 
         config = config or EngineConfig()
-        pipe = load_pipeline(base, dtype=config.resolved_dtype(), device=config.resolved_device())
+        pipe = load_pipeline(base, dtype=config.resolved_dtype(_family_of(base)), device=config.resolved_device())
         label = base if base == "world" else display_name(Path(base).name)
         return cls(pipe, label, config)
 
@@ -307,6 +323,7 @@ class Engine:
     def jobs(self, request: GenerateRequest) -> list[ImageJob]:
         """The request's images, each with its prompt, seed and resolved mix (checked up front)."""
         check_request(request)
+        self.check_negative(request.negative_prompt)
         if request.per_image:
             mixes = [self.mix(item).scaled(request.scale) for item in request.adapters]
         else:
@@ -320,6 +337,7 @@ class Engine:
         if len(seeds) != len(assignments):
             raise ConfigError(f"{len(assignments)} adapters but {len(seeds)} seeds")
         check_request(request)
+        self.check_negative(request.negative_prompt)
         jobs = [ImageJob(request.prompt, request.negative_prompt, int(seed), self.mix(item).scaled(request.scale))
                 for item, seed in zip(assignments, seeds)]
         images = self.run_jobs(request, jobs)
@@ -334,6 +352,7 @@ class Engine:
         """
         for job in jobs:
             check_mix(job.mix)
+            self.check_negative(job.negative_prompt)
         with self.lock:
             started = time.perf_counter()
             if all(same_mix(job.mix, jobs[0].mix) for job in jobs):
@@ -356,12 +375,12 @@ class Engine:
         check_request(request)
         with self._catalog:
             if self._cost is None:
-                self._cost = estimate.cost_model(self.pipe, self.config.resolved_dtype())
+                self._cost = estimate.cost_model(self.pipe, self.config.resolved_dtype(self.base.id))
             cost, measured = self._cost, self._flops_per_second
         width, height = self.size_of(request)
         images = len(request.adapters) if request.per_image else request.batch
         rate = measured or estimate.default_throughput(self.config.resolved_device())
-        return estimate.estimate_request(cost, (width, height), images, request.steps, request.guidance_for(self.base_label),
+        return estimate.estimate_request(cost, (width, height), images, request.steps, self.guidance_of(request),
                                          (rate, measured is not None), fused_attention)
 
     def _observe(self, settings: GenerateRequest, images: int, seconds: float) -> None:
@@ -376,18 +395,36 @@ class Engine:
 
     def size_of(self, request: GenerateRequest) -> tuple[int, int]:
         """(width, height) in pixels of the request's images (the base's native size by default)."""
-        native = int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        native = native_resolution(self.pipe)
         return int(request.width or native), int(request.height or native)
+
+    def guidance_of(self, request: GenerateRequest) -> float:
+        """The request's guidance on this base: CFG scale, or FLUX.1-dev's embedded guidance (see the module docstring)."""
+        return request.guidance_for(self.base_label, self.base.id, self.guidance_mode)
+
+    def check_negative(self, negative_prompt: str) -> None:
+        """Refuse a negative prompt on a base without a CFG batch (FLUX.1: nothing would read it)."""
+        if negative_prompt and self.base.guidance != "cfg":
+            raise ConfigError(f"negative prompt: {self.base.label} has no classifier-free guidance batch (it is guided by "
+                              "an embedded guidance scale), so a negative prompt would have no effect; leave it empty")
+
+    def _cfg_fields(self, guidance: float) -> tuple[float, dict[str, str]]:
+        """(CFG scale, extra PNG fields): FLUX.1-dev writes its guidance as Forge does."""
+        if self.guidance_mode == "embedded":
+            return 1.0, {"Distilled CFG Scale": _number(guidance)}
+        if self.guidance_mode == "none":
+            return 1.0, {}
+        return guidance, {}
 
     def _run(self, request: GenerateRequest, jobs: Sequence[ImageJob]):
         """Call the pipeline once for the jobs; returns float pixels (n, H, W, 3)."""
         width, height = self.size_of(request)
-        self.pipe.scheduler = build_scheduler(request.scheduler, self._original_scheduler)
+        self.pipe.scheduler = build_scheduler(request.scheduler, self._original_scheduler, self.base.target == "flow")
         generators = [torch.Generator("cpu").manual_seed(int(job.seed)) for job in jobs]
         negatives = [job.negative_prompt for job in jobs]
         output = self.pipe(
             prompt=[job.prompt for job in jobs], negative_prompt=negatives if any(negatives) else None,
-            num_inference_steps=request.steps, guidance_scale=request.guidance_for(self.base_label),
+            num_inference_steps=request.steps, guidance_scale=self.guidance_of(request),
             width=width, height=height, generator=generators, output_type="np",
         )
         return output.images
@@ -396,7 +433,8 @@ class Engine:
         from PIL import Image
 
         width, height = self.size_of(request)
-        sampler = label_of_scheduler(request.scheduler, self._original_scheduler)
+        sampler = label_of_scheduler(request.scheduler, self._original_scheduler, self.base.target == "flow")
+        cfg_scale, extra = self._cfg_fields(self.guidance_of(request))
         images: list[GeneratedImage | NonFiniteUpdateError] = []
         for array, job in zip(pixels, jobs):
             if not np.isfinite(array).all():
@@ -404,8 +442,8 @@ class Engine:
                 continue
             params = ImageParameters(
                 prompt=job.prompt, negative_prompt=job.negative_prompt, steps=request.steps, sampler=sampler,
-                cfg_scale=request.guidance_for(self.base_label), seed=job.seed, width=width, height=height,
-                model=self.base_label, adapters=job.mix.labels,
+                cfg_scale=cfg_scale, seed=job.seed, width=width, height=height,
+                model=self.base_label, adapters=job.mix.labels, extra=dict(extra),
             )
             image = Image.fromarray((array * 255).round().clip(0, 255).astype("uint8"))
             images.append(GeneratedImage(image, params, array))
@@ -418,6 +456,24 @@ def _non_finite_image(job: ImageJob) -> NonFiniteUpdateError:
         f"the image for seed {job.seed} came out non-finite (NaN/inf pixels, which would save as a black PNG) with {used}; "
         "lower the adapter weight or check the adapter's alpha"
     )
+
+
+def _family_of(base: str) -> str:
+    """The base family of a BASE before loading it (from its module tree; "" for hub ids or when unknown)."""
+    from studio.bases import is_hub_id, module_tree
+    from studio.errors import StudioError
+
+    if is_hub_id(base):
+        return ""
+    try:
+        return module_tree(base).family
+    except StudioError:
+        return ""
+
+
+def _number(value: float) -> str:
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
 
 
 def raise_first_failure(images: Sequence[GeneratedImage | Exception]) -> None:

@@ -1,7 +1,8 @@
 """What a generate request will cost (memory, compute, time) before anything is allocated.
 
-The verb layer refuses requests early with this (its caps are its own). The engine's UNet and
-VAE decoder are run once each at three small latent sizes on the meta device (no memory, no
+The verb layer refuses requests early with this (its caps are its own). The engine's denoiser
+(a UNet, or a FLUX.1 / SD3 transformer with its packed / patched tokens and text tokens) and VAE
+decoder are run once each at three small latent sizes on the meta device (no memory, no
 weights touched) under ``torch.utils.flop_counter.FlopCounterMode`` and a probe that follows the
 bytes of tensors alive; per latent pixel count P, FLOPs and peak bytes are then fitted exactly
 as ``a + b P + c P^2`` (convolutions and projections grow with P, self-attention with P^2) and
@@ -90,12 +91,14 @@ class Quadratic:
 class CostModel:
     """Per latent pixel count: FLOPs and peak activation bytes of one UNet row and one VAE decode."""
 
-    unet_flops: Quadratic
+    unet_flops: Quadratic  # the denoiser's (UNet or transformer), per row
     unet_bytes: Quadratic
     vae_flops: Quadratic
     vae_bytes: Quadratic
     weight_bytes: int
     dtype_bytes: int
+    latent_scale: int = 8  # image pixels per latent pixel (the VAE's scale factor)
+    cfg: bool = True  # whether guidance > 1 runs an unconditional batch too (not on FLUX.1)
 
 
 def _probe(run: Callable[[int], Any]) -> tuple[Quadratic, Quadratic]:
@@ -118,28 +121,55 @@ def _unet_inputs(config: dict, side: int) -> dict:
     return inputs
 
 
-def cost_model(pipe: Any, dtype: torch.dtype) -> CostModel:
-    """Probe the pipeline's UNet and VAE decoder on the meta device (float32 there; bytes rescaled)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+TEXT_TOKENS = {"flux1": 512, "sd3": 333}  # FLUX: T5 at max_sequence_length 512; SD3: 77 CLIP + 256 T5 tokens
 
-    unet_config, vae_config = dict(pipe.unet.config), dict(pipe.vae.config)
+
+def _flux_inputs(config: dict, side: int) -> dict:
+    tokens, text = (side // 2) ** 2, TEXT_TOKENS["flux1"]
+    return {"hidden_states": torch.empty(1, tokens, config["in_channels"]), "timestep": torch.tensor([1.0]),
+            "encoder_hidden_states": torch.empty(1, text, config["joint_attention_dim"]),
+            "pooled_projections": torch.empty(1, config["pooled_projection_dim"]),
+            "img_ids": torch.empty(tokens, 3), "txt_ids": torch.empty(text, 3),
+            "guidance": torch.tensor([3.5]) if config.get("guidance_embeds") else None}
+
+
+def _sd3_inputs(config: dict, side: int) -> dict:
+    return {"hidden_states": torch.empty(1, config["in_channels"], side, side), "timestep": torch.tensor([1.0]),
+            "encoder_hidden_states": torch.empty(1, TEXT_TOKENS["sd3"], config["joint_attention_dim"]),
+            "pooled_projections": torch.empty(1, config["pooled_projection_dim"])}
+
+
+INPUTS = {"sd": _unet_inputs, "sdxl": _unet_inputs, "flux1": _flux_inputs, "sd3": _sd3_inputs}
+WEIGHTED = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def cost_model(pipe: Any, dtype: torch.dtype) -> CostModel:
+    """Probe the pipeline's denoiser and VAE decoder on the meta device (float32 there; bytes rescaled)."""
+    from diffusers import AutoencoderKL
+
+    from studio.bases.family import base_of
+
+    base = base_of(pipe)
+    denoiser = getattr(pipe, base.denoiser)
+    denoiser_config, vae_config = dict(denoiser.config), dict(pipe.vae.config)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config).eval()
+        model = type(denoiser).from_config(denoiser_config).eval()
         vae = AutoencoderKL.from_config(vae_config).eval()
 
-    def run_unet(side: int) -> None:
+    def run_denoiser(side: int) -> None:
         with torch.device("meta"):
-            unet(**_unet_inputs(unet_config, side))
+            model(**INPUTS[base.id](denoiser_config, side))
 
     def run_vae(side: int) -> None:
         with torch.device("meta"):
             vae.decode(torch.empty(1, vae_config["latent_channels"], side, side))
 
-    unet_flops, unet_bytes = _probe(run_unet)
+    unet_flops, unet_bytes = _probe(run_denoiser)
     vae_flops, vae_bytes = _probe(run_vae)
-    weights = sum(p.numel() * p.element_size() for name in ("unet", "vae", "text_encoder", "text_encoder_2")
-                  if getattr(pipe, name, None) is not None for p in getattr(pipe, name).parameters())
-    return CostModel(unet_flops, unet_bytes, vae_flops, vae_bytes, int(weights), torch.empty(0, dtype=dtype).element_size())
+    weights = sum(p.numel() * p.element_size() for name in WEIGHTED
+                  if isinstance(getattr(pipe, name, None), torch.nn.Module) for p in getattr(pipe, name).parameters())
+    return CostModel(unet_flops, unet_bytes, vae_flops, vae_bytes, int(weights), torch.empty(0, dtype=dtype).element_size(),
+                     int(pipe.vae_scale_factor), base.guidance == "cfg")
 
 
 @dataclass(frozen=True)
@@ -150,13 +180,13 @@ class RequestEstimate:
     height: int
     images: int
     steps: int
-    unet_rows: int  # images x 2 with classifier-free guidance
+    unet_rows: int  # denoiser rows: images x 2 with classifier-free guidance
     latent_pixels: int
     weight_bytes: int
     activation_bytes: int  # the larger of the UNet's and the VAE decoder's peak, fused attention
     attention_bytes: int  # attention scores a non-fused (math) attention path would hold on top
     peak_bytes: int  # weights + activations (+ attention scores when not fused)
-    tflop: float  # steps x UNet + VAE decode, in 1e12 floating-point operations
+    tflop: float  # steps x denoiser + VAE decode, in 1e12 floating-point operations
     seconds: float
     seconds_from: str  # "measured" (this engine's previous runs) or "default guess"
 
@@ -168,8 +198,8 @@ def estimate_request(model: CostModel, size: tuple[int, int], images: int, steps
     ``throughput``: (FLOP/s, whether it was measured on this engine rather than guessed).
     """
     (width, height), (flops_per_second, measured) = size, throughput
-    latent = (width // 8) * (height // 8)
-    rows = images * (2 if guidance > 1 else 1)
+    latent = (width // model.latent_scale) * (height // model.latent_scale)
+    rows = images * (2 if model.cfg and guidance > 1 else 1)
     scale = model.dtype_bytes / 4  # the probe ran in float32
     unet_fused, vae_fused = model.unet_bytes.at(latent, False) * rows, model.vae_bytes.at(latent, False) * images
     unet_full, vae_full = model.unet_bytes.at(latent) * rows, model.vae_bytes.at(latent) * images

@@ -11,6 +11,7 @@ from studio.engine.infotext import ImageParameters, save_png
 DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
 DEFAULT_GUIDANCE = {"world": 4.0}
 FALLBACK_GUIDANCE = 7.5
+FAMILY_GUIDANCE = {"flux1": 3.5, "sd3": 7.0}  # the pipelines' own defaults (FLUX.1-dev's embedded guidance)
 
 
 @dataclass
@@ -21,8 +22,10 @@ class GenerateRequest:
     in the engine (``Engine.generate`` also takes adapter objects and ``(adapter, weight)`` pairs);
     several mix into one. With ``per_image`` each image of the batch gets its own
     entry (``none`` for no adapter) and ``batch`` is the number of entries. Image i uses seed
-    ``seed + i``. ``guidance`` None picks the base's usual value (4 for the world, else 7.5);
-    ``width`` / ``height`` None pick the base's native size.
+    ``seed + i``. ``guidance`` None picks the base's usual value (4 for the world, 3.5 for
+    FLUX.1-dev's guidance embedding, 0 for FLUX.1-schnell which has none, 7 for SD3, else 7.5);
+    on FLUX it is the embedded (distilled) guidance, not a CFG scale. ``width`` / ``height``
+    None pick the base's native size.
     """
 
     prompt: str
@@ -41,10 +44,15 @@ class GenerateRequest:
     device: str | None = None
     dtype: DtypeName = "auto"
 
-    def guidance_for(self, base_label: str) -> float:
+    def guidance_for(self, base_label: str, family: str = "", mode: str = "cfg") -> float:
+        """The guidance of this request on a base (``family`` / ``mode`` from its ``studio.bases.Base``)."""
         if self.guidance is not None:
             return float(self.guidance)
-        return DEFAULT_GUIDANCE.get(base_label, FALLBACK_GUIDANCE)
+        if mode == "none":
+            return 0.0
+        if base_label in DEFAULT_GUIDANCE:
+            return DEFAULT_GUIDANCE[base_label]
+        return FAMILY_GUIDANCE.get(family, FALLBACK_GUIDANCE)
 
 
 @dataclass

@@ -60,7 +60,7 @@ def comparison_grid(request: GenerateRequest, engine: Engine | None = None, colu
     params = ImageParameters(
         prompt=first.prompt, negative_prompt=first.negative_prompt, steps=first.steps, sampler=first.sampler,
         cfg_scale=first.cfg_scale, seed=first.seed, width=first.width, height=first.height, model=first.model,
-        extra={"Grid": " | ".join(labels)},
+        extra={**first.extra, "Grid": " | ".join(labels)},
     )
     return GeneratedImage(grid, params)
 

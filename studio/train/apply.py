@@ -10,17 +10,26 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from studio.bases.conditioning import predict
+from studio.bases.family import base_of
+from studio.train.conditioning import Conditioning, prompt_embeds
+
 
 class Trainee(nn.Module):
-    """UNet + adapter in one module, so accelerate/DDP see the adapter's parameters."""
+    """The base's denoiser (UNet or transformer) + adapter in one module, so accelerate/DDP see the
+    adapter's parameters. ``forward`` is one denoiser call the pipeline's way (``predict``: SDXL time
+    ids, FLUX packing and guidance embedding ``guidance``), on VAE-layout latents."""
 
-    def __init__(self, unet: nn.Module, adapter: nn.Module):
+    def __init__(self, pipe: Any, adapter: nn.Module, guidance: float = 3.5):
         super().__init__()
-        self.unet = unet
+        self.base = base_of(pipe)
+        self.denoiser = getattr(pipe, self.base.denoiser)
         self.adapter = adapter
+        self.guidance = guidance
+        self.__dict__["pipe"] = pipe  # not a module: kept out of the module tree
 
-    def forward(self, sample: Tensor, timesteps: Tensor, conditioning: dict[str, Any]) -> Tensor:
-        return self.unet(sample, timesteps, **conditioning, return_dict=False)[0]
+    def forward(self, sample: Tensor, timesteps: Tensor, conditioning: Conditioning) -> Tensor:
+        return predict(self.pipe, sample, timesteps, prompt_embeds(self.base, conditioning), self.guidance)
 
 
 def trainable_parameters(adapter: nn.Module) -> list[nn.Parameter]:

@@ -4,14 +4,18 @@ A checkpoint is a folder ``checkpoints/step-000050/`` with ``adapter.safetensors
 parameters), ``optimizer.safetensors`` (state tensors; the structure as JSON in its header) and
 ``state.json`` (step, lr schedule, RNG states as lists). It is written under a temporary name and
 renamed into place; ``checkpoints/latest`` (written atomically last) names the last good one.
+Folders are made with ``os.mkdir`` and files through ``studio.fileio`` (modes from the umask,
+not mkdtemp's 0700 / mkstemp's 0600). A run killed mid-write leaves a ``.step-*`` folder or a
+``.NAME.*.tmp`` file behind; ``clean_leftovers`` removes them when the next run or resume starts.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +88,8 @@ def save(folder: Path, step: int, adapter: nn.Module, optimizer: Any, scheduler:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, prune older ones."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=folder))
+    tmp = folder / f".step-{step:06d}.{os.getpid()}-{secrets.token_hex(4)}"
+    os.mkdir(tmp)  # mode 0777 & ~umask, like the folders around it
     try:
         save_safetensors(adapter_tensors(adapter), tmp / "adapter.safetensors")
         tensors, structure = optimizer_tensors(optimizer.state_dict())
@@ -100,6 +105,32 @@ def save(folder: Path, step: int, adapter: nn.Module, optimizer: Any, scheduler:
     write_text(folder / "latest", final.name)
     _prune(folder, keep)
     return final
+
+
+TEMP_FOLDER = re.compile(r"^\.step-\d{6}\.")  # a checkpoint being written (see ``save``)
+TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # studio.fileio.atomic_path's ".NAME.XXXX.tmp"
+RUN_SUBFOLDERS = ("checkpoints", "best", "samples")
+
+
+def clean_leftovers(out: Path) -> list[Path]:
+    """Remove what a killed run left half-written in its output folder; return what was removed.
+
+    Only the studio's own temporary names are touched: ``.step-NNNNNN.*`` folders in
+    ``checkpoints/`` and ``.NAME.*.tmp`` files (atomic writes) in the run folder and its
+    checkpoints / best / samples folders. Finished outputs are never touched.
+    """
+    removed: list[Path] = []
+    for folder in (out, *(out / name for name in RUN_SUBFOLDERS)):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if path.is_dir() and not path.is_symlink() and folder.name == "checkpoints" and TEMP_FOLDER.match(path.name):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            elif path.is_file() and TEMP_FILE.match(path.name):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def _prune(folder: Path, keep: int) -> None:

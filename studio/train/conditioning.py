@@ -1,10 +1,14 @@
-"""How a denoiser is conditioned on captions during training, per pipeline kind.
+"""How a denoiser is conditioned on captions during training, for every base.
 
-A ``Conditioner`` turns captions into token ids (cheap, kept for the whole run) and token ids into
-the keyword arguments of the denoiser's forward (``encoder_hidden_states``, and for SDXL the
-``added_cond_kwargs`` with the pooled text embedding and the size/crop time ids). When no
-text-encoder layer trains, the embeddings are computed once and cached; when one does, they are
-computed every step with gradients through the adapter.
+Captions are encoded by the base's own pipeline code (``studio.bases.conditioning.encode_prompts``,
+which calls the pipeline's ``encode_prompt``), so training sees exactly what generation feeds the
+denoiser: SD's CLIP states; SDXL's two CLIPs' penultimate states and pooled ``text_embeds``;
+FLUX.1's T5 states (512 tokens, FluxPipeline's default) and CLIP pooled projection; SD3's CLIP +
+T5 sequence (256 T5 tokens, its pipeline's default) and both CLIPs pooled. When no text-encoder
+layer trains, the embeddings are computed once and cached; when one does, they are computed
+every step with gradients through the adapter. The per-call extras (SDXL's time ids, FLUX's
+packed latents, ``img_ids`` / ``txt_ids`` and guidance embedding) are added at the denoiser call
+(``studio.bases.conditioning.predict``), from the latents' size.
 """
 
 from __future__ import annotations
@@ -15,80 +19,62 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from studio.errors import ConfigError
+from studio.bases.conditioning import PromptEmbeds, encode_prompts
+from studio.bases.family import Base, base_of
+from studio.errors import BaseNotFoundError, ConfigError
 
-Tokens = dict[str, Tensor]
-Conditioning = dict[str, Any]
-
-
-def _tokenize(tokenizer: Any, captions: list[str]) -> Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+Conditioning = dict[str, Tensor]  # {"sequence": (B, tokens, width), "pooled": (B, width) where the base has one}
+MAX_SEQUENCE = {"flux1": 512, "sd3": 256}  # T5 tokens: the pipelines' own __call__ defaults
 
 
 @dataclass
-class SDConditioner:
-    """SD1.x / SD2.x: one CLIP text encoder, its last hidden states as cross-attention input."""
+class Conditioner:
+    """Captions -> the conditioning tensors of one base (see the module docstring)."""
 
     pipe: Any
+    base: Base
 
-    def tokens(self, captions: list[str]) -> Tokens:
-        return {"ids": _tokenize(self.pipe.tokenizer, captions)}
-
-    def embed(self, tokens: Tokens, resolution: int) -> Conditioning:
-        device = self.pipe.text_encoder.device
-        return {"encoder_hidden_states": self.pipe.text_encoder(tokens["ids"].to(device))[0]}
-
-
-@dataclass
-class SDXLConditioner:
-    """SDXL: two CLIP text encoders (penultimate hidden states concatenated), the second one's
-    pooled projection, and the time ids (original size, crop top-left, target size) that SDXL's
-    UNet adds to its timestep embedding — as diffusers' StableDiffusionXLPipeline builds them."""
-
-    pipe: Any
-
-    def tokens(self, captions: list[str]) -> Tokens:
-        return {"ids": _tokenize(self.pipe.tokenizer, captions), "ids_2": _tokenize(self.pipe.tokenizer_2, captions)}
-
-    def embed(self, tokens: Tokens, resolution: int) -> Conditioning:
-        first, second = self.pipe.text_encoder, self.pipe.text_encoder_2
-        out_1 = first(tokens["ids"].to(first.device), output_hidden_states=True)
-        out_2 = second(tokens["ids_2"].to(second.device), output_hidden_states=True)
-        hidden = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
-        pooled = out_2[0]
-        count = hidden.shape[0]
-        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=hidden.dtype, device=hidden.device)
-        return {"encoder_hidden_states": hidden,
-                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.expand(count, -1)}}
+    def embed(self, captions: list[str]) -> Conditioning:
+        """Encode captions; autograd records through trained text-encoder layers when grad is enabled."""
+        device = getattr(self.pipe, self.base.denoiser).device
+        embeds = encode_prompts(self.pipe, list(captions), device, MAX_SEQUENCE.get(self.base.id, 256), grad=torch.is_grad_enabled())
+        out = {"sequence": embeds.sequence}
+        if embeds.pooled is not None:
+            out["pooled"] = embeds.pooled
+        return out
 
 
-def conditioner_for(pipe: Any) -> SDConditioner | SDXLConditioner:
-    """The conditioner of a loaded pipeline (UNet bases; transformer bases are refused by name)."""
-    if getattr(pipe, "unet", None) is None:
-        raise ConfigError(f"{type(pipe).__name__}: training needs a UNet base (SD1.x, SD2.x, SDXL); "
-                          "transformer bases (FLUX, SD3) are not trainable yet")
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return SDXLConditioner(pipe)
-    return SDConditioner(pipe)
+def conditioner_for(pipe: Any) -> Conditioner:
+    """The conditioner of a loaded pipeline (SD1.x/2.x, SDXL, FLUX.1, SD3); others are refused by name."""
+    try:
+        base = base_of(pipe)
+    except BaseNotFoundError as error:
+        raise ConfigError(f"{type(pipe).__name__}: cannot train on this base ({error})") from error
+    return Conditioner(pipe, base)
 
 
-def select(conditioning: Conditioning, items: Tensor | list[int], device: Any, dtype: torch.dtype) -> Conditioning:
+def prompt_embeds(base: Base, conditioning: Conditioning) -> PromptEmbeds:
+    """The conditioning as `PromptEmbeds` (FLUX's text ids are zeros, as FluxPipeline makes them)."""
+    sequence = conditioning["sequence"]
+    text_ids = None
+    if base.packed_latents:
+        text_ids = torch.zeros(sequence.shape[1], 3, device=sequence.device, dtype=sequence.dtype)
+    return PromptEmbeds(sequence, conditioning.get("pooled"), text_ids)
+
+
+def select(conditioning: Conditioning, items: Tensor | list[int] | slice, device: Any, dtype: torch.dtype) -> Conditioning:
     """Rows ``items`` of cached conditioning, moved to the device (floating tensors cast to dtype)."""
-    def pick(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {key: pick(inner) for key, inner in value.items()}
+    def pick(value: Tensor) -> Tensor:
         value = value[items].to(device)
         return value.to(dtype) if value.is_floating_point() else value
-    return pick(conditioning)
+    return {key: pick(value) for key, value in conditioning.items()}
 
 
 def concat(parts: list[Conditioning]) -> Conditioning:
     """Cached conditioning of several chunks joined along the batch dimension."""
-    first = parts[0]
-    return {key: concat([p[key] for p in parts]) if isinstance(value, dict) else torch.cat([p[key] for p in parts])
-            for key, value in first.items()}
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
 def detached(conditioning: Conditioning) -> Conditioning:
     """A float32 CPU copy without gradients (for the cache)."""
-    return {key: detached(value) if isinstance(value, dict) else value.detach().float().cpu() for key, value in conditioning.items()}
+    return {key: value.detach().float().cpu() for key, value in conditioning.items()}

@@ -33,6 +33,7 @@ NOT_COMPARED = ("output_dir",)  # fields a resume may change
 
 
 LossWeighting = Literal["none", "min_snr", "debiased", "sampler"]
+TimestepSampling = Literal["uniform", "logit_normal"]
 
 
 @dataclass
@@ -56,7 +57,16 @@ class TrainConfig:
     loss_weighting: LossWeighting = option(
         "sampler", "timestep weighting of the noise-prediction loss: none (plain MSE), min_snr (min(SNR, gamma)/SNR), "
         "debiased (1/sqrt(SNR)), sampler (max(1, 1/sqrt(SNR)): errors at high noise weigh as much as the sampler "
-        "amplifies them)")
+        "amplifies them). Flow-matching bases (FLUX.1, SD3): none and sampler are the plain mean (the flow Euler sampler "
+        "adds a velocity error times the step in sigma, no amplification); min_snr and debiased are refused")
+    timestep_sampling: TimestepSampling = option(
+        "uniform", "flow-matching bases (FLUX.1, SD3): how training timesteps are drawn from the pipeline's own flow "
+        "schedule: uniform, or logit_normal (the SD3 paper's sigmoid of a standard normal, denser mid-schedule); "
+        "refused on noise-prediction bases")
+    guidance: float = option(3.5, "FLUX.1-dev: the guidance embedding the transformer sees while training "
+                             "(bases without one ignore it)", minimum=0, maximum=100)
+    gradient_checkpointing: bool = option(False, "recompute the denoiser's activations in the backward pass "
+                                          "(less activation memory for one more forward per step; for large transformer batches)")
     min_snr_gamma: float = option(5.0, "gamma of min_snr weighting", minimum=0, exclusive_minimum=True)
     mixed_precision: MixedPrecision = option("auto", "auto (bf16 where supported, else fp16; fp32 on CPU), no, fp16, bf16")
     seed: int = option(0, "seed of the initialisation, batches, noise and samples", minimum=0, maximum=2**63 - 1)

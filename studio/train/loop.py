@@ -133,6 +133,8 @@ def train(config: TrainConfig, resume_dir: str | Path | None = None, stop: threa
     for line in scan.converted:
         yield Message(line, "info")
     run = session_mod.start(config, scan)
+    for note in run.notes:
+        yield Message(note, "info")
     held = f"{len(run.validation.captions)} held out for validation" if config.validation_split > 0 and len(scan.pairs) > 1 \
         else f"validation on {len(run.validation.captions)} of them (no held-out split)"
     yield Message(f"training {config.family} ({count_trainable(run.adapter):,} trainable numbers) on "

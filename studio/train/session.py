@@ -1,8 +1,20 @@
 """Everything a run needs before its first step: pipeline, adapter, encoded data, optimizer.
 
 Images are VAE-encoded once and captions text-encoded once (the base is frozen), so a step is one
-UNet forward and backward. The losses are pure functions of (seed, step): noise and timesteps
+denoiser forward and backward. The losses are pure functions of (seed, step): noise and timesteps
 come from a generator seeded per micro-step, which is what makes resume exact.
+
+Every base trains through the same step (``studio.bases.base_of(pipe)`` says how):
+- SD1.x / SD2.x / SDXL (UNet): DDPM noising at integer timesteps, epsilon or v target from the
+  scheduler's prediction_type, timestep loss weighting (``timestep_weights``);
+- FLUX.1 / SD3 (transformer): flow matching with the pipeline's own FlowMatchEulerDiscreteScheduler
+  tables (its ``timesteps`` / ``sigmas`` at 1000 training steps, shift included): x_t = (1 - sigma)
+  x0 + sigma noise, target noise - x0; timesteps drawn uniformly over the table or by the SD3
+  paper's logit-normal (``timestep_sampling``); the loss is the plain mean (``loss_weighting``
+  none / sampler; min_snr and debiased are defined through the DDPM SNR and refused). FLUX
+  latents are packed into 2x2 tokens and FLUX.1-dev gets ``guidance`` as its embedding.
+An adapter's ``components`` default to the base's denoiser (``unet`` or ``transformer``); text
+encoders train where the family's ``components`` name them (SD's CLIP, SDXL's two, FLUX's CLIP).
 """
 
 from __future__ import annotations
@@ -10,15 +22,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from studio.adapters import registry
 from studio.bases import ModuleTree, load_pipeline, module_tree, pipeline_tree
+from studio.bases.conditioning import native_resolution, noisy_and_target
+from studio.bases.family import Base, base_of
 from studio.errors import BaseNotFoundError, ConfigError
+from studio.train import checkpoint
 from studio.train import conditioning as conditioning_mod
 from studio.train import data as data_mod
 from studio.train import validation as validation_mod
@@ -34,10 +49,9 @@ COSINE_FLOOR = 0.05  # cosine schedules end at 5% of the peak learning rate
 
 @dataclass
 class Encoded:
-    """Cached latents, token ids and (when the text encoders stay frozen) conditioning of pairs."""
+    """Cached latents, captions and (when the text encoders stay frozen) conditioning of pairs."""
 
     latents: Tensor
-    tokens: conditioning_mod.Tokens
     conditioning: conditioning_mod.Conditioning | None
     weights: list[int]
     captions: list[str]
@@ -64,12 +78,18 @@ class Session:
     resolution: int
     weight_dtype: torch.dtype
     conditioner: Any = None
+    base: Base | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
     def trains_text_encoder(self) -> bool:
         """Whether any adapter layer sits in a text encoder (then embeddings are live, not cached)."""
-        return any(not layer.startswith("unet.") for layer in self.adapter.layers())
+        return trains_text(self.adapter, self.base)
+
+
+def trains_text(adapter: nn.Module, base: Base) -> bool:
+    """Whether any of the adapter's layers is outside the base's denoiser."""
+    return any(not layer.startswith(base.denoiser + ".") for layer in adapter.layers())
 
 
 def precision(config: TrainConfig) -> str:
@@ -104,22 +124,20 @@ def _encode_images(pipe: Any, pairs: list[data_mod.Pair], resolution: int, dtype
 
 
 @torch.no_grad()
-def _cached_conditioning(conditioner: Any, tokens: conditioning_mod.Tokens, resolution: int, chunk: int = 64) -> conditioning_mod.Conditioning:
-    count = next(iter(tokens.values())).shape[0]
-    parts = [conditioner.embed({k: v[i:i + chunk] for k, v in tokens.items()}, resolution) for i in range(0, count, chunk)]
-    return conditioning_mod.detached(conditioning_mod.concat(parts))
+def _cached_conditioning(conditioner: Any, captions: list[str], chunk: int = 64) -> conditioning_mod.Conditioning:
+    parts = [conditioning_mod.detached(conditioner.embed(captions[i:i + chunk])) for i in range(0, len(captions), chunk)]
+    return conditioning_mod.concat(parts)
 
 
 def encode(pipe: Any, conditioner: Any, pairs: list[data_mod.Pair], resolution: int, dtype: torch.dtype, device: Any,
            cache_conditioning: bool = True) -> Encoded:
-    """Latents, token ids and (``cache_conditioning``) the frozen text encoders' conditioning of ``pairs``."""
+    """Latents, captions and (``cache_conditioning``) the frozen text encoders' conditioning of ``pairs``."""
     if not pairs:
-        return Encoded(torch.empty(0), {}, None, [], [])
+        return Encoded(torch.empty(0), None, [], [])
     latents = _encode_images(pipe, pairs, resolution, dtype, device)
     captions = [p.caption for p in pairs]
-    tokens = conditioner.tokens(captions)
-    cached = _cached_conditioning(conditioner, tokens, resolution) if cache_conditioning else None
-    return Encoded(latents, tokens, cached, [p.repeats for p in pairs], captions)
+    cached = _cached_conditioning(conditioner, captions) if cache_conditioning else None
+    return Encoded(latents, cached, [p.repeats for p in pairs], captions)
 
 
 def lr_factor(step: int, steps: int, warmup: int, schedule: str = "cosine") -> float:
@@ -138,16 +156,14 @@ def lr_lambda(config: TrainConfig):
     return lambda step: lr_factor(step, config.steps, config.lr_warmup_steps, config.lr_schedule)
 
 
-TRAINABLE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-
-
 def components(pipe: Any) -> dict[str, nn.Module]:
-    """The pipeline's modules an adapter may target, by component name."""
-    return {name: getattr(pipe, name) for name in TRAINABLE_COMPONENTS if getattr(pipe, name, None) is not None}
+    """The pipeline's modules an adapter may target, by component name (the base's ``adapter_components``)."""
+    return {name: getattr(pipe, name) for name in base_of(pipe).adapter_components if isinstance(getattr(pipe, name, None), nn.Module)}
 
 
 def _load(config: TrainConfig, device: Any, weight_dtype: torch.dtype) -> Any:
-    pipe = load_pipeline(config.base, torch.float32, device)
+    """The frozen base in the weight dtype (loaded in it: a 12 B FLUX transformer is never held in fp32)."""
+    pipe = load_pipeline(config.base, weight_dtype, device)
     conditioning_mod.conditioner_for(pipe)  # refuses bases the loop cannot condition, before any work
     freeze(pipe.vae, *components(pipe).values())
     pipe.to(device, weight_dtype)
@@ -156,41 +172,114 @@ def _load(config: TrainConfig, device: Any, weight_dtype: torch.dtype) -> Any:
     return pipe
 
 
+def adapter_knobs(config: TrainConfig, base: Base) -> dict[str, Any]:
+    """The ``[adapter]`` table with ``components`` defaulting to the base's denoiser (families that have it).
+
+    A component the base does not have (``unet`` on FLUX, say) is refused, naming the ones it has."""
+    from dataclasses import fields
+
+    knobs = dict(config.adapter)
+    if "components" not in {f.name for f in fields(registry.family(config.family).config_class)}:
+        return knobs
+    knobs.setdefault("components", (base.denoiser,))
+    wanted = [knobs["components"]] if isinstance(knobs["components"], str) else list(knobs["components"])
+    unknown = [name for name in wanted if name not in base.adapter_components]
+    if unknown:
+        raise ConfigError(f"[adapter] components {unknown}: {base.label} has no such component to adapt; "
+                          f"its components are {', '.join(base.adapter_components)} (the denoiser is {base.denoiser!r})")
+    return knobs
+
+
+def check_objective(config: TrainConfig, base: Base, scheduler: Any) -> None:
+    """Refuse loss options that are not defined for the base's training target (see the module docstring)."""
+    if base.target == "flow":
+        if config.loss_weighting not in FLOW_WEIGHTINGS:
+            raise ConfigError(f"loss_weighting = {config.loss_weighting!r}: {base.label} trains by flow matching, where the "
+                              "SNR weightings (min_snr, debiased) are not defined; use none or sampler (both the plain mean)")
+        return
+    if config.timestep_sampling != "uniform":
+        raise ConfigError(f"timestep_sampling = {config.timestep_sampling!r} is for flow-matching bases (FLUX.1, SD3); "
+                          f"{base.label} trains on DDPM timesteps: use uniform")
+    kind = scheduler.config.prediction_type
+    if kind not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"scheduler prediction_type {kind!r} is not supported (epsilon or v_prediction)")
+
+
+def training_scheduler(pipe: Any, base: Base) -> Any:
+    """The noise schedule training samples from: the pipeline's own flow-matching scheduler (fresh,
+    its 1000-step tables untouched by sampling), or DDPM built from the pipeline's scheduler config."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if base.target == "flow":
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def _resolution(config: TrainConfig, pipe: Any, base: Base) -> int:
+    resolution = config.resolution or native_resolution(pipe)
+    step = int(pipe.vae_scale_factor) * (2 if base.packed_latents else 1)
+    if resolution % step:
+        raise ConfigError(f"resolution = {resolution}: {base.label} with this VAE needs a multiple of {step}")
+    return resolution
+
+
 def start(config: TrainConfig, scan: data_mod.Scan) -> Session:
     """Build the run: load and freeze the base, build the adapter, encode the data, prepare with accelerate."""
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler
 
     mixed = precision(config)
     accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=config.grad_accumulation, cpu=not torch.cuda.is_available())
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed, torch.float32)
+    leftovers = checkpoint.clean_leftovers(Path(config.output_dir)) if accelerator.is_main_process else []
     pipe = _load(config, accelerator.device, weight_dtype)
+    base = base_of(pipe)
+    noise_scheduler = training_scheduler(pipe, base)
+    check_objective(config, base, noise_scheduler)
     tree = _tree(config.base, pipe)
-    family_config = registry.make_config(config.family, config.adapter)
+    family_config = registry.make_config(config.family, adapter_knobs(config, base))
     torch.manual_seed(config.seed)
     adapter = registry.build_adapter(config.family, family_config, tree).to(accelerator.device)
-    resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = _resolution(config, pipe, base)
     conditioner = conditioning_mod.conditioner_for(pipe)
-    live_text = any(not layer.startswith("unet.") for layer in adapter.layers())
+    live_text = trains_text(adapter, base)
+    if config.gradient_checkpointing:
+        getattr(pipe, base.denoiser).enable_gradient_checkpointing()
     train_pairs, val_pairs = data_mod.split(scan.pairs, config.validation_split, config.seed)
     train_set = encode(pipe, conditioner, train_pairs, resolution, weight_dtype, accelerator.device, not live_text)
     val_set = encode(pipe, conditioner, val_pairs or train_pairs[:VALIDATION_ITEMS], resolution, weight_dtype, accelerator.device, not live_text)
     attached = Attachment(components(pipe), adapter)
     optimizer = torch.optim.AdamW(trainable_parameters(adapter), lr=config.learning_rate, weight_decay=config.weight_decay)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    model, optimizer = accelerator.prepare(Trainee(pipe.unet, adapter), optimizer)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    model, optimizer = accelerator.prepare(Trainee(pipe, adapter, config.guidance), optimizer)
+    notes = [f"removed {len(leftovers)} half-written file(s) left by an interrupted run, e.g. {leftovers[0].name}"] if leftovers else []
     return Session(config, accelerator, pipe, tree, family_config, adapter, attached, model, optimizer, lr_schedule,
-                   noise_scheduler, train_set, val_set, scan, resolution, weight_dtype, conditioner)
+                   noise_scheduler, train_set, val_set, scan, resolution, weight_dtype, conditioner, base, notes)
 
 
-def _target(session: Session, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    kind = session.noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return session.noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise ConfigError(f"scheduler prediction_type {kind!r} is not supported (epsilon or v_prediction)")
+FLOW_WEIGHTINGS = ("none", "sampler")
+
+
+def sample_timesteps(session: Session, count: int, generator: torch.Generator) -> Tensor:
+    """Training timesteps of one micro-batch: DDPM integers, or entries of the flow scheduler's table."""
+    scheduler = session.noise_scheduler
+    total = scheduler.config.num_train_timesteps
+    if session.base.target != "flow":
+        return torch.randint(0, total, (count,), generator=generator)
+    if session.config.timestep_sampling == "logit_normal":
+        index = (torch.sigmoid(torch.randn(count, generator=generator)) * total).long().clamp(max=total - 1)
+    else:
+        index = torch.randint(0, total, (count,), generator=generator)
+    return scheduler.timesteps[index]
+
+
+def validation_timesteps(session: Session, count: int, k: int) -> Tensor:
+    """The k-th of ``VALIDATION_TIMESTEPS`` evenly spread timesteps, for ``count`` items."""
+    scheduler = session.noise_scheduler
+    total = scheduler.config.num_train_timesteps
+    index = int(total * (k + 0.5) / VALIDATION_TIMESTEPS)
+    if session.base.target == "flow":
+        return scheduler.timesteps[index].expand(count).clone()
+    return torch.full((count,), index, dtype=torch.long)
 
 
 def timestep_weights(scheduler: Any, timesteps: Tensor, kind: str, gamma: float = 5.0) -> Tensor:
@@ -201,7 +290,7 @@ def timestep_weights(scheduler: Any, timesteps: Tensor, kind: str, gamma: float 
     a tiny error in the noise becomes noise left in the image. ``sampler`` weighs each step's
     error at least as much as that amplification (never below 1); ``debiased`` is 1/sqrt(SNR)
     (kohya's debiased estimation); ``min_snr`` is min(SNR, gamma)/SNR (Hang et al. 2023); ``none``
-    is the plain mean."""
+    is the plain mean. Flow-matching targets have no SNR table: see ``loss_weights``."""
     if kind == "none":
         return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
     alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
@@ -215,15 +304,26 @@ def timestep_weights(scheduler: Any, timesteps: Tensor, kind: str, gamma: float 
     raise ConfigError(f"loss_weighting {kind!r} is not known (none, min_snr, debiased, sampler)")
 
 
+def loss_weights(session: Session, timesteps: Tensor, kind: str) -> Tensor:
+    """Per-sample loss weights: ``timestep_weights`` on DDPM bases; on flow-matching bases "none" and
+    "sampler" are both the plain mean (the flow Euler sampler adds a velocity error times its step
+    in sigma, with no amplification; other weightings are refused by ``check_objective``)."""
+    if session.base.target == "flow":
+        if kind not in FLOW_WEIGHTINGS:
+            raise ConfigError(f"loss_weighting {kind!r} is not defined for flow matching (none, sampler)")
+        return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
+    return timestep_weights(session.noise_scheduler, timesteps, kind, session.config.min_snr_gamma)
+
+
 def conditioning_of(session: Session, data: Encoded, items: Tensor | list[int]) -> conditioning_mod.Conditioning:
     """The denoiser's conditioning of rows ``items``: cached, or computed now through the trained
-    text-encoder layers (with gradients)."""
+    text-encoder layers (with gradients when grad is enabled)."""
     device = session.accelerator.device
     if data.conditioning is not None:
         return conditioning_mod.select(data.conditioning, items, device, session.weight_dtype)
-    tokens = {key: value[items] for key, value in data.tokens.items()}
+    indices = items.tolist() if isinstance(items, Tensor) else list(items)
     with session.accelerator.autocast():
-        live = session.conditioner.embed(tokens, session.resolution)
+        live = session.conditioner.embed([data.captions[i] for i in indices])
     return conditioning_mod.select(live, slice(None), device, session.weight_dtype)
 
 
@@ -232,12 +332,11 @@ def _mse(session: Session, model: nn.Module, latents: Tensor, conditioning: cond
     """Mean (weighted) squared error of the model's prediction at ``timesteps``."""
     device = session.accelerator.device
     latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
-    noisy = session.noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy, target = noisy_and_target(session.base, session.noise_scheduler, latents, noise, timesteps)
     with session.accelerator.autocast():
         prediction = model(noisy.to(session.weight_dtype), timesteps, conditioning)
-    errors = (prediction.float() - _target(session, latents, noise, timesteps).float()).pow(2).flatten(1).mean(dim=1)
-    weights = timestep_weights(session.noise_scheduler, timesteps, weighting, session.config.min_snr_gamma)
-    return (errors * weights).mean()
+    errors = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    return (errors * loss_weights(session, timesteps, weighting)).mean()
 
 
 def step_loss(session: Session, micro_step: int) -> Tensor:
@@ -248,7 +347,7 @@ def step_loss(session: Session, micro_step: int) -> Tensor:
     generator = torch.Generator().manual_seed(config.seed * 7_919 + micro_step * 104_729 + accelerator.process_index)
     latents = session.train.latents[items]
     noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(0, session.noise_scheduler.config.num_train_timesteps, (len(items),), generator=generator)
+    timesteps = sample_timesteps(session, len(items), generator)
     conditioning = conditioning_of(session, session.train, items)
     return _mse(session, session.model, latents, conditioning, noise, timesteps, config.loss_weighting)
 
@@ -263,7 +362,7 @@ def validation_loss(session: Session) -> float:
     def loss(rows: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:  # all rows at once: the conditioning as computed
         return _mse(session, model, val.latents[rows], conditioning, noise, timesteps)
 
-    grids = validation_mod.level_grids(count, session.noise_scheduler.config.num_train_timesteps, VALIDATION_TIMESTEPS)
+    grids = [validation_timesteps(session, count, k) for k in range(VALIDATION_TIMESTEPS)]
     value = validation_mod.fixed_draws_loss(loss, count, val.latents.shape[1:], grids, session.config.seed + 12_345)
     session.attached.clear()
     return value

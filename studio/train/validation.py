@@ -27,7 +27,7 @@ def fixed_draws_loss(loss: RowLoss, count: int, shape: Sequence[int], grids: Seq
                      batch: int = 0) -> float:
     """Mean of ``loss(rows, noise, timesteps)`` over every grid and every item, at fixed draws.
 
-    ``count`` items of latent ``shape``; ``grids`` holds one int64 timestep tensor of length
+    ``count`` items of latent ``shape``; ``grids`` holds one timestep tensor (the scheduler's own values) of length
     ``count`` per repeat. For each grid in turn, noise ``(count, *shape)`` is drawn from a CPU
     generator seeded ``seed`` (so a call's draws are a function of ``seed`` alone, on any device).
     Rows go to ``loss`` in chunks of ``batch`` (0: all at once) as CPU index tensors with their

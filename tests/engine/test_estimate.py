@@ -15,7 +15,8 @@ def test_fitted_flops_hold_at_an_unprobed_size(engine):
     """a + b P + c P^2 is exact for a UNet: the fit equals a counted forward at a size it never saw."""
     from diffusers import UNet2DConditionModel
 
-    estimate = engine.estimate(GenerateRequest(prompt="x", steps=1, width=256, height=256, guidance=1.0))
+    side = 32 * engine.pipe.vae_scale_factor  # image pixels of a 32 x 32 latent (the tiny VAE scales by 2, not 8)
+    estimate = engine.estimate(GenerateRequest(prompt="x", steps=1, width=side, height=side, guidance=1.0))
     config = dict(engine.pipe.unet.config)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config).eval()

@@ -56,3 +56,27 @@ def test_per_image_on_cuda_matches_each_merged_adapter(cuda_engine):
             batched = unet(**inputs).sample.float()
     for i in range(len(names)):
         torch.testing.assert_close(batched[i], merged[i][i], rtol=2e-2, atol=2e-2)
+
+
+def test_flux_per_image_on_cuda_bf16_matches_each_merged_adapter(tiny_flux_dir):
+    from flux_engine import transformer_inputs
+    from flux_models import random_loras
+
+    from studio.engine import Engine, EngineConfig
+
+    engine = Engine.load(str(tiny_flux_dir), EngineConfig(device=DEVICE))  # auto: bfloat16 for FLUX on CUDA
+    assert engine.pipe.transformer.dtype == torch.bfloat16
+    loras = random_loras(engine.pipe.transformer, 3, 4)
+    entries = [(engine.register(lora.name, lora), 30.0) for lora in loras]  # weight 30: effects well above bf16 rounding
+    inputs = transformer_inputs(engine.pipe, len(entries), 32, torch.device(DEVICE), torch.bfloat16, text_tokens=16)
+    with torch.no_grad():
+        merged = []
+        for entry in entries:
+            engine.activate([entry])
+            merged.append(engine.pipe.transformer(**inputs)[0].float())
+        engine.restore()
+        with engine.per_image(entries):
+            batched = engine.pipe.transformer(**inputs)[0].float()
+    assert float((merged[0][0] - merged[1][0]).abs().max()) > 0.1
+    for i in range(len(entries)):
+        torch.testing.assert_close(batched[i], merged[i][i], rtol=2e-2, atol=3e-2)

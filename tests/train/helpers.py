@@ -56,16 +56,16 @@ def family_of(case: str) -> str:
 
 
 def tiny_collection(pipeline_dir: Path, path: Path, count: int = 4, rank: int = 4) -> Path:
-    """A compressed collection of random LoRAs on the tiny pipeline's attention layers."""
+    """A compressed collection of random LoRAs on the tiny pipeline's attention layers (its denoiser's)."""
     import torch
 
     from studio.adapters.lora import LoraAdapter, LoraLayer
     from studio.adapters.registry import select_layers
-    from studio.bases import module_tree
+    from studio.bases import base_for, module_tree
     from studio.subspace import compress_sources, held_sources
 
     tree = module_tree(str(pipeline_dir))
-    layers = select_layers(tree)
+    layers = select_layers(tree, components=(base_for(tree).denoiser,))
     generator = torch.Generator().manual_seed(3)
     adapters = []
     for n in range(count):

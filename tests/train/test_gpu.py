@@ -40,3 +40,14 @@ def test_resume_is_exact_on_cuda(tiny_pipeline_dir, style_data, tmp_path, family
             stop.set()
     resumed = run_to_end(train(config, resume_dir=tmp_path / "b"))
     assert [resumed.losses[s] for s in range(4, 7)] == pytest.approx([straight.losses[s] for s in range(4, 7)], rel=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fixture,checkpointing", [("tiny_flux_dir", True), ("tiny_sd3_dir", False), ("tiny_sdxl_dir", True)])
+def test_transformer_and_sdxl_bases_train_on_cuda_in_bf16(fixture, checkpointing, request, style_data, tmp_path):
+    base = request.getfixturevalue(fixture)
+    config = tiny_config(base, style_data, tmp_path / "run", "lora", adapter={"rank": 4, "alpha": 4}, learning_rate=3e-2,
+                         steps=10, resolution=32, mixed_precision="bf16", gradient_checkpointing=checkpointing, export_format="kohya")
+    result = run_to_end(train(config))
+    assert result.status == "done" and all(math.isfinite(v) for v in result.losses.values())
+    assert result.validation[10] < result.validation[0]
