@@ -1,50 +1,19 @@
-"""Typed requests and results of generation."""
+"""Typed requests and results of generation.
+
+The request is the generate verb's (`studio.verbs.generate.GenerateRequest`: its fields, their
+help text and its checks live there); the engine takes it as it is.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from studio.engine.infotext import ImageParameters, save_png
+from studio.verbs.generate import DtypeName, GenerateRequest
 
-DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
-DEFAULT_GUIDANCE = {"world": 4.0}
-FALLBACK_GUIDANCE = 7.5
-
-
-@dataclass
-class GenerateRequest:
-    """One generation: what the CLI flags, the app's form and a recipe all fill in.
-
-    ``adapters`` are SPECs (``FILE[:w]``, ``COLLECTION.safetensors#NAME[:w]``) or names registered
-    in the engine (``Engine.generate`` also takes adapter objects and ``(adapter, weight)`` pairs);
-    several mix into one. With ``per_image`` each image of the batch gets its own
-    entry (``none`` for no adapter) and ``batch`` is the number of entries. Image i uses seed
-    ``seed + i``. ``guidance`` None picks the base's usual value (4 for the world, else 7.5);
-    ``width`` / ``height`` None pick the base's native size.
-    """
-
-    prompt: str
-    base: str = "world"
-    negative_prompt: str = ""
-    adapters: list[str] = field(default_factory=list)
-    per_image: bool = False
-    seed: int = 0
-    steps: int = 25
-    guidance: float | None = None
-    width: int | None = None
-    height: int | None = None
-    scheduler: str | None = None
-    batch: int = 1
-    scale: float = 1.0
-    device: str | None = None
-    dtype: DtypeName = "auto"
-
-    def guidance_for(self, base_label: str) -> float:
-        if self.guidance is not None:
-            return float(self.guidance)
-        return DEFAULT_GUIDANCE.get(base_label, FALLBACK_GUIDANCE)
+__all__ = ["DtypeName", "GeneratedImage", "GenerateRequest"]
 
 
 @dataclass
