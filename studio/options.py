@@ -160,10 +160,15 @@ def _bound_problem(value: Any, item: Field) -> str:
     low, high = item.metadata.get("minimum"), item.metadata.get("maximum")
     strict = item.metadata.get("exclusive_minimum", False)
     if low is not None and (value <= low if strict else value < low):
-        return f"must be {'>' if strict else '>='} {low:g}"
+        return f"must be {'>' if strict else '>='} {_number(low)}"
     if high is not None and value > high:
-        return f"must be <= {high:g}"
+        return f"must be <= {_number(high)}"
     return ""
+
+
+def _number(bound: float) -> str:
+    """A bound as written: whole numbers in full (a seed's 2**63 - 1 stays exact), others short."""
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 def describe(cls: type) -> list[dict[str, Any]]:

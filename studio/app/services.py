@@ -241,7 +241,7 @@ class Studio:
         yield Message(f"compressing {len(adapters)} adapters ({_size_text(form)})")
         request = compress_verb.CompressRequest(
             paths=[], output=str(self.workspace.folder("compressed") / "collection.safetensors"), k=form.k, energy=form.energy,
-            augment=form.augment, base=self.base_label(), export_dir=str(self.workspace.folder("exports")),
+            augment=form.augment, base=self.base, export_dir=str(self.workspace.folder("exports")),
             export_format=form.export_format)
         outcome = None
         for event in compress_verb.run(request, sources=held_sources(adapters)):
@@ -264,7 +264,7 @@ class Studio:
             engine.register(f"{name}{COMPRESSED_SUFFIX}", collection.adapter(name))
 
     def base_label(self) -> str:
-        return self.base if self.base == "world" or "/" not in self.base else Path(self.base).name
+        return compress_verb.base_label(self.base)
 
     # -- train ------------------------------------------------------------------------------
 

@@ -44,7 +44,8 @@ class CompressRequest:
                                   minimum=0, exclusive_minimum=True, maximum=1, one_of="size")
     augment: int = option(0, "P extra seeded random components per layer, orthogonal to the principal ones (for training)",
                           minimum=0, maximum=MAX_AUGMENT)
-    base: str = option("", "base id recorded in the file (default: the adapters' detected base)")
+    base: str | None = option(None, "BASE the LoRAs' keys are placed on, recorded in the file (default: the known base "
+                              "they fit best)")
     seed: int = option(0, "seed of completion and augmentation components", minimum=0, maximum=checks.MAX_SEED)
     device: str = option("cpu", "where the math runs: cpu, cuda, cuda:N (cuda:LOCAL_RANK under torchrun)")
     stats_dtype: StatsDtype = option("float64", "per-layer statistics precision (float32 halves their memory)")
@@ -151,10 +152,10 @@ def run(request: CompressRequest, sources: Sequence[Any] | None = None) -> Itera
     from studio.subspace import compress_events, file_sources
 
     inputs = check(request, sources)
-    sources = file_sources(inputs) if sources is None else sources
+    sources = file_sources(inputs, _loader(request.base)) if sources is None else sources
     with distributed.joined(request.device) as device:
         events = compress_events(sources, request.output, k=request.k, energy=request.energy, augment=request.augment,
-                                 base_id=request.base, seed=request.seed, device=device,
+                                 base_id=base_label(request.base), seed=request.seed, device=device,
                                  statistics_dtype=getattr(torch, request.stats_dtype))
         result = None
         for event in events:
@@ -164,6 +165,24 @@ def run(request: CompressRequest, sources: Sequence[Any] | None = None) -> Itera
                 yield event
         exports = (yield from _export_all(result, request)) if request.export_dir and distributed.is_main_process() else []
     yield Done(CompressOutcome(result, exports, quality_warnings(result)))
+
+
+def base_label(base: str | None) -> str:
+    """What the file records as its base: ``world``, a hub id, or a folder / file's name ('' : detected)."""
+    if not base:
+        return ""
+    return base if base == "world" or "/" not in base or not Path(base).exists() else Path(base).name
+
+
+def _loader(base: str | None):
+    """Reads each file placed on BASE's module tree (built once); None: the reader's best guess."""
+    if not base:
+        return None
+    from studio.bases import module_tree
+    from studio.formats import load_adapter
+
+    tree = module_tree(base)
+    return lambda path: load_adapter(path, tree)
 
 
 def _export_all(result, request: CompressRequest):
