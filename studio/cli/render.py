@@ -17,8 +17,11 @@ SHOWN_METRICS = ("val_loss", "lr")
 
 
 def one_line(text: Any) -> str:
-    """A message on one line (a multi-line message joined with '; ')."""
-    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    """A message on one line (a multi-line message joined with '; ', or ' ' after a colon)."""
+    line = ""
+    for part in (p.strip() for p in str(text).splitlines() if p.strip()):
+        line += part if not line else (" " if line.endswith(":") else "; ") + part
+    return line
 
 
 class Bars:

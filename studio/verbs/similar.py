@@ -28,6 +28,8 @@ class SimilarRequest:
     against: list[str] = option(help="a compressed collection, or LoRA files / folders", positional=True, metavar="COLLECTION")
     top: int = option(DEFAULT_TOP, "rows shown, closest first (0: all)", minimum=0, maximum=MAX_TOP)
     device: str = option("cpu", "where the products run: cpu, cuda, cuda:N")
+    base: str | None = option(None, "BASE the LoRAs' keys are placed on (default: the known base each fits best; with a "
+                              "BASE, LoRA files to compare against are read up front)")
 
 
 @dataclass
@@ -74,5 +76,21 @@ def run(request: SimilarRequest) -> SimilarOutcome:
     from studio.subspace import similar
 
     check(request)
-    against = request.against[0] if len(request.against) == 1 else list(request.against)
-    return SimilarOutcome(similar(request.query, against, request.device), request.top)
+    query, against = request.query, request.against[0] if len(request.against) == 1 else list(request.against)
+    if request.base:
+        query, against = _placed(request)
+    return SimilarOutcome(similar(query, against, request.device), request.top)
+
+
+def _placed(request: SimilarRequest):
+    """The query and the LoRA files read on BASE's module tree (a collection file stays a path)."""
+    from studio.bases import module_tree
+    from studio.collection import expand_paths
+    from studio.formats import load_adapter
+    from studio.subspace import is_collection_file
+
+    tree = module_tree(request.base)
+    query = load_adapter(request.query, tree)
+    if len(request.against) == 1 and is_collection_file(request.against[0]):
+        return query, request.against[0]
+    return query, [load_adapter(path, tree) for path in expand_paths(request.against) if not is_collection_file(path)]
