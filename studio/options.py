@@ -14,7 +14,7 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import MISSING, Field
+from dataclasses import MISSING, Field, dataclass
 from typing import Any, Literal, get_args, get_origin
 
 from studio.errors import ConfigError
@@ -23,23 +23,36 @@ _NO_BOUND = None
 SHOWN_CHARS = 80  # longest value repeated in an error message
 
 
+@dataclass(frozen=True)
+class Cli:
+    """How the command line shows a field (`studio.cli.arguments` reads it from the metadata).
+
+    ``positional``: a positional argument; ``repeat``: a list flag given once per value
+    (``--adapter A --adapter B``) instead of several values after one flag; ``short``: a short flag
+    (``-o``); ``flag``: replaces the long flag (``--for`` for ``tool``); ``metavar``: the value's
+    name in the usage; ``required``: asked for on the command line although other front ends fill
+    in a default (the app's output paths); ``one_of``: fields of one group are mutually exclusive
+    and one is needed (``--k`` or ``--energy``)."""
+
+    positional: bool = False
+    repeat: bool = False
+    short: str | None = None
+    flag: str | None = None
+    metavar: str | None = None
+    required: bool = False
+    one_of: str | None = None
+
+
 def option(default: Any = MISSING, help: str = "", *, minimum: float | None = _NO_BOUND, maximum: float | None = _NO_BOUND,
-           exclusive_minimum: bool = False, default_factory: Any = MISSING, cli: bool = True, positional: bool = False,
-           repeat: bool = False, short: str | None = None, flag: str | None = None, metavar: str | None = None,
-           required: bool = False, one_of: str | None = None) -> Any:
+           exclusive_minimum: bool = False, default_factory: Any = MISSING, cli: bool | Cli = True) -> Any:
     """A dataclass field with its help text and numeric bounds in the metadata.
 
     ``minimum`` / ``maximum`` bound numbers (and the length of nothing else); ``exclusive_minimum``
-    makes the lower bound strict (learning rates > 0). The rest tells the command line how to show
-    the field (`studio.cli.arguments` reads it): ``cli=False`` keeps it off the command line (values
-    the front end fills in itself); ``positional`` makes it a positional argument; ``repeat`` makes
-    a list flag repeatable (``--adapter A --adapter B``) instead of taking several values; ``short``
-    adds a short flag (``-o``); ``flag`` replaces the long flag (``--for`` for ``tool``); ``required``
-    makes the command line ask for a field whose default other front ends fill in (the app's
-    output paths); fields with the same ``one_of`` group are mutually exclusive and one is needed."""
-    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "exclusive_minimum": exclusive_minimum, "cli": cli,
-                "positional": positional, "repeat": repeat, "short": short, "flag": flag, "metavar": metavar,
-                "required": required, "one_of": one_of}
+    makes the lower bound strict (learning rates > 0). ``cli=False`` keeps a field off the command
+    line (values the front end fills in itself); a `Cli` says how the command line shows it."""
+    shown = cli if isinstance(cli, Cli) else Cli()
+    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "exclusive_minimum": exclusive_minimum,
+                "cli": cli is not False, **dataclasses.asdict(shown)}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from studio.errors import StudioError
 from studio.options import check as check_fields
-from studio.options import option
+from studio.options import Cli, option
 from studio.verbs import checks
 
 
@@ -17,7 +17,7 @@ from studio.verbs import checks
 class BenchmarkRequest:
     """Which script, with which arguments."""
 
-    script: str = option(help="the benchmark script (benchmarks/*.py)", positional=True)
+    script: str = option(help="the benchmark script (benchmarks/*.py)", cli=Cli(positional=True))
     args: list[str] = option(default_factory=list, help="arguments passed to the script")
 
 

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Literal, Sequence
 from studio.errors import ConfigError
 from studio.events import Done, Event, Progress
 from studio.options import check as check_fields
-from studio.options import option
+from studio.options import Cli, option
 from studio.verbs import checks, distributed
 from studio.verbs.text import listing, number, table
 
@@ -37,11 +37,12 @@ class CompressRequest:
     """What to compress, how large the subspace is, where it goes."""
 
     paths: list[str] = option(help="LoRA files or folders of *.safetensors (the app passes its adapters in memory instead)",
-                              positional=True, metavar="PATH")
-    output: str = option(help="the compressed collection .safetensors to write (never one of the inputs)", short="-o")
-    k: int | None = option(None, "components per layer", minimum=1, maximum=MAX_K, one_of="size")
+                              cli=Cli(positional=True, metavar="PATH"))
+    output: str = option(help="the compressed collection .safetensors to write (never one of the inputs)", cli=Cli(short="-o"))
+    k: int | None = option(None, "components per layer", minimum=1, maximum=MAX_K, cli=Cli(one_of="size"))
     energy: float | None = option(None, "per layer, the smallest K explaining this fraction of the energy",
-                                  minimum=0, exclusive_minimum=True, maximum=1, one_of="size")
+                                  minimum=0, exclusive_minimum=True, maximum=1,
+                                  cli=Cli(one_of="size"))
     augment: int = option(0, "P extra seeded random components per layer, orthogonal to the principal ones (for training)",
                           minimum=0, maximum=MAX_AUGMENT)
     base: str | None = option(None, "BASE the LoRAs' keys are placed on, recorded in the file (default: the known base "
@@ -49,7 +50,8 @@ class CompressRequest:
     seed: int = option(0, "seed of completion and augmentation components", minimum=0, maximum=checks.MAX_SEED)
     device: str = option("cpu", "where the math runs: cpu, cuda, cuda:N (cuda:LOCAL_RANK under torchrun)")
     stats_dtype: StatsDtype = option("float64", "per-layer statistics precision (float32 halves their memory)")
-    export_dir: str | None = option(None, "also write every stored adapter back as a plain LoRA, DIR/NAME.safetensors", metavar="DIR")
+    export_dir: str | None = option(None, "also write every stored adapter back as a plain LoRA, DIR/NAME.safetensors",
+                                    cli=Cli(metavar="DIR"))
     export_format: Layout = option("kohya", "layout of the --export-dir files: kohya or diffusers")
 
 

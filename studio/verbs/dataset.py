@@ -16,7 +16,7 @@ from pathlib import Path
 
 from studio.errors import ConfigError, LimitError, PathError
 from studio.options import check as check_fields
-from studio.options import option
+from studio.options import Cli, option
 from studio.verbs import checks
 
 MARKER = ".studio-dataset.json"  # written into every dataset folder the studio renders (hidden: the trainer skips it)
@@ -31,7 +31,8 @@ class DatasetRequest:
     """Which style, how many images, where."""
 
     style: str = option(help="the world style to render (see studio/world/styles.toml)")
-    output: str = option(help="dataset folder to write (replaced only if the studio wrote it)", short="-o", metavar="DIR")
+    output: str = option(help="dataset folder to write (replaced only if the studio wrote it)",
+                         cli=Cli(short="-o", metavar="DIR"))
     count: int = option(16, "images (with captions)", minimum=1, maximum=MAX_COUNT)
     seed: int = option(0, "seed of the scenes", minimum=0, maximum=checks.MAX_SEED)
     size: int = option(64, "image side in pixels", minimum=MIN_SIZE, maximum=MAX_SIZE)

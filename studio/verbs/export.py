@@ -15,7 +15,7 @@ from typing import Literal
 
 from studio.errors import ConfigError
 from studio.options import check as check_fields
-from studio.options import option
+from studio.options import Cli, option
 from studio.verbs import checks
 
 FAITHFUL = 0.01  # relative dW error above which an export is a warning, with its number (the project's rule)
@@ -30,11 +30,11 @@ class ExportRequest:
     """What to export, where, in which layout."""
 
     input: str = option(help="a LoRA file, or a compressed collection (with --adapter NAME, or COLLECTION.safetensors#NAME)",
-                        positional=True, metavar="IN")
-    output: str = option(help="the .safetensors file to write (never the input, never a folder)", short="-o")
+                        cli=Cli(positional=True, metavar="IN"))
+    output: str = option(help="the .safetensors file to write (never the input, never a folder)", cli=Cli(short="-o"))
     format: Layout = option("kohya", "layout to write: kohya (lora_unet_* with .alpha) or diffusers (lora_A / lora_B)")
     tool: Tool | None = option(None, "write the layout this tool reads exactly (instead of --format) and check the "
-                               "written file with that tool's key and scale rules", flag="--for")
+                               "written file with that tool's key and scale rules", cli=Cli(flag="--for"))
     adapter: str | None = option(None, "the adapter to export from a compressed collection")
     base: str | None = option(None, "BASE to place the LoRA's keys on (default: the known base it fits best)")
     lycoris_rank: int | None = option(None, "rank LoHa/LoKr layers are converted at (default: per layer, the smallest "

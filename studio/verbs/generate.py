@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from studio.errors import ConfigError, LimitError
 from studio.options import check as check_fields
-from studio.options import option
+from studio.options import Cli, option
 from studio.verbs import checks
 
 DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
@@ -58,7 +58,7 @@ class GenerateRequest:
     base: str = option("world", "BASE: world, a diffusers folder, a .safetensors checkpoint, a hub id (online only)")
     negative_prompt: str = option("", "what not to draw")
     adapters: list[str] = option(default_factory=list, help="FILE[:weight] or COLLECTION.safetensors#NAME[:weight]; repeat to "
-                                 "mix ('none': no adapter)", repeat=True, flag="--adapter", metavar="SPEC")
+                                 "mix ('none': no adapter)", cli=Cli(repeat=True, flag="--adapter", metavar="SPEC"))
     per_image: bool = option(False, "each image of the batch gets its own --adapter")
     seed: int = option(0, "seed of the first image (image i: seed + i)", minimum=0, maximum=checks.MAX_SEED)
     steps: int = option(25, "denoising steps", minimum=1)
@@ -73,7 +73,7 @@ class GenerateRequest:
     dtype: DtypeName = option("auto", "weight dtype (auto: float16 on cuda, float32 on cpu)")
     grid: bool = option(False, "a labelled same-seed grid, one cell per --adapter")
     output: str | None = option(None, "OUT.png (a batch writes OUT-0.png, OUT-1.png, ...); the app leaves it out and saves into its workspace",
-                                short="-o", required=True)
+                                cli=Cli(short="-o", required=True))
     threads: int | None = option(None, "CPU threads for torch (default: torch's own)", minimum=1, maximum=MAX_THREADS)
     limits: Limits = option(default_factory=Limits, help="size caps checked before anything loads")
 

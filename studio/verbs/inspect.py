@@ -12,7 +12,7 @@ from typing import Any
 
 from studio.errors import ConfigError
 from studio.options import check as check_fields
-from studio.options import option
+from studio.options import Cli, option
 from studio.verbs import checks
 from studio.verbs.text import table
 
@@ -23,7 +23,7 @@ MAX_RANK = 4096  # largest LoHa/LoKr conversion rank accepted
 class InspectRequest:
     """Which files to inspect, against which base."""
 
-    paths: list[str] = option(help="LoRA files or folders of them", positional=True, metavar="PATH")
+    paths: list[str] = option(help="LoRA files or folders of them", cli=Cli(positional=True, metavar="PATH"))
     base: str | None = option(None, "check against BASE (world, sd15, sd2, sdxl, flux1, sd3, a diffusers folder, a "
                               ".safetensors checkpoint, a hub id); default: the known base the file fits best")
     lycoris_rank: int | None = option(None, "rank LoHa/LoKr layers are converted at (default: per layer, the smallest "

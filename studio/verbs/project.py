@@ -8,7 +8,7 @@ from typing import Any
 
 from studio.errors import ConfigError
 from studio.options import check as check_fields
-from studio.options import option
+from studio.options import Cli, option
 from studio.verbs import checks
 from studio.verbs.text import listing, table
 
@@ -21,8 +21,8 @@ WORST_SHOWN = 5
 class ProjectRequest:
     """Which adapter onto which collection."""
 
-    collection: str = option(help="compressed collection .safetensors (from `studio compress`)", positional=True)
-    adapter: str = option(help="LoRA file to project", positional=True)
+    collection: str = option(help="compressed collection .safetensors (from `studio compress`)", cli=Cli(positional=True))
+    adapter: str = option(help="LoRA file to project", cli=Cli(positional=True))
     base: str | None = option(None, "BASE to place the LoRA's keys on (default: the known base it fits best)")
     lycoris_rank: int | None = option(None, "rank LoHa/LoKr layers are converted at", minimum=1, maximum=MAX_RANK)
 

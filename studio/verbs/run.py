@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 from studio.events import Done, Event, Message
 from studio.options import check as check_fields
-from studio.options import option
+from studio.options import Cli, option
 from studio.verbs import checks
 
 
@@ -16,7 +16,7 @@ from studio.verbs import checks
 class RunRequest:
     """Which recipe."""
 
-    recipe: str = option(help="recipe TOML file (pipelines/*.toml)", positional=True, metavar="RECIPE.toml")
+    recipe: str = option(help="recipe TOML file (pipelines/*.toml)", cli=Cli(positional=True, metavar="RECIPE.toml"))
 
 
 @dataclass

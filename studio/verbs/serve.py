@@ -13,7 +13,7 @@ from typing import Iterator
 from studio.errors import PathError
 from studio.events import Done, Event, Message
 from studio.options import check as check_fields
-from studio.options import option
+from studio.options import Cli, option
 from studio.verbs import checks
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -28,8 +28,8 @@ class ServeRequest:
     base: str = option("world", "BASE: world, a diffusers folder, a .safetensors checkpoint, a hub id")
     host: str = option("127.0.0.1", "interface to bind (default 127.0.0.1: this machine only)")
     port: int = option(7860, "port to answer on", minimum=1, maximum=MAX_PORT)
-    workspace: str = option("runs/studio-workspace", "the only folder the app reads and serves", metavar="DIR")
-    zoo: str | None = option(None, "adapter folder imported at start (default: the world's LoRAs)", metavar="DIR")
+    workspace: str = option("runs/studio-workspace", "the only folder the app reads and serves", cli=Cli(metavar="DIR"))
+    zoo: str | None = option(None, "adapter folder imported at start (default: the world's LoRAs)", cli=Cli(metavar="DIR"))
     device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda when available)")
     max_upload_mb: int = option(256, "largest upload accepted, in MB", minimum=1, maximum=MAX_UPLOAD_MB)
 

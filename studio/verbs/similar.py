@@ -12,7 +12,7 @@ from typing import Any
 
 from studio.errors import ConfigError
 from studio.options import check as check_fields
-from studio.options import option
+from studio.options import Cli, option
 from studio.verbs import checks
 from studio.verbs.text import number, table
 
@@ -24,8 +24,9 @@ MAX_TOP = 100_000
 class SimilarRequest:
     """Which adapter against which collection."""
 
-    query: str = option(help="the LoRA file to compare", positional=True, metavar="FILE")
-    against: list[str] = option(help="a compressed collection, or LoRA files / folders", positional=True, metavar="COLLECTION")
+    query: str = option(help="the LoRA file to compare", cli=Cli(positional=True, metavar="FILE"))
+    against: list[str] = option(help="a compressed collection, or LoRA files / folders",
+                                cli=Cli(positional=True, metavar="COLLECTION"))
     top: int = option(DEFAULT_TOP, "rows shown, closest first (0: all)", minimum=0, maximum=MAX_TOP)
     device: str = option("cpu", "where the products run: cpu, cuda, cuda:N")
     base: str | None = option(None, "BASE the LoRAs' keys are placed on (default: the known base each fits best; with a "

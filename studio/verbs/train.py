@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from studio.errors import ConfigError, PathError
 from studio.events import Done, Event
 from studio.options import check as check_fields
-from studio.options import option
+from studio.options import Cli, option
 from studio.train.config import TrainConfig
 from studio.verbs import checks
 
@@ -33,8 +33,8 @@ class TrainRequest:
     """Which config, resumed or not, with which fields overridden."""
 
     config: str = option(help="train config TOML (see studio/train/config.py; several [[runs]] train in turn)",
-                         positional=True, metavar="CONFIG.toml")
-    resume: str | None = option(None, "continue the run in DIR (its saved config must match)", metavar="DIR")
+                         cli=Cli(positional=True, metavar="CONFIG.toml"))
+    resume: str | None = option(None, "continue the run in DIR (its saved config must match)", cli=Cli(metavar="DIR"))
     threads: int | None = option(None, "CPU threads for torch (default: torch's own)", minimum=1, maximum=MAX_THREADS)
     overrides: dict[str, Any] = option(default_factory=dict, cli=False,
                                        help="TrainConfig fields replacing the config file's values")
