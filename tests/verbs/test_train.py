@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from studio.cli import main
 from studio.events import run_to_end
 from studio.verbs import train as train_verb
 from tests.verbs.conftest import train_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_cli_trains_with_overrides_resumes_and_refuses_changes(tiny_pipeline_dir, style_data, tmp_path, capsys):
@@ -49,3 +58,24 @@ adapter = {{ family = "unilora", d = 64 }}
     outcome = run_to_end(train_verb.run(train_verb.TrainRequest(str(tmp_path / "q2.toml"), overrides={"steps": 1})))
     runs = json.loads(json.dumps(outcome.as_json()))
     assert [(r["family"], r["status"], r["steps"]) for r in runs] == [("lora", "done", 1), ("unilora", "done", 1)]
+
+
+@pytest.mark.slow
+def test_first_ctrl_c_stops_with_a_checkpoint(tiny_pipeline_dir, style_data, tmp_path):
+    """SIGINT once the loop has started: the run stops at the next step, saves, and says so."""
+    config = train_config(tmp_path / "a.toml", tiny_pipeline_dir, style_data, tmp_path / "run", "steps = 100000")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "studio", "train", str(config)], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stderr:  # the loop's first message comes once the base is loaded
+            if line.startswith("training lora"):
+                break
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 1, err[-2000:]
+    assert "stopping after this step" in err and "Traceback" not in err
+    assert "run: stopped after" in out
+    assert (tmp_path / "run" / "config.toml").is_file()
