@@ -3,7 +3,7 @@ table (the same dataclass, defaults and checks as `studio VERB`). Formats: `stud
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from studio.events import Done, Event, Message

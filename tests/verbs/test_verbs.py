@@ -286,3 +286,21 @@ def test_compress_events_are_progress_then_done(zoo, tiny_pipeline_dir, tmp_path
     stages = {e.stage for e in events if isinstance(e, Progress)}
     assert stages == {"statistics", "projection"} and type(events[-1]).__name__ == "Done"
     assert not any(isinstance(e, Message) and e.level == "error" for e in events)
+
+
+@pytest.mark.slow
+def test_compress_under_torchrun_shards_and_prints_once(zoo, tiny_pipeline_dir, tmp_path, capsys):
+    """`torchrun -m studio.cli compress`: the verb joins the process group (gloo), rank 0 writes and prints."""
+    import os
+
+    from tests.ports import free_port
+
+    alone = cli_json(capsys, "compress", zoo, "-o", tmp_path / "one.safetensors", "--k", "2", "--base", tiny_pipeline_dir)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "studio.cli", "compress", str(zoo), "-o", str(tmp_path / "two.safetensors"),
+               "--k", "2", "--base", str(tiny_pipeline_dir), "--json"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    together = json.loads(done.stdout)  # one JSON document: only rank 0 printed
+    assert [a["rel_error"] for a in together["adapters"]] == pytest.approx([a["rel_error"] for a in alone["adapters"]], rel=1e-4)
