@@ -100,14 +100,17 @@ def _shown(value: Any) -> str:
 
 def from_table(cls: type, table: dict[str, Any], where: str) -> Any:
     """Build a dataclass from a TOML table / JSON object / form values, naming unknown or missing
-    keys, then `check` it. Nested dataclass fields take a table of their own fields."""
+    keys (fields without a default, and those the command line requires: a recipe's generate job
+    names its output as the CLI does), then `check` it. Nested dataclass fields take a table of
+    their own fields."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table of {cls.__name__} fields, got {type(table).__name__}")
     known = {item.name: item for item in dataclasses.fields(cls)}
     unknown = sorted(set(table) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
-    missing = sorted(name for name, item in known.items() if default_of(item) is MISSING and name not in table)
+    missing = sorted(name for name, item in known.items()
+                     if (default_of(item) is MISSING or item.metadata.get("required")) and name not in table)
     if missing:
         raise ConfigError(f"{where}: missing required keys {missing}")
     hints = field_types(cls)

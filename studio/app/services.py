@@ -28,7 +28,7 @@ from studio.verbs import compress as compress_verb
 from studio.verbs import dataset as dataset_verb
 from studio.verbs import generate as generate_verb
 from studio.verbs import train as train_verb
-from studio.verbs.generate import Limits
+from studio.verbs.generate import SERVING_MAX_SECONDS, Limits
 
 BaseKind = Literal["world", "folder", "file", "hub"]
 GenerateMode = Literal["mix", "per_image", "grid"]
@@ -46,7 +46,7 @@ class AppConfig:
     dtype: str = "auto"
     max_file_size: int = 256 << 20
     preload: bool = True
-    limits: Limits = field(default_factory=Limits)  # generation caps (pixels, steps, batch, ...): server side, not the client's
+    limits: Limits = field(default_factory=lambda: Limits(max_seconds=SERVING_MAX_SECONDS))  # generation caps: the server's, not a client's
 
 
 @dataclass

@@ -28,6 +28,7 @@ GRID_COLUMNS = 4  # a comparison of up to 4 adapters is one row
 LATENT_STEP = 8  # image sides are multiples of the VAE's downscale factor
 MAX_THREADS = 1024
 PNG = ".png"
+SERVING_MAX_SECONDS = 600.0  # the app's cap: one generation holds the engine for every client
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Limits:
     max_guidance: float = option(50.0, "largest CFG scale", minimum=0)
     max_weight: float = option(20.0, "largest |adapter weight x strength|", minimum=0)
     check_memory: bool = option(True, "refuse a request whose memory estimate exceeds what the device has free")
+    max_seconds: float = option(0.0, "refuse a request the engine estimates to take longer than this (0: no limit; the "
+                                "estimate is FLOPs over the throughput this engine measured, else a stated guess)", minimum=0)
 
 
 @dataclass
@@ -205,7 +208,7 @@ def run(request: GenerateRequest, engine: Any = None, names: set[str] | frozense
         torch.set_num_threads(request.threads)
     engine = engine if engine is not None else get_engine(request.base, request.device, request.dtype)
     check_pixels(*engine.size_of(request), request.limits)
-    estimate = check_memory(request, engine) if request.limits.check_memory else None
+    estimate = check_cost(request, engine) if request.limits.check_memory or request.limits.max_seconds else None
     started = time.perf_counter()
     if request.grid:
         images = [comparison_grid(request, engine, min(len(request.adapters), GRID_COLUMNS))]
@@ -216,16 +219,21 @@ def run(request: GenerateRequest, engine: Any = None, names: set[str] | frozense
     return GenerateResult(images, paths, seconds, estimate)
 
 
-def check_memory(request: GenerateRequest, engine: Any):
-    """The engine's estimate of the request; LimitError when its activations exceed the free memory."""
+def check_cost(request: GenerateRequest, engine: Any):
+    """The engine's estimate of the request; LimitError when its activations exceed the free
+    memory (``limits.check_memory``) or its time exceeds ``limits.max_seconds``."""
     estimate = engine.estimate(request if not request.grid else _as_per_image(request))
     device = engine.config.resolved_device()
-    free = free_memory(device)
+    free = free_memory(device) if request.limits.check_memory else None
     needed = estimate.peak_bytes - estimate.weight_bytes  # the weights are loaded already
     if free is not None and needed > free:
         raise LimitError(f"generate: {estimate.width}x{estimate.height} x {estimate.images} images need about "
                          f"{needed / 2**30:.1f} GiB beyond the loaded weights, and {device} has {free / 2**30:.1f} GiB free: "
                          "fewer or smaller images")
+    if request.limits.max_seconds and estimate.seconds > request.limits.max_seconds:
+        raise LimitError(f"generate: {estimate.width}x{estimate.height} x {estimate.images} images, {estimate.steps} steps: "
+                         f"about {estimate.seconds:.0f} s on {device} ({estimate.seconds_from}), above the cap of "
+                         f"{request.limits.max_seconds:g} s (limits.max_seconds): fewer steps or smaller images")
     return estimate
 
 

@@ -15,6 +15,7 @@ from studio.events import Done, Event, Message
 from studio.options import check as check_fields
 from studio.options import Cli, option
 from studio.verbs import checks
+from studio.verbs.generate import SERVING_MAX_SECONDS
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_UPLOAD_MB = 1 << 16
@@ -32,6 +33,8 @@ class ServeRequest:
     zoo: str | None = option(None, "adapter folder imported at start (default: the world's LoRAs)", cli=Cli(metavar="DIR"))
     device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda when available)")
     max_upload_mb: int = option(256, "largest upload accepted, in MB", minimum=1, maximum=MAX_UPLOAD_MB)
+    max_seconds: float = option(SERVING_MAX_SECONDS, "refuse a generation the engine estimates to take longer (it holds the engine for "
+                                "every client; 0: no limit)", minimum=0)
 
 
 def check(request: ServeRequest) -> None:
@@ -49,10 +52,11 @@ def run(request: ServeRequest) -> Iterator[Event]:
     """Start the app and serve until interrupted (Ctrl-C)."""
     from studio.app.server import start
     from studio.app.services import AppConfig
+    from studio.verbs.generate import Limits
 
     check(request)
     config = AppConfig(base=request.base, workspace=Path(request.workspace), zoo=Path(request.zoo) if request.zoo else None,
-                       device=request.device, max_file_size=request.max_upload_mb << 20)
+                       device=request.device, max_file_size=request.max_upload_mb << 20, limits=Limits(max_seconds=request.max_seconds))
     if request.host not in LOCAL_HOSTS:
         yield Message(f"serving on {request.host}: anyone who can reach this machine can use the studio", "warning")
     yield Message(f"Adapter Studio on http://{request.host}:{request.port} (workspace {config.workspace.resolve()})")

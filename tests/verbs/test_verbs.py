@@ -230,6 +230,8 @@ def test_generate_refuses_what_the_memory_estimate_says_does_not_fit(tiny, tmp_p
     with pytest.raises(LimitError, match="GiB free"):
         generate.run(request)
     assert not (tmp_path / "a.png").exists()
+    with pytest.raises(LimitError, match="limits.max_seconds"):
+        generate.run(dataclasses.replace(request, limits=generate.Limits(check_memory=False, max_seconds=1e-12)))
     checked = generate.run(dataclasses.replace(request, limits=generate.Limits(check_memory=False)))
     assert checked.paths == [tmp_path / "a.png"] and checked.estimate is None
 
@@ -250,7 +252,7 @@ REQUEST_TABLES = [
     ("project", {"collection": "c.safetensors", "adapter": "a.safetensors"}, {"base": None}),
     ("similar", {"query": "a.safetensors", "against": ["c.safetensors"]}, {"top": 20}),
     ("dataset", {"style": "noir", "output": "d"}, {"count": 16, "size": 64}),
-    ("generate", {"prompt": "x", "limits": {"max_steps": 10}}, {"steps": 25}),
+    ("generate", {"prompt": "x", "output": "g.png", "limits": {"max_steps": 10}}, {"steps": 25}),
     ("train", {"config": "t.toml", "steps": 5}, {"overrides": {"steps": 5}}),
     ("run", {"recipe": "r.toml"}, {}),
     ("serve", {"port": 7861}, {"host": "127.0.0.1"}),
