@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Iterator
 
+from studio.errors import ConfigError
 from studio.events import Done, Event
 from studio.options import from_table
 from studio.verbs import benchmark, compress, dataset, export, generate, inspect, project, run, serve, similar, train, world
@@ -73,12 +74,12 @@ class Verb:
             return self.table(table, where)
         if self.overrides is None:
             return from_table(self.request, table, where)
-        own = {f for f in self.request.__dataclass_fields__}
+        own, overridable = set(self.request.__dataclass_fields__), set(self.overrides.__dataclass_fields__)
         values = {k: v for k, v in table.items() if k in own}
         values["overrides"] = {**values.get("overrides", {}), **{k: v for k, v in table.items() if k not in own}}
-        unknown = sorted(set(values["overrides"]) - set(self.overrides.__dataclass_fields__))
+        unknown = sorted(set(values["overrides"]) - overridable)
         if unknown:
-            raise from_table_error(where, unknown, own | set(self.overrides.__dataclass_fields__))
+            raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted((own | overridable) - {'overrides'})}")
         return from_table(self.request, values, where)
 
     def events(self, request: Any, stop: threading.Event | None = None) -> Iterator[Event]:
@@ -88,12 +89,6 @@ class Verb:
             yield from outcome
         else:
             yield Done(outcome)
-
-
-def from_table_error(where: str, unknown: list[str], known: set[str]):
-    from studio.errors import ConfigError
-
-    return ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(known - {'overrides'})}")
 
 
 VERBS: dict[str, Verb] = {

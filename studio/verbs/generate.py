@@ -170,7 +170,7 @@ def _check_schedule(request: GenerateRequest) -> None:
     if request.per_image and request.grid:
         raise ConfigError("generate: per_image and grid: choose one")
     if (request.per_image or request.grid) and not request.adapters:
-        raise ConfigError("generate: per-image generation and grids need one --adapter per image ('none' for no adapter)")
+        raise ConfigError("generate: per-image generation and grids need one adapter per image (adapters: 'none' for no adapter)")
     if request.per_image and request.batch not in (1, len(request.adapters)):
         raise ConfigError(f"generate: a per-image batch of {request.batch} but {len(request.adapters)} adapters given")
 
