@@ -1,26 +1,33 @@
-"""The quality table: every family trained on styles the zoo's subspace never saw, same data and seeds.
+"""The training quality table, judged by the pictures: every family trained by the studio's loop
+on world styles the zoo's subspace never saw, then generating same-seed images that the world's
+pixel judge scores, beside the validation losses.
 
-Hold out a few zoo styles; compress the other zoo LoRAs into a collection (``compress(k=K)``);
-render each held-out style with the world's own renderer into an image + .txt caption folder;
-train every family on it through the one training loop (``studio.train.loop.train``) with the
-same seed, steps, batch and validation pairs; read the loop's validation loss (fixed noise, fixed
-timesteps, evaluated every ``--eval-every`` steps) and the wall time per step.
+    python benchmarks/quality.py --device cuda --out runs/quality     # every table, one H200: a few minutes
+    python benchmarks/quality.py --quick                                # CPU smoke size (a few minutes on 2 cores)
+    python benchmarks/quality.py --tables families --styles polka --rows lora,unilora
 
-    python benchmarks/quality.py --device cuda        # full size: 4 styles x 7 rows, 300 steps, batch 16, bf16
-    python benchmarks/quality.py --quick              # CPU smoke: 2 styles, 24 steps, batch 4 (< 3 min)
-    python benchmarks/quality.py --styles polka --rows lora,unilora --steps 10
+Tables (``--tables``, comma-separated):
+- ``issue``: the training issue's own runs re-measured (pinstripe, 64 rendered pairs, rank 4,
+  alpha 4): the app's old defaults, batch 8, the zoo's settings, the CLI's old default, each with
+  the old objective (plain noise MSE, constant learning rate) and the new one (the ``sampler``
+  timestep weighting, cosine schedule), and the new family defaults.
+- ``sweep``: LoRA learning rate x loss weighting at the default batch and steps, on two styles:
+  the measurements behind the family defaults.
+- ``families``: every family at its defaults on the held-out styles, with the EigenLoRAx
+  initialisations and the controls the collection issue asks for: the same K on a random
+  orthonormal subspace, and the collection's mean adapter alone (no training).
 
-Learning rates (AdamW, constant, no warmup, the same for every style; flags --lr-*): LoRA 2e-3
-(the zoo LoRAs' own), EigenLoRAx 1e-2, SuperLoRA 1e-2, Uni-LoRA 2e-2. On CPU torch runs one
-thread unless --threads says otherwise (tiny matmuls thrash with more on a shared machine).
-
-Columns: trainable numbers; final validation loss; gain = base loss - final loss (base = no
-adapter: the LoRA run's step-0 validation loss, where B = 0); gain as % of LoRA's gain; steps to
-reach 95% of LoRA's final gain ("never" if no evaluation reached it); median ms per step.
-
-Targets (from the issue; printed as met / not met beside the numbers):
-- EigenLoRAx: >= 95% of LoRA's gain, >= 100x fewer trainable numbers, <= 0.5x LoRA's steps to 95%;
-- SuperLoRA and Uni-LoRA: within 5% of LoRA's gain (>= 95%) at <= 10% of its trainable numbers.
+Image columns (``studio/world/quality.py``; 32 evaluation prompts, 20 DDIM steps, CFG 4, the same
+seeds for every row): style score (0 = the base's images, 1 = moved by the full plain-to-styled
+change the world's renderer makes; below 0 = further than the base from it, e.g. noise), and
+caption following kept (of the prompts the base gets right, the share still right with the
+adapter, read by the judge seen through the style). Targets (training issue): style score >= 0.9x
+the zoo LoRA's, caption following >= 90% of the base's. Loss columns: validation loss (fixed noise,
+8 fixed timesteps over the whole range) at step 0 and at the end. Every row trains through
+``studio.train.train`` (the public API behind ``studio train``) and generates through
+``studio.engine.Engine.applied`` with the exported LoRA file, as a user would.
+Grids (one PNG per table and style: the base, the zoo LoRA and every row, same prompts and seeds)
+are written beside the markdown.
 """
 
 from __future__ import annotations
@@ -35,54 +42,154 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_STYLES = "polka,sepia,mosaic,inked"
-QUICK_STYLES = "polka,sepia"
-ALL_ROWS = ("lora", "eigenlora", "eigenlora-aug", "superlora-g8", "superlora-lonkr", "superlora-tucker", "unilora")
+HELD_OUT = "pinstripe,polka,sepia,hueshift"  # styles the judge reads on their own renders (>= 0.95)
+QUICK_STYLES = "pinstripe"
+SWEEP_STYLES = "pinstripe"
+EVAL_PROMPTS, EVAL_STEPS, EVAL_GUIDANCE = 32, 20, 4.0
+STYLE_TARGET, KEPT_TARGET = 0.9, 0.9
+DISTANCE_SLACK = 1.1  # an adapter further than 1.1x the zoo LoRA's distance from the styled target is not "as good"
 
 
 @dataclass
-class RowSpec:
-    """One table row: a family, its knobs and its learning rate (the same for every style)."""
+class Row:
+    """One run of a table: a family, its knobs and the train settings that differ from the defaults."""
 
     key: str
     label: str
-    family: str
-    knobs: dict
-    learning_rate: float
-    kind: str  # "lora" | "eigenlora" | "superlora" | "unilora": which target applies
+    family: str = "lora"
+    knobs: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    kind: str = "train"  # "train" | "mean" (the collection's mean adapter, no training)
+
+
+OLD = {"loss_weighting": "none", "lr_schedule": "constant", "weight_decay": 1e-2}  # the objective before the fix
+
+
+def issue_rows() -> list[Row]:
+    small = {"rank": 4, "alpha": 4}
+    rows = []
+    for key, label, settings in (
+        ("app-old", "lr 1e-3, batch 1, 40 steps (the app's old defaults)", {"learning_rate": 1e-3, "batch_size": 1, "steps": 40}),
+        ("batch8", "lr 1e-3, batch 8, 40 steps", {"learning_rate": 1e-3, "batch_size": 8, "steps": 40}),
+        ("zoo-settings", "lr 2e-3, batch 16, 300 steps (the zoo's settings)", {"learning_rate": 2e-3, "batch_size": 16, "steps": 300}),
+    ):
+        rows.append(Row(f"{key}-old", f"{label}, old objective", knobs=small, settings={**settings, **OLD}))
+        rows.append(Row(f"{key}-new", f"{label}, new objective", knobs=small, settings=settings))
+    rows.append(Row("cli-old", "lr 1e-4, batch 1, 40 steps (the CLI's old defaults), new objective", knobs=small,
+                    settings={"learning_rate": 1e-4, "batch_size": 1, "steps": 40}))
+    rows.append(Row("defaults", "the new LoRA defaults (rank 8)", settings={}))
+    return rows
+
+
+def sweep_rows() -> list[Row]:
+    rows = []
+    for weighting in ("none", "min_snr", "sampler"):
+        for lr in (5e-4, 1e-3, 2e-3, 4e-3):
+            rows.append(Row(f"lora-{weighting}-{lr:g}", f"LoRA lr {lr:g}, weighting {weighting}",
+                            settings={"learning_rate": lr, "loss_weighting": weighting}))
+    for lr in (3e-3, 1e-2, 3e-2):
+        rows.append(Row(f"eigen-{lr:g}", f"EigenLoRAx K=14 lr {lr:g}", "eigenlora", {"k": 14}, {"learning_rate": lr}))
+    return rows
+
+
+def family_rows(lora_numbers: int, chosen: dict[str, dict]) -> list[Row]:
+    """Every family; LoRA and EigenLoRAx rows use the settings the sweep chose (``chosen``), if it ran."""
+    d = max(1, int(lora_numbers * 0.1))
+    lora, eigen = chosen.get("lora", {}), chosen.get("eigenlora", {})
+    return [  # in order of importance: a time budget cuts the last ones first
+        Row("lora", "LoRA r=8", settings=lora),
+        Row("eigenlora", "EigenLoRAx K=14, zero start", "eigenlora", {"k": 14}, eigen),
+        Row("eigenlora-random", "EigenLoRAx K=14 on a random subspace (control)", "eigenlora", {"k": 14, "collection": "random"}, eigen),
+        Row("mean-lora", "the collection's mean adapter, no training (control)", "eigenlora", {"k": 14}, kind="mean"),
+        Row("superlora", "SuperLoRA G=8 r=4", "superlora", {"groups": 8, "rank": 4, "alpha": 4}),
+        Row("unilora", f"Uni-LoRA d={d} r=8", "unilora", {"d": d, "rank": 8, "alpha": 8}),
+        Row("lora-te", "LoRA r=8 on UNet + text encoder", knobs={"components": ["unet", "text_encoder"]}, settings=lora),
+        Row("eigenlora-mean", "EigenLoRAx K=14, mean start", "eigenlora", {"k": 14, "init": "mean"}, eigen),
+    ]
+
+
+# ---------------------------------------------------------------- the world and its judge
 
 
 @dataclass
-class Run:
-    """One (row, style) training run: what the loop reported."""
+class StyleBench:
+    """A held-out style: its data folder, the evaluation scenes, the base's and the zoo's images and scores."""
 
-    row: str
-    style: str
-    parameters: int
-    status: str
-    validation: dict[int, float]
-    step_ms: float
-    seconds: float
-    messages: list[str] = field(default_factory=list)
-
-    @property
-    def final(self) -> float:
-        return self.validation[max(self.validation)] if self.validation else float("nan")
+    name: str
+    trigger: str
+    data: Path
+    scenes: list
+    reference: Any
+    judge: Any
+    base_images: Any
+    base: Any
+    zoo_images: Any
+    zoo: Any
 
 
-# ---------------------------------------------------------------- data and subspace
+class World:
+    """The world pipeline on the device (float32), an engine over it, and the styles."""
+
+    def __init__(self, device: str, work: Path, prompts: int, size: int):
+        import torch
+
+        from studio.bases import load_pipeline, world_dir
+        from studio.engine import Engine
+        from studio.world.styles import load_styles
+
+        self.torch, self.work, self.prompts, self.size = torch, work, prompts, size
+        self.pipe = load_pipeline("world", torch.float32, device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.engine = Engine(self.pipe, "world")
+        self.styles = {style.name: (i, style) for i, style in enumerate(load_styles(world_dir() / "styles.toml"))}
+        self.zoo = world_dir() / "loras"
+        self.benches: dict[str, StyleBench] = {}
+
+    def images(self, adapter_path: Path | None, prompts: list[str]):
+        """uint8 (N, 3, H, W) images of ``prompts`` at the evaluation seeds, with an adapter file applied."""
+        from studio.formats import load_adapter
+        from studio.world.evaluate import generate
+        from studio.world.quality import EVAL_SEED
+
+        if adapter_path is None:
+            return generate(self.pipe, prompts, EVAL_SEED, EVAL_STEPS, EVAL_GUIDANCE)
+        with self.engine.applied(load_adapter(adapter_path, "world")):
+            return generate(self.pipe, prompts, EVAL_SEED, EVAL_STEPS, EVAL_GUIDANCE)
+
+    def bench(self, name: str, count: int, seed: int) -> StyleBench:
+        """The style's rendered data (``count`` pairs) and its base / zoo images and scores (cached)."""
+        from studio.world.quality import StyleReference, StyledJudge, evaluation_scenes, prompts_for, score_images
+
+        if name not in self.benches:
+            index, style = self.styles[name]
+            data = render_style(style, index, self.work / "data" / f"{name}-{count}", count, seed, self.size)
+            scenes = evaluation_scenes(self.prompts)
+            base_images = self.images(None, prompts_for(scenes))
+            reference = StyleReference.of(style, base_images)
+            base = score_images("base", base_images, scenes, reference, StyledJudge(None))
+            judge = StyledJudge(style)
+            zoo_images = self.images(self.zoo / f"{name}.safetensors", prompts_for(scenes, style.trigger))
+            zoo = score_images("zoo", zoo_images, scenes, reference, judge, base.correct)
+            self.benches[name] = StyleBench(name, style.trigger, data, scenes, reference, judge, base_images, base, zoo_images, zoo)
+        return self.benches[name]
+
+    def score(self, bench: StyleBench, label: str, adapter_path: Path):
+        """(score with trigger prompts, caption following kept with plain prompts, the trigger images)."""
+        from studio.world.quality import prompts_for, score_images
+
+        images = self.images(adapter_path, prompts_for(bench.scenes, bench.trigger))
+        plain = self.images(adapter_path, prompts_for(bench.scenes))
+        kept_plain = score_images(label, plain, bench.scenes, bench.reference, bench.judge, bench.base.correct).kept
+        return score_images(label, images, bench.scenes, bench.reference, bench.judge, bench.base.correct), kept_plain, images
 
 
-def render_style(style, index: int, folder: Path, n_train: int, n_val: int, seed: int, size: int) -> Path:
-    """Write one style's rendered train + validation pairs (png + .txt, trigger first) to ``folder``.
-
-    Train and validation scenes come from the world's two distinct scene seeds of that style
-    (``heldout`` False / True); the loop's seeded ``validation_split`` holds out ``n_val`` pairs.
-    """
+def render_style(style, index: int, folder: Path, count: int, seed: int, size: int) -> Path:
+    """``count`` rendered pairs of a style (png + .txt caption, trigger first), as `studio dataset` writes them."""
     from PIL import Image
 
     from studio.world.data import style_split
@@ -90,207 +197,205 @@ def render_style(style, index: int, folder: Path, n_train: int, n_val: int, seed
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    for heldout, count, prefix in ((False, n_train, "t"), (True, n_val, "v")):
-        images, captions = style_split(style, index, count, seed, heldout, size)
-        for i, (image, caption) in enumerate(zip(images, captions)):
-            stem = folder / f"{prefix}{i:05d}"
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(stem.with_suffix(".png"))
-            stem.with_suffix(".txt").write_text(caption, encoding="utf-8")
+    images, captions = style_split(style, index, count, seed, False, size)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{style.name}-{i:04d}.png")
+        (folder / f"{style.name}-{i:04d}.txt").write_text(caption, encoding="utf-8")
     return folder
 
 
-def build_subspace(zoo: Path, holdout: list[str], k: int, output: Path) -> dict:
-    """Compress every zoo LoRA except the held-out styles (the streaming compress, k=K); report the energy."""
-    from studio.collection import load_collection
+# ---------------------------------------------------------------- collections for EigenLoRAx
+
+
+def zoo_subspace(zoo: Path, held_out: list[str], k: int, output: Path) -> Path:
+    """Compress every zoo LoRA but the held-out styles (the streaming compress, K components)."""
+    from studio.subspace import compress_files
+
+    files = sorted(path for path in zoo.glob("*.safetensors") if path.stem not in held_out)
+    compress_files(files, output, k=k)
+    return output
+
+
+def random_subspace(zoo: Path, k: int, rank: int, output: Path, seed: int = 0) -> Path:
+    """A collection of the zoo's layer shapes whose components are random orthonormal directions:
+    the compress of 3K random LoRAs (their principal directions are random)."""
+    import torch
+
+    from studio.adapters.lora import LoraAdapter, LoraLayer
+    from studio.formats import load_adapter
     from studio.subspace import compress_sources, held_sources
 
-    collection = load_collection([zoo])
-    errors = [info.error for info in collection.infos if info.error]
-    if errors:
-        raise SystemExit("zoo: " + "; ".join(errors))
-    missing = sorted(set(holdout) - set(collection.adapters))
-    if missing:
-        raise SystemExit(f"held-out styles {missing} are not in the zoo {zoo} ({sorted(collection.adapters)})")
-    kept = [adapter for name, adapter in sorted(collection.adapters.items()) if name not in holdout]
-    started = time.perf_counter()
-    result = compress_sources(held_sources(kept), output, k=k)
-    curves = result.explained
-    at_k = [(down[min(k, len(down)) - 1] + up[min(k, len(up)) - 1]) / 2 for down, up in curves.values()]
-    k90 = [max(_first_at(down, 0.9), _first_at(up, 0.9)) for down, up in curves.values()]
-    return {
-        "adapters": [a.name for a in kept], "held_out": holdout, "k": k, "path": str(output),
-        "layers": len(curves), "energy_at_k_mean": statistics.mean(at_k), "energy_at_k_min": min(at_k),
-        "k_for_energy_0.9_mean": statistics.mean(k90), "k_for_energy_0.9_max": max(k90),
-        "rel_error_mean": statistics.mean(a.rel_error for a in result.adapters), "seconds": time.perf_counter() - started,
-    }
+    template = load_adapter(next(iter(sorted(zoo.glob("*.safetensors")))), "world")
+    generator = torch.Generator().manual_seed(seed)
+    adapters = []
+    for i in range(3 * k):
+        layers = {name: LoraLayer(torch.randn(rank, layer.in_features, generator=generator),
+                                  torch.randn(layer.out_features, rank, generator=generator), float(rank))
+                  for name, layer in template.lora_layers.items()}
+        adapters.append(LoraAdapter(f"random-{i:02d}", layers, {}, "studio", [], template.base_arch))
+    compress_sources(held_sources(adapters), output, k=k)
+    return output
 
 
-def _first_at(curve: list[float], level: float) -> int:
-    return next((i + 1 for i, value in enumerate(curve) if value >= level), len(curve))
-
-
-# ---------------------------------------------------------------- rows and runs
-
-
-def row_specs(args, collection: Path, lora_parameters: int) -> list[RowSpec]:
-    """The table's rows; Uni-LoRA's d is the largest that stays <= ``--unilora-share`` of LoRA's numbers."""
-    r, k, p = args.rank, args.k, args.augment
-    d = max(1, int(lora_parameters * args.unilora_share))
-    specs = [
-        RowSpec("lora", f"LoRA r={r}", "lora", {"rank": r, "alpha": r}, args.lr_lora, "lora"),
-        RowSpec("eigenlora", f"EigenLoRAx K={k} r={r}", "eigenlora", {"collection": str(collection), "k": k, "rank": r}, args.lr_eigen, "eigenlora"),
-        RowSpec("eigenlora-aug", f"EigenLoRAx K={k}+P={p} r={r}", "eigenlora", {"collection": str(collection), "k": k, "augment": p, "rank": r}, args.lr_eigen, "eigenlora"),
-        RowSpec("superlora-g8", "SuperLoRA G=8 r=4", "superlora", {"groups": 8, "rank": 4, "alpha": 4}, args.lr_super, "superlora"),
-        RowSpec("superlora-lonkr", "SuperLoRA LoNKr G=8 K=2 r=4", "superlora", {"groups": 8, "splits": 2, "rank": 4, "alpha": 4}, args.lr_super, "superlora"),
-        RowSpec("superlora-tucker", "SuperLoRA Tucker G=8 M=3 rho=0.5 r=4", "superlora", {"groups": 8, "order": 3, "rho": 0.5, "rank": 4, "alpha": 4}, args.lr_super, "superlora"),
-        RowSpec("unilora", f"Uni-LoRA d={d} r={r}", "unilora", {"d": d, "rank": r, "alpha": r}, args.lr_uni, "unilora"),
-    ]
-    wanted = [key.strip() for key in args.rows.split(",") if key.strip()]
-    unknown = sorted(set(wanted) - set(ALL_ROWS))
-    if unknown:
-        raise SystemExit(f"--rows: unknown {unknown}; known: {', '.join(ALL_ROWS)}")
-    if "lora" not in wanted:
-        raise SystemExit("--rows must include lora (every percentage is relative to it)")
-    return [spec for spec in specs if spec.key in wanted]
-
-
-def lora_parameter_count(rank: int) -> int:
+def mean_adapter_file(collection: Path, k: int, rank: int, output: Path) -> Path:
+    """The collection's mean adapter (EigenLoRAx at its mean start, untrained) as a LoRA file."""
     from studio.adapters import registry
     from studio.bases import module_tree
+    from studio.formats import save_adapter
 
-    adapter = registry.build_adapter("lora", registry.make_config("lora", {"rank": rank, "alpha": rank}), module_tree("world"))
-    return sum(p.numel() for p in adapter.parameters() if p.requires_grad)
+    config = registry.make_config("eigenlora", {"collection": str(collection), "k": k, "rank": rank, "init": "mean"})
+    adapter = registry.build_adapter("eigenlora", config, module_tree("world"))
+    return save_adapter(adapter.to_lora(), output, format="kohya")
 
 
-def train_one(spec: RowSpec, style: str, data: Path, output: Path, args) -> Run:
-    """One run through the studio's training loop; validation from its Progress events."""
-    from studio.events import Done, Message, Progress
+# ---------------------------------------------------------------- one run
+
+
+@dataclass
+class Result:
+    table: str
+    style: str
+    row: str
+    label: str
+    family: str
+    status: str
+    parameters: int
+    steps: int
+    val_start: float
+    val_end: float
+    shift: float  # the style measure (studio/world/quality.py: ImageScore.style)
+    distance: float
+    kept: float
+    kept_plain: float
+    seconds: float
+    settings: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+
+
+def run_row(world: World, table: str, bench: StyleBench, row: Row, collections: dict[str, Path], args) -> tuple[Result, Any]:
+    """Train (or build) one row's adapter, export it, generate the evaluation images, score them."""
+    from studio.events import Done, Message
     from studio.train.config import TrainConfig
     from studio.train.loop import train
 
-    if output.exists():
-        shutil.rmtree(output)
-    config = TrainConfig(
-        base="world", data=str(data), output_dir=str(output), family=spec.family, adapter=dict(spec.knobs),
-        name=f"{spec.key}-{style}", steps=args.steps, batch_size=args.batch, learning_rate=spec.learning_rate,
-        lr_schedule="constant", lr_warmup_steps=0, mixed_precision=args.precision, seed=args.seed,
-        validation_split=args.val_images / (args.train_images + args.val_images), validation_every=args.eval_every,
-        checkpoint_every=0, export_format="none", tensorboard=False,
-    )
+    out = world.work / "runs" / table / bench.name / row.key
+    if out.exists():
+        shutil.rmtree(out)
     started = time.perf_counter()
-    last, deltas, messages, result = None, [], [], None
+    knobs = dict(row.knobs)
+    if row.family == "eigenlora":
+        knobs["collection"] = str(collections["random" if knobs.get("collection") == "random" else "zoo"])
+    if row.kind == "mean":
+        path = mean_adapter_file(Path(knobs["collection"]), knobs.get("k", 14), 8, out / "mean.safetensors")
+        score, kept_plain, images = world.score(bench, row.label, path)
+        return Result(table, bench.name, row.key, row.label, row.family, "untrained", 0, 0, math.nan, math.nan,
+                      score.style, score.distance, score.kept, kept_plain, time.perf_counter() - started), images
+    settings = {"mixed_precision": args.precision, "seed": args.seed, "validation_split": 0.1, "tensorboard": False, **row.settings}
+    if args.quick:
+        settings["steps"] = min(settings.get("steps", 40), args.quick_steps)
+    config = TrainConfig(base="world", data=str(bench.data), output_dir=str(out), family=row.family, adapter=knobs,
+                         name=f"{row.key}-{bench.name}", trigger_word="", **settings)
+    result = None
     for event in train(config):
-        now = time.perf_counter()
-        if isinstance(event, Progress) and event.stage == "train":
-            if last is not None and "val_loss" not in event.metrics and event.step > 2:
-                deltas.append(now - last)  # a step without a validation pass inside it
-            last = now
-        elif isinstance(event, Message):
-            messages.append(event.text)
-            if event.level in ("warning", "error"):
-                print(f"    [{event.level}] {event.text}", flush=True)
-        elif isinstance(event, Done):
+        if isinstance(event, Message) and event.level in ("warning", "error"):
+            print(f"    [{event.level}] {event.text}", flush=True)
+        if isinstance(event, Done):
             result = event.result
-    seconds = time.perf_counter() - started
-    step_ms = statistics.median(deltas) * 1000 if deltas else float("nan")
-    return Run(spec.key, style, result.parameters, result.status, dict(sorted(result.validation.items())), step_ms, seconds, messages)
+    validation = dict(sorted(result.validation.items()))
+    if result.lora_path is None:
+        return Result(table, bench.name, row.key, row.label, row.family, result.status, result.parameters, result.steps,
+                      validation.get(0, math.nan), validation[max(validation)] if validation else math.nan, math.nan, math.nan,
+                      math.nan, math.nan, time.perf_counter() - started, asdict_config(config), validation), None
+    score, kept_plain, images = world.score(bench, row.label, Path(result.lora_path))
+    return Result(table, bench.name, row.key, row.label, row.family, result.status, result.parameters, result.steps,
+                  validation[0], validation[max(validation)], score.style, score.distance, score.kept, kept_plain,
+                  time.perf_counter() - started, asdict_config(config), validation), images
 
 
-# ---------------------------------------------------------------- the table
+def asdict_config(config) -> dict:
+    """The settings a row ran with (what the defaults filled in included)."""
+    keep = ("steps", "batch_size", "learning_rate", "lr_schedule", "lr_warmup_steps", "loss_weighting", "weight_decay", "adapter")
+    values = asdict(config)
+    return {key: values[key] for key in keep}
 
 
-def steps_to(curve: dict[int, float], threshold: float) -> int | None:
-    """First evaluated step whose validation loss is <= threshold (None: never)."""
-    return next((step for step, value in sorted(curve.items()) if step > 0 and value <= threshold), None)
+# ---------------------------------------------------------------- grids and tables
 
 
-def mean_curve(runs: list[Run]) -> dict[int, float]:
-    steps = set.intersection(*(set(run.validation) for run in runs))
-    return {step: statistics.mean(run.validation[step] for run in runs) for step in sorted(steps)}
+def grid(sections: list[tuple[StyleBench, list[tuple[str, Any]]]], path: Path, columns: int = 10, scale: int = 2) -> Path:
+    """One labelled sheet per table: for each style the base, the zoo LoRA and every row (label,
+    uint8 images), the first ``columns`` evaluation prompts, same seeds in every row."""
+    from PIL import Image, ImageDraw
+
+    side = sections[0][0].base_images.shape[-1] * scale
+    label_width = 330
+    entries = []
+    for bench, rows in sections:
+        entries += [(f"{bench.name}: base (plain prompt)", bench.base_images), (f"{bench.name}: zoo LoRA", bench.zoo_images)]
+        entries += [(f"{bench.name}: {label}", images) for label, images in rows if images is not None]
+    sheet = Image.new("RGB", (label_width + side * columns, side * len(entries)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, images) in enumerate(entries):
+        draw.text((4, r * side + side // 2 - 6), label[:54], fill="black")
+        for c, image in enumerate(images[:columns]):
+            tile = Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).resize((side, side), Image.NEAREST)
+            sheet.paste(tile, (label_width + c * side, r * side))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
 
 
-def summarize(specs: list[RowSpec], runs: dict[tuple[str, str], Run], styles: list[str]) -> dict:
-    """Per style and averaged: every row's numbers and the target checks."""
-    groups = {style: {spec.key: runs[spec.key, style] for spec in specs} for style in styles}
-    blocks = {}
-    for style, by_row in groups.items():
-        blocks[style] = _block(specs, {key: run.validation for key, run in by_row.items()},
-                               {key: run.parameters for key, run in by_row.items()}, {key: run.step_ms for key, run in by_row.items()},
-                               {key: run.status for key, run in by_row.items()})
-    curves = {spec.key: mean_curve([groups[s][spec.key] for s in styles]) for spec in specs}
-    params = {spec.key: groups[styles[0]][spec.key].parameters for spec in specs}
-    ms = {spec.key: statistics.mean(groups[s][spec.key].step_ms for s in styles) for spec in specs}
-    status = {spec.key: ",".join(sorted({groups[s][spec.key].status for s in styles})) for spec in specs}
-    blocks["mean"] = _block(specs, curves, params, ms, status)
-    blocks["mean"]["note"] = "loss columns and steps from the mean validation curve over the held-out styles"
-    return blocks
-
-
-def _block(specs: list[RowSpec], curves: dict[str, dict[int, float]], params: dict[str, int], ms: dict[str, float], status: dict[str, str]) -> dict:
-    lora = curves["lora"]
-    base = lora[0]  # LoRA at step 0 has B = 0: exactly the base model
-    lora_final = lora[max(lora)]
-    lora_gain = base - lora_final
-    threshold = base - 0.95 * lora_gain
-    lora_steps = steps_to(lora, threshold) if lora_gain > 0 else None
-    rows = {}
-    for spec in specs:
-        curve = curves[spec.key]
-        final = curve[max(curve)]
-        gain = base - final
-        share = gain / lora_gain if lora_gain > 0 else float("nan")
-        steps = steps_to(curve, threshold) if lora_gain > 0 else None
-        rows[spec.key] = {
-            "label": spec.label, "family": spec.family, "parameters": params[spec.key], "final_loss": final, "gain": gain,
-            "gain_share": share, "steps_to_95": steps, "step_ms": ms[spec.key], "status": status[spec.key],
-            "fewer_than_lora": params["lora"] / params[spec.key], "checks": _checks(spec, params[spec.key], params["lora"], share, steps, lora_steps),
-        }
-    return {"base_loss": base, "lora_gain": lora_gain, "threshold_95": threshold, "lora_steps_to_95": lora_steps, "rows": rows}
-
-
-def _checks(spec: RowSpec, params: int, lora_params: int, share: float, steps: int | None, lora_steps: int | None) -> dict[str, bool]:
-    if spec.kind == "eigenlora":
-        return {
-            "gain >= 95% of LoRA": share >= 0.95,
-            ">= 100x fewer numbers": lora_params / params >= 100,
-            "<= 0.5x LoRA's steps": steps is not None and lora_steps is not None and steps <= 0.5 * lora_steps,
-        }
-    if spec.kind in ("superlora", "unilora"):
-        return {"gain >= 95% of LoRA": share >= 0.95, "<= 10% of LoRA's numbers": params <= 0.1 * lora_params}
-    return {}
-
-
-def _fmt_steps(steps: int | None) -> str:
-    return "never" if steps is None else str(steps)
-
-
-def markdown(summary: dict, specs: list[RowSpec], styles: list[str], info: dict) -> str:
-    lines = [f"### Quality table ({info['device']}, {info['precision']}; {info['steps']} steps, batch {info['batch']}, "
-             f"validation every {info['eval_every']} steps on {info['val_images']} held-out pairs; seed {info['seed']})", ""]
-    lines.append(f"Held-out styles (not in the subspace): {', '.join(styles)}. Subspace: {len(info['subspace']['adapters'])} zoo LoRAs, "
-                 f"K={info['subspace']['k']} per layer (explained energy at K: mean {info['subspace']['energy_at_k_mean']:.2f}, "
-                 f"min {info['subspace']['energy_at_k_min']:.2f}; K for 0.9 energy: mean {info['subspace']['k_for_energy_0.9_mean']:.1f}, "
-                 f"max {info['subspace']['k_for_energy_0.9_max']}). Learning rates (AdamW, constant, same for every style): "
-                 + ", ".join(f"{spec.label}: {spec.learning_rate:g}" for spec in specs) + ".")
+def markdown(table: str, results: list[Result], benches: dict[str, StyleBench]) -> str:
+    lines = [f"#### Table `{table}`", "",
+             "| style | row | trainable | steps | val loss start -> end | style (x zoo) | distance to target (zoo) | captions kept: trigger / plain | targets |",
+             "|---|---|---:|---:|---|---:|---:|---:|---|"]
+    for bench_name in dict.fromkeys(r.style for r in results):
+        bench = benches[bench_name]
+        zoo = bench.zoo
+        lines.append(f"| {bench_name} | base: colour {bench.base.colour:.0%}, shape {bench.base.shape:.0%} right | 0 | - | - | 0 | 1.00 | - | |")
+        lines.append(f"| {bench_name} | zoo LoRA | - | - | - | {zoo.style:.2f} | {zoo.distance:.2f} | {zoo.kept:.0%} / - | |")
+        for r in (r for r in results if r.style == bench_name):
+            lines.append(f"| {bench_name} | {r.label} | {r.parameters:,} | {r.steps} | {r.val_start:.4f} -> {r.val_end:.4f} | "
+                         f"{r.shift:.2f} ({_ratio(r.shift, zoo.style)}) | {r.distance:.2f} ({zoo.distance:.2f}) | "
+                         f"{r.kept:.0%} / {r.kept_plain:.0%} | {_checks(r, bench)} |")
     lines.append("")
-    for block_name in styles + ["mean"]:
-        block = summary[block_name]
-        title = "Mean over held-out styles" if block_name == "mean" else f"Style `{block_name}`"
-        lines.append(f"#### {title}: base validation loss (no adapter) {block['base_loss']:.5f}; LoRA reaches 95% of its gain at step "
-                     f"{_fmt_steps(block['lora_steps_to_95'])}")
-        lines.append("")
-        lines.append("| row | trainable | x fewer than LoRA | final val loss | gain | % of LoRA gain | steps to 95% of LoRA gain | ms/step | targets |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
-        lines.append(f"| base (no adapter) | 0 | - | {block['base_loss']:.5f} | 0 | 0% | - | - | |")
-        for spec in specs:
-            row = block["rows"][spec.key]
-            checks = "; ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in row["checks"].items())
-            if row["status"] != "done":
-                checks = (checks + "; " if checks else "") + f"run status {row['status']}"
-            lines.append(f"| {row['label']} | {row['parameters']:,} | {row['fewer_than_lora']:.1f} | {row['final_loss']:.5f} | {row['gain']:.5f} | "
-                         f"{100 * row['gain_share']:.1f}% | {_fmt_steps(row['steps_to_95'])} | {row['step_ms']:.1f} | {checks} |")
-        lines.append("")
     return "\n".join(lines)
+
+
+def _ratio(value: float, reference: float) -> str:
+    return f"{value / reference:.2f}x" if reference > 0 and not math.isnan(value) else "-"
+
+
+def style_met(result: Result, bench: StyleBench) -> bool:
+    """Style at least 0.9x the zoo LoRA's, and no further from the target than 1.1x the zoo's distance (not noise)."""
+    zoo = bench.zoo
+    return zoo.style > 0 and result.shift >= STYLE_TARGET * zoo.style and result.distance <= DISTANCE_SLACK * zoo.distance
+
+
+def _checks(result: Result, bench: StyleBench) -> str:
+    if result.status not in ("done", "untrained"):
+        return f"run {result.status}"
+    captions = "met" if result.kept >= KEPT_TARGET else "NOT met"
+    return f"style {'met' if style_met(result, bench) else 'NOT met'}; captions {captions}"
+
+
+def means(results: list[Result], benches: dict[str, StyleBench]) -> str:
+    """Per row, the mean over styles: style as a share of the zoo's, distance, kept."""
+    lines = ["| row | style / zoo's (mean) | distance / zoo's (mean) | captions kept: trigger / plain (mean) | style target met on | val loss end (mean) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for key in dict.fromkeys(r.row for r in results):
+        rows = [r for r in results if r.row == key and not math.isnan(r.shift)]
+        if not rows:
+            continue
+        zoo = [benches[r.style].zoo for r in rows]
+        shares = [r.shift / z.style for r, z in zip(rows, zoo) if z.style > 0]
+        distances = [r.distance / z.distance for r, z in zip(rows, zoo)]
+        ends = [r.val_end for r in rows if not math.isnan(r.val_end)]
+        met = sum(style_met(r, benches[r.style]) for r in rows)
+        lines.append(f"| {rows[0].label} | {statistics.mean(shares) if shares else math.nan:.2f}x | {statistics.mean(distances):.2f}x | "
+                     f"{statistics.mean(r.kept for r in rows):.0%} / {statistics.mean(r.kept_plain for r in rows):.0%} | "
+                     f"{met} of {len(rows)} styles | {statistics.mean(ends) if ends else math.nan:.4f} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- main
@@ -298,139 +403,129 @@ def markdown(summary: dict, specs: list[RowSpec], styles: list[str], info: dict)
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CPU smoke size: 2 styles, few steps, small data (< 3 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="CPU smoke size: one style, few steps and prompts")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    parser.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--styles", default=None, help=f"held-out zoo styles, comma-separated (default {DEFAULT_STYLES}; --quick {QUICK_STYLES})")
-    parser.add_argument("--rows", default=",".join(ALL_ROWS), help=f"rows to run (lora required): {','.join(ALL_ROWS)}")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 300; --quick 24)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default 16; --quick 4)")
-    parser.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default 15; --quick 6)")
-    parser.add_argument("--train-images", type=int, default=None, help="rendered train pairs per style (default 512; --quick 24)")
-    parser.add_argument("--val-images", type=int, default=None, help="rendered validation pairs per style (default 64; --quick 8)")
+    parser.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto", help="training precision (auto: bf16 on CUDA)")
+    parser.add_argument("--tables", default="sweep,issue,families", help="sweep, issue, families (in this order: the families table uses what the sweep chose)")
+    parser.add_argument("--styles", default=None, help=f"held-out styles for the families table (default {HELD_OUT})")
+    parser.add_argument("--rows", default=None, help="only these row keys")
+    parser.add_argument("--pairs", type=int, default=64, help="rendered training pairs per style (the issue used 64)")
+    parser.add_argument("--prompts", type=int, default=None, help=f"evaluation prompts (default {EVAL_PROMPTS})")
+    parser.add_argument("--quick-steps", type=int, default=6, help="--quick: training steps per run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank; also EigenLoRAx loadings rank and Uni-LoRA rank")
-    parser.add_argument("--k", type=int, default=14, help="EigenLoRAx components per layer from the zoo subspace")
-    parser.add_argument("--augment", type=int, default=4, help="P extra random components for the augmented EigenLoRAx row")
-    parser.add_argument("--unilora-share", type=float, default=0.1, help="Uni-LoRA d as a share of LoRA's trainable numbers")
-    parser.add_argument("--lr-lora", type=float, default=2e-3, help="LoRA learning rate (2e-3: the zoo LoRAs' own)")
-    parser.add_argument("--lr-eigen", type=float, default=1e-2)
-    parser.add_argument("--lr-super", type=float, default=1e-2)
-    parser.add_argument("--lr-uni", type=float, default=2e-2)
-    parser.add_argument("--zoo", default=None, help="folder of zoo LoRAs (default assets/world/loras)")
-    parser.add_argument("--work", default="runs/quality", help="data, collection and run folders")
-    parser.add_argument("--out", default="runs/quality/table.md", help="markdown table file (a .json with every number is written beside it)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU: tiny matmuls thrash with more on a shared machine)")
+    parser.add_argument("--work", default="runs/quality", help="data, collections and run folders")
+    parser.add_argument("--out", default="runs/quality", help="folder for quality.md, quality.json and the grids")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--budget-s", type=float, default=math.inf, help="start no new row after this many seconds (tables of what ran are still written)")
     args = parser.parse_args(argv)
-    quick = {"styles": QUICK_STYLES, "steps": 24, "batch": 4, "eval_every": 6, "train_images": 24, "val_images": 8}
-    full = {"styles": DEFAULT_STYLES, "steps": 300, "batch": 16, "eval_every": 15, "train_images": 512, "val_images": 64}
-    for name, value in (quick if args.quick else full).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    if args.styles is None:
+        args.styles = QUICK_STYLES if args.quick else HELD_OUT
+    if args.prompts is None:
+        args.prompts = 8 if args.quick else EVAL_PROMPTS
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the benchmark; print the markdown table last; return the JSON summary."""
+def main(argv: list[str] | None = None) -> list[Result]:
     args = parse(argv)
     if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything touches CUDA: the loop picks the device itself
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
-    if args.device == "cpu" and torch.cuda.is_available():
-        raise SystemExit("--device cpu: CUDA was initialised before the script could hide it; run with CUDA_VISIBLE_DEVICES=''")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    if args.device == "cuda" and device != "cuda":
         raise SystemExit("--device cuda: no CUDA device")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    previous_threads = torch.get_num_threads()
     if device == "cpu":
         torch.set_num_threads(args.threads or 1)
-    try:
-        return _run(args, device, torch)
-    finally:
-        torch.set_num_threads(previous_threads)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    return run_tables(args, device)
 
 
-def _run(args, device: str, torch) -> dict:
-    from studio.bases import world_dir
-    from studio.train.session import precision
-    from studio.train.config import TrainConfig
-    from studio.world.styles import load_styles
+def run_tables(args, device: str) -> list[Result]:
+    from studio.adapters import registry
+    from studio.bases import module_tree
 
-    try:
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.disable_progress_bar()
-        diffusers_logging.set_verbosity_error()
-    except ImportError:
-        pass
     started = time.perf_counter()
-    work = Path(args.work)
+    work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    styles = [s.strip() for s in args.styles.split(",") if s.strip()]
-    zoo = Path(args.zoo) if args.zoo else world_dir() / "loras"
-    all_styles = {style.name: (i, style) for i, style in enumerate(load_styles(world_dir() / "styles.toml"))}
-    unknown = sorted(set(styles) - set(all_styles))
+    out.mkdir(parents=True, exist_ok=True)
+    world = World(device, work, args.prompts, 64)
+    held_out = [s.strip() for s in args.styles.split(",") if s.strip()]
+    unknown = sorted(set(held_out) - set(world.styles))
     if unknown:
         raise SystemExit(f"--styles: unknown {unknown}")
-    prec = precision(TrainConfig(base="world", data=".", output_dir=".", mixed_precision=args.precision))
-    print(f"quality: device {device}, precision {prec}, held-out styles {styles}, {args.steps} steps, batch {args.batch}", flush=True)
+    collections = {"zoo": zoo_subspace(world.zoo, sorted(set(held_out) | set(SWEEP_STYLES.split(","))), 14, work / "zoo-heldout.safetensors")}
+    lora_numbers = sum(p.numel() for p in registry.build_adapter("lora", registry.make_config("lora", {}), module_tree("world")).parameters())
+    plan = {"issue": lambda: (["pinstripe"], issue_rows()), "sweep": lambda: (SWEEP_STYLES.split(","), sweep_rows()),
+            "families": lambda: (held_out, family_rows(lora_numbers, chosen))}
+    if "families" in args.tables:
+        collections["random"] = random_subspace(world.zoo, 14, 8, work / "random-subspace.safetensors")
+    results: list[Result] = []
+    chosen: dict[str, dict] = {}
+    sections = [f"Device {device if device == 'cpu' else __import__('torch').cuda.get_device_name(0)}; "
+                f"{args.pairs} rendered pairs per style; {args.prompts} evaluation prompts."]
+    for table in [t.strip() for t in args.tables.split(",") if t.strip()]:
+        styles, rows = plan[table]()
+        if args.rows:
+            rows = [r for r in rows if r.key in args.rows.split(",")]
+        table_results, sheet = [], []
+        for style in styles:
+            bench = world.bench(style, args.pairs, args.seed + 1)
+            shown = []
+            for row in rows:
+                if time.perf_counter() - started > args.budget_s:
+                    print(f"  budget of {args.budget_s:.0f} s spent: {table}/{style}/{row.key} and later rows not run", flush=True)
+                    break
+                result, images = run_row(world, table, bench, row, collections, args)
+                table_results.append(result)
+                shown.append((f"{row.key}: style {result.shift:.2f}, dist {result.distance:.2f}, kept {result.kept:.0%}", images))
+                print(f"  {table:<8} {style:<10} {row.key:<22} val {result.val_start:.4f} -> {result.val_end:.4f}  style "
+                      f"{result.shift:5.2f} (zoo {bench.zoo.style:.2f})  dist {result.distance:4.2f} (zoo {bench.zoo.distance:.2f})  "
+                      f"kept {result.kept:4.0%} / {result.kept_plain:4.0%}  {result.status}  {result.seconds:5.1f} s", flush=True)
+                _dump(out / "quality.json", results + table_results)
+            sheet.append((bench, shown))
+        if any(images is not None for _, shown in sheet for _, images in shown):
+            grid(sheet, out / f"grid-{table}.png")
+        results += table_results
+        if table == "sweep":
+            chosen = choose(table_results, world.benches)
+            sections.append(f"Chosen by the sweep (used by the families table): {json.dumps(chosen)}\n")
+        if not table_results:
+            continue
+        sections.append(markdown(table, table_results, world.benches))
+        if table in ("families", "sweep"):
+            sections.append(means(table_results, world.benches))
+    text = "\n".join(sections)
+    (out / "quality.md").write_text(text + f"\ntotal {time.perf_counter() - started:.0f} s\n", encoding="utf-8")
+    print(text, flush=True)
+    return results
 
-    subspace = build_subspace(zoo, styles, args.k, work / "zoo-heldout.eigen.safetensors")
-    print(f"subspace: {len(subspace['adapters'])} LoRAs, K={args.k}, energy at K {subspace['energy_at_k_mean']:.3f} "
-          f"(K for 0.9 energy: mean {subspace['k_for_energy_0.9_mean']:.1f}) in {subspace['seconds']:.1f} s", flush=True)
-    lora_parameters = lora_parameter_count(args.rank)
-    specs = row_specs(args, Path(subspace["path"]), lora_parameters)
-    size = _image_size()
-    runs: dict[tuple[str, str], Run] = {}
-    for done, style in enumerate(styles):
-        if done:
-            elapsed = time.perf_counter() - started
-            print(f"  {elapsed:.0f} s so far; about {elapsed / done * len(styles):.0f} s in all", flush=True)
-        index, style_obj = all_styles[style]
-        data = render_style(style_obj, index, work / "data" / style, args.train_images, args.val_images, args.seed + 1, size)
-        for spec in specs:
-            run = train_one(spec, style, data, work / "runs" / style / spec.key, args)
-            runs[spec.key, style] = run
-            print(f"  {style:<10} {spec.label:<38} {run.parameters:>9,} numbers  val {run.validation[0]:.5f} -> {run.final:.5f}  "
-                  f"{run.step_ms:7.1f} ms/step  {run.seconds:5.1f} s  {run.status}", flush=True)
-    summary = summarize(specs, runs, styles)
-    info = {
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "precision": prec, "steps": args.steps,
-        "batch": args.batch, "eval_every": args.eval_every, "train_images": args.train_images, "val_images": args.val_images,
-        "seed": args.seed, "styles": styles, "subspace": subspace, "seconds": time.perf_counter() - started,
-        "rows": [asdict(spec) for spec in specs], "lora_parameters": lora_parameters, "quick": args.quick,
-    }
-    table = markdown(summary, specs, styles, info)
-    result = {"info": info, "table": summary, "runs": [asdict(run) for run in runs.values()], "markdown": table}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table + "\n", encoding="utf-8")
-    out.with_suffix(".json").write_text(json.dumps(_plain(result), indent=1), encoding="utf-8")
-    print(f"total {info['seconds']:.0f} s; wrote {out} and {out.with_suffix('.json')}\n", flush=True)
-    print(table, flush=True)
-    return result
+
+def choose(results: list[Result], benches: dict[str, StyleBench]) -> dict[str, dict]:
+    """Per family, the sweep's best settings: style target met first, then captions kept (trigger,
+    then plain prompts), then the smallest distance to the styled target; averaged over styles."""
+    chosen = {}
+    for family in ("lora", "eigenlora"):
+        keys = dict.fromkeys(r.row for r in results if r.family == family and not math.isnan(r.shift))
+
+        def rank(key: str) -> tuple:
+            rows = [r for r in results if r.row == key]
+            met = sum(style_met(r, benches[r.style]) for r in rows)
+            return (met, statistics.mean(r.kept for r in rows), statistics.mean(r.kept_plain for r in rows),
+                    -statistics.mean(r.distance for r in rows))
+
+        if keys:
+            best = max(keys, key=rank)
+            settings = next(r.settings for r in results if r.row == best)
+            chosen[family] = {k: settings[k] for k in ("learning_rate", "loss_weighting")}
+    return chosen
 
 
-def _image_size() -> int:
-    """The world's pixel size (the VAE's sample_size)."""
-    from studio.bases import world_dir
-
-    config = json.loads((world_dir() / "vae" / "config.json").read_text())
-    return int(config.get("sample_size", 64))
-
-
-def _plain(value):
-    """JSON-able: non-finite floats become null, keys strings."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def _dump(path: Path, results: list[Result]) -> None:
+    path.write_text(json.dumps([asdict(r) for r in results], indent=1, default=str), encoding="utf-8")
 
 
 if __name__ == "__main__":
     main()
-    raise SystemExit(0)

@@ -61,7 +61,7 @@ def register_family(name: str, config_class: type, build: Callable[[Any, ModuleT
     return _FAMILIES[name]
 
 
-register_family("lora", lora_train.Config, lora_train.build, TrainingDefaults(learning_rate=1e-3),
+register_family("lora", lora_train.Config, lora_train.build, TrainingDefaults(learning_rate=2e-3),
                 "plain LoRA: A and B per layer")
 def _late(target: str) -> Callable[[Any, ModuleTree], nn.Module]:
     """A builder named "module:function", imported when first called: the eigenlora builder opens a
@@ -72,7 +72,7 @@ def _late(target: str) -> Callable[[Any, ModuleTree], nn.Module]:
     return build
 
 
-register_family("eigenlora", eigenlora.Config, _late("studio.subspace.training:build"), TrainingDefaults(learning_rate=1e-2),
+register_family("eigenlora", eigenlora.Config, _late("studio.subspace.training:build"), TrainingDefaults(learning_rate=3e-3),
                 "EigenLoRAx: only the loadings against a compressed collection's components train")
 register_family("superlora", superlora.Config, superlora.build, TrainingDefaults(learning_rate=1e-2),
                 "SuperLoRA: grouped / Kronecker / Tucker factors shared across layers")

@@ -154,6 +154,7 @@ class _Runner:
         self.result = TrainResult("done", self.out, None, None, 0, parameters=count_trainable(run.adapter))
         self.validation_every = self.config.validation_every or max(1, self.config.steps // 10)
         self.above = 0  # validations in a row above the divergence threshold
+        self.checkpointed: int | None = None  # step of the last checkpoint this run wrote or resumed from
 
     def execute(self, resume: bool) -> Iterator[Event]:
         step = self._resume() if resume else 0
@@ -172,6 +173,7 @@ class _Runner:
         if path is None:
             raise ConfigError(f"{self.out}: no checkpoint to resume from")
         state = checkpoint.load(path, self.run.adapter, self.run.optimizer, self.run.lr_schedule)
+        self.checkpointed = int(state["step"])
         self.result.losses = {int(k): v for k, v in state.get("losses", {}).items()}
         self.result.validation = {int(k): v for k, v in state.get("validation", {}).items()}
         best = state.get("best")
@@ -283,6 +285,7 @@ class _Runner:
         self.run.accelerator.wait_for_everyone()
 
     def _checkpoint(self, step: int) -> Iterator[Event]:
+        self.checkpointed = step
         if self.main:
             extra = {"losses": self.result.losses, "validation": self.result.validation,
                      "best": [self.result.best_step, self.result.best_validation] if self.result.best_step is not None else None}
@@ -310,8 +313,9 @@ class _Runner:
                       f"(e.g. {self.config.learning_rate / 4:g}). No LoRA was exported.", "error")
 
     def _finish(self) -> Iterator[Event]:
-        saved = checkpoint.latest(self.ckpt_dir)
-        if self.result.status == "done" and (saved is None or saved.name != f"step-{self.result.steps:06d}"):
+        # Decided from what this process did, never from the folder: rank 0 may already have written the
+        # checkpoint another rank would look for, and ranks that disagree on a barrier hang or crash.
+        if self.result.status == "done" and self.checkpointed != self.result.steps:
             yield from self._checkpoint(self.result.steps)
         if self.main:
             yield from self._write_result()

@@ -21,6 +21,7 @@ from studio.bases import ModuleTree, load_pipeline, module_tree, pipeline_tree
 from studio.errors import BaseNotFoundError, ConfigError
 from studio.train import conditioning as conditioning_mod
 from studio.train import data as data_mod
+from studio.train import validation as validation_mod
 from studio.engine.patch import Attachment
 from studio.train.apply import Trainee, freeze, trainable_parameters
 from studio.train.config import TrainConfig
@@ -121,16 +122,20 @@ def encode(pipe: Any, conditioner: Any, pairs: list[data_mod.Pair], resolution: 
     return Encoded(latents, tokens, cached, [p.repeats for p in pairs], captions)
 
 
+def lr_factor(step: int, steps: int, warmup: int, schedule: str = "cosine") -> float:
+    """The learning rate of ``step`` as a share of the peak: linear warmup, then constant or
+    cosine down to ``COSINE_FLOOR`` of the peak (also the world's VAE, base and zoo schedule)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, steps - warmup)
+        return COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
 def lr_lambda(config: TrainConfig):
-    """Linear warmup, then constant or cosine down to ``COSINE_FLOOR`` of the peak."""
-    def factor(step: int) -> float:
-        if step < config.lr_warmup_steps:
-            return (step + 1) / (config.lr_warmup_steps + 1)
-        if config.lr_schedule == "cosine":
-            progress = (step - config.lr_warmup_steps) / max(1, config.steps - config.lr_warmup_steps)
-            return COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-    return factor
+    """``lr_factor`` of a run's config, for ``torch.optim.lr_scheduler.LambdaLR``."""
+    return lambda step: lr_factor(step, config.steps, config.lr_warmup_steps, config.lr_schedule)
 
 
 TRAINABLE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -251,18 +256,17 @@ def step_loss(session: Session, micro_step: int) -> Tensor:
 @torch.no_grad()
 def validation_loss(session: Session) -> float:
     """MSE on the held-out pairs at fixed noise and evenly spread timesteps (comparable across steps)."""
-    val = session.validation
-    total = session.noise_scheduler.config.num_train_timesteps
-    generator = torch.Generator().manual_seed(session.config.seed + 12_345)
+    val, count = session.validation, len(session.validation.latents)
     model = session.accelerator.unwrap_model(session.model)
-    losses = []
-    conditioning = conditioning_of(session, val, list(range(len(val.latents))))
-    for k in range(VALIDATION_TIMESTEPS):
-        timesteps = torch.full((len(val.latents),), int(total * (k + 0.5) / VALIDATION_TIMESTEPS), dtype=torch.long)
-        noise = torch.randn(val.latents.shape, generator=generator)
-        losses.append(float(_mse(session, model, val.latents, conditioning, noise, timesteps)))
+    conditioning = conditioning_of(session, val, list(range(count)))
+
+    def loss(rows: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:  # all rows at once: the conditioning as computed
+        return _mse(session, model, val.latents[rows], conditioning, noise, timesteps)
+
+    grids = validation_mod.level_grids(count, session.noise_scheduler.config.num_train_timesteps, VALIDATION_TIMESTEPS)
+    value = validation_mod.fixed_draws_loss(loss, count, val.latents.shape[1:], grids, session.config.seed + 12_345)
     session.attached.clear()
-    return sum(losses) / len(losses)
+    return value
 
 
 @torch.no_grad()

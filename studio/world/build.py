@@ -24,40 +24,13 @@ from studio.world.config import WorldConfig, load_config
 from studio.world.data import BASE, WorldData, load_world, render_world, save_world
 from studio.world.models import assemble_pipeline, make_scheduler, make_text_encoder, make_unet, make_vae
 from studio.world.scene import world_words
+from studio.world.stages import Stages
 from studio.world.styles import Style, load_styles
 from studio.world.tokenizer import build_tokenizer
-from studio.world.train import encode_latents, train_base, train_vae
+from studio.world.train import Plan, encode_latents, to_unit, train_base, train_vae
 from studio.world.zoo import evaluate_zoo, train_zoo_group
 
 __all__ = ["WorldConfig", "build_world", "load_config"]
-
-
-class Stages:
-    """Paths, fingerprints and markers of one build."""
-
-    def __init__(self, config: WorldConfig, styles: list[Style]):
-        self.config, self.styles = config, styles
-        self.out = Path(config.out_dir)
-        self.work = Path(config.work_dir)
-        words = [s.trigger for s in styles]
-        c = config
-        self.data_fp = c.fingerprint("seed", "image_size", "base_images", "style_images", "val_images", "max_length", upstream=_styles_fp(styles))
-        self.vae_fp = c.fingerprint("vae_channels", "vae_steps", "vae_batch", "vae_lr", upstream=self.data_fp)
-        self.base_fp = c.fingerprint("unet_channels", "unet_heads", "text_hidden", "text_layers", "base_steps", "base_batch", "base_lr", "empty_caption_prob", upstream=self.vae_fp + ",".join(words))
-
-    def marker(self, name: str) -> Path:
-        return self.work / f"{name}.done.json"
-
-    def done(self, name: str, fingerprint: str) -> bool:
-        path = self.marker(name)
-        return path.exists() and json.loads(path.read_text()).get("fingerprint") == fingerprint
-
-    def mark(self, name: str, fingerprint: str, **info) -> None:
-        write_text(self.marker(name), json.dumps({"fingerprint": fingerprint, **info}, indent=1))
-
-
-def _styles_fp(styles: list[Style]) -> str:
-    return json.dumps([[s.name, s.trigger, [[st.op, st.params] for st in s.steps]] for s in styles], sort_keys=True, default=str)
 
 
 def pick_device(config: WorldConfig) -> torch.device:
@@ -134,7 +107,7 @@ def _vae_stage(stages: Stages, data: WorldData, device: torch.device):
     torch.manual_seed(c.seed)
     vae = make_vae(c.sizes()).to(device)
     train_images = data.images[~data.heldout]
-    vae = yield from train_vae(vae, train_images, c.vae_steps, c.vae_batch, c.vae_lr, c.seed)
+    vae = yield from train_vae(vae, train_images, Plan(c.vae_steps, c.vae_batch, c.vae_lr, c.seed))
     base_latents = encode_latents(vae, data.images[data.style == BASE][:4096])
     vae.register_to_config(scaling_factor=float(1.0 / base_latents.std()))
     recon = _vae_error(vae, data.images[data.style == BASE][:256])
@@ -148,8 +121,6 @@ def _vae_stage(stages: Stages, data: WorldData, device: torch.device):
 
 @torch.no_grad()
 def _vae_error(vae, images: torch.Tensor) -> float:
-    from studio.world.train import to_unit
-
     x = to_unit(images)
     return float(((vae.decode(vae.encode(x).latent_dist.mean).sample - x) ** 2).mean())
 
@@ -176,14 +147,14 @@ def _base_stage(stages: Stages, vae, tokenizer, data: WorldData, latents: torch.
     text_encoder = make_text_encoder(sizes, len(tokenizer)).to(device)
     base = data.style == BASE
     empty = tokenizer([""], padding="max_length", max_length=c.max_length, return_tensors="pt")["input_ids"][0].to(device)
-    alphas = make_scheduler().alphas_cumprod.to(device)
-    checkpoint = stages.work / f"base-{stages.base_fp}.ckpt.safetensors"
-    yield from train_base(unet, text_encoder, latents[base], data.ids[base], empty, c.base_steps, c.base_batch, c.base_lr, c.seed, c.empty_caption_prob, alphas, checkpoint, c.checkpoint_every)
+    checkpoints = stages.work / f"base-{stages.base_fp}.ckpt"
+    plan = Plan(c.base_steps, c.base_batch, c.base_lr, c.seed, checkpoints, c.checkpoint_every)
+    yield from train_base(unet, text_encoder, latents[base], data.ids[base], empty, c.empty_caption_prob, plan, make_scheduler())
     yield from save_pipeline(stages.out, vae, text_encoder, tokenizer, unet)
     shutil.copyfile(c.styles, stages.out / "styles.toml")
     seconds = time.time() - t0
     stages.mark("base", stages.base_fp, seconds=seconds, steps=c.base_steps)
-    checkpoint.unlink(missing_ok=True)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     yield Message(f"base: {seconds:.0f} s")
 
 

@@ -10,11 +10,13 @@ import dataclasses
 import hashlib
 import json
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from studio.errors import ConfigError
+from studio.options import option
+from studio.train.config import LossWeighting
 from studio.world.models import ModelSizes
 
 
@@ -22,48 +24,50 @@ from studio.world.models import ModelSizes
 class WorldConfig:
     """How to build the embedded world (data, VAE, base, zoo) and where to put it."""
 
-    out_dir: str = "assets/world"
-    work_dir: str = "runs/world"
-    styles: str = "studio/world/styles.toml"
-    only_styles: list[str] = field(default_factory=list)
-    seed: int = 0
-    device: str = "auto"
+    out_dir: str = option("assets/world", "folder the pipeline, the zoo and report.json are written to")
+    work_dir: str = option("runs/world", "folder of the build's intermediate results (data, VAE, checkpoints, stage markers)")
+    styles: str = option("studio/world/styles.toml", "TOML file of the zoo's styles")
+    only_styles: list[str] = option(default_factory=list, help="build only these styles (empty: every style of the file)")
+    seed: int = option(0, "seed of the data, the initialisations and every draw")
+    device: str = option("auto", "auto (cuda when available), cpu, cuda or cuda:N")
     # data
-    image_size: int = 64
-    base_images: int = 20000
-    style_images: int = 1024
-    val_images: int = 64
+    image_size: int = option(64, "side of every image in pixels")
+    base_images: int = option(20000, "plain scenes the VAE and base learn from")
+    style_images: int = option(1024, "training images per style")
+    val_images: int = option(64, "held-out images per style (the report's validation loss)")
     # networks
-    unet_channels: list[int] = field(default_factory=lambda: [64, 128, 128])
-    unet_heads: int = 8
-    vae_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    text_hidden: int = 64
-    text_layers: int = 2
-    max_length: int = 20
+    unet_channels: list[int] = option(default_factory=lambda: [64, 128, 128], help="UNet block widths")
+    unet_heads: int = option(8, "UNet attention head dimension")
+    vae_channels: list[int] = option(default_factory=lambda: [32, 64, 64], help="VAE block widths (latent side = image side / 2^(blocks - 1))")
+    text_hidden: int = option(64, "text encoder width (the UNet's cross-attention dimension)")
+    text_layers: int = option(2, "text encoder layers")
+    max_length: int = option(20, "tokens per caption, padded")
     # VAE
-    vae_steps: int = 1500
-    vae_batch: int = 64
-    vae_lr: float = 1e-3
+    vae_steps: int = option(1500, "VAE training steps")
+    vae_batch: int = option(64, "VAE images per step")
+    vae_lr: float = option(1e-3, "VAE peak learning rate (cosine schedule)")
     # base
-    base_steps: int = 2500
-    base_batch: int = 256
-    base_lr: float = 3e-4
-    empty_caption_prob: float = 0.1
-    checkpoint_every: int = 500
+    base_steps: int = option(2500, "base (text encoder + UNet) training steps")
+    base_batch: int = option(256, "base images per step")
+    base_lr: float = option(3e-4, "base peak learning rate (cosine schedule)")
+    empty_caption_prob: float = option(0.1, "share of empty captions in base training (for classifier-free guidance)")
+    checkpoint_every: int = option(500, "steps between checkpoints of the base and of each zoo group (0: none)")
     # zoo
-    lora_rank: int = 8
-    lora_alpha: float = 8.0
-    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    lora_steps: int = 800
-    lora_per_style: int = 16
-    lora_lr: float = 2e-3
-    zoo_group: int = 14
-    diffusers_copies: list[str] = field(default_factory=lambda: ["noir", "mosaic", "quad"])
+    lora_rank: int = option(8, "rank of every zoo LoRA")
+    lora_alpha: float = option(8.0, "alpha of every zoo LoRA (scale alpha / rank)")
+    lora_targets: list[str] = option(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], help="attention projections the zoo LoRAs adapt")
+    lora_steps: int = option(800, "training steps of each zoo group")
+    lora_per_style: int = option(16, "images per style and step")
+    lora_lr: float = option(2e-3, "zoo peak learning rate (cosine schedule)")
+    lora_loss_weighting: str = option("none", "timestep weighting of the zoo's loss, as studio train's loss_weighting: none, min_snr, debiased, sampler")
+    lora_min_snr_gamma: float = option(5.0, "gamma of min_snr weighting (zoo)")
+    zoo_group: int = option(14, "styles trained together (one LoRA per sample of the batch)")
+    diffusers_copies: list[str] = option(default_factory=lambda: ["noir", "mosaic", "quad"], help="styles also saved in the diffusers (peft) layout")
     # evaluation
-    eval_prompts: int = 64
-    eval_steps: int = 25
-    guidance: float = 4.0
-    min_improvement: float = 0.2
+    eval_prompts: int = option(64, "prompts of the report's caption-following check")
+    eval_steps: int = option(25, "DDIM steps of the report's images")
+    guidance: float = option(4.0, "CFG scale of the report's images")
+    min_improvement: float = option(0.2, "held-out loss improvement a LoRA must reach to count as passing")
 
     def sizes(self) -> ModelSizes:
         return ModelSizes(
@@ -109,6 +113,10 @@ def _validate(config: WorldConfig, source: str) -> None:
         raise ConfigError(f"{source}: image_size {config.image_size} must divide by 2^(len(vae_channels)-1)")
     if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:"):
         raise ConfigError(f"{source}: field 'device' must be auto, cpu or cuda[:n], got {config.device!r}")
+    if config.lora_loss_weighting not in get_args(LossWeighting):
+        raise ConfigError(f"{source}: field 'lora_loss_weighting' must be one of {', '.join(get_args(LossWeighting))}, got {config.lora_loss_weighting!r}")
+    if config.lora_min_snr_gamma <= 0:
+        raise ConfigError(f"{source}: field 'lora_min_snr_gamma' must be positive, got {config.lora_min_snr_gamma}")
 
 
 def load_config(path: str | Path) -> WorldConfig:

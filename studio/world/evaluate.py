@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from studio.adapters.lora import LoraAdapter
+from studio.engine.patch import component_modules, merged
 from studio.world.judge import judge
-from studio.world.multilora import merged
 from studio.world.scene import Scene, sample_scenes
 from studio.world.train import encode_latents, validation_loss
 
@@ -75,6 +75,6 @@ def style_improvement(unet, text_encoder, vae, tokenizer, adapter: LoraAdapter, 
     latents = encode_latents(vae, images.to(device)) * vae.config.scaling_factor
     states = text_encoder(tokenize(tokenizer, captions).long().to(device))[0]
     without = validation_loss(unet, latents, states, alphas_cumprod, repeats=repeats)
-    with merged(unet, adapter):
+    with merged(component_modules(unet), adapter):
         with_lora = validation_loss(unet, latents, states, alphas_cumprod, repeats=repeats)
     return without, with_lora

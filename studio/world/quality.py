@@ -2,14 +2,16 @@
 
 Two measures, both from pixels of generated images (same prompts, same seeds for every adapter):
 
-- **style score**: how far the images moved from the base's own images toward the style.
-  Image statistics (a coarse colour histogram, directional gradient energy, a radial power
-  spectrum, brightness and saturation) are averaged over a set of images; ``d`` is the move of
-  the means from plain to styled renders of the same scenes (the world's own renderer: the
-  ground truth of the style), ``b`` the mean over the base's generated images and ``g`` over the
-  adapter's. The target is ``b + d`` (the base's images, styled as the renders are) and the score
-  ``1 - |g - (b + d)| / |d|``: 1 = on target, 0 = no nearer than the base, below 0 = further
-  than the base (noise lands there). ``along`` is the plain projection of ``g - b`` on ``d``.
+- **style**: how far the images moved from the base's own images toward the style. The target
+  is the base's images with the style applied by the world's own transform (the ground truth of
+  the style, in the generated images' own domain, so blur or artefacts common to all generated
+  images do not count). Image statistics (a coarse colour histogram, directional gradient
+  energy, a radial power spectrum, brightness and saturation) are averaged over the set; with
+  ``b`` the base's mean, ``t`` the target's and ``g`` the adapter's:
+  ``style = <g - b, t - b> / |t - b|^2`` (1 = moved by the whole style, 0 = not at all) and
+  ``distance = |g - t| / |b - t|`` (how far from the target, 1 = as far as the base). Noise
+  scores a large ``style`` too (it adds high frequencies as stripes do) but lands far from the
+  target, so both are read together.
 - **caption following**: the world's pixel judge (``judge.py``) reads the object's colour and
   shape; ``kept`` is the share of the prompts the base gets right that the adapter also gets right.
 
@@ -40,8 +42,8 @@ class ImageScore:
     """What the images of one adapter (or the base) showed."""
 
     label: str
-    style_score: float
-    along: float
+    style: float
+    distance: float
     colour: float
     shape: float
     kept: float | None = None  # share of the base's correct prompts still correct
@@ -85,33 +87,30 @@ def _radial_spectrum(gray: np.ndarray) -> np.ndarray:
 
 @dataclass
 class StyleReference:
-    """Mean statistics of plain and styled renders of the evaluation scenes, and their spread."""
+    """Mean statistics of the base's images and of the same images with the style applied."""
 
-    plain: np.ndarray
-    styled: np.ndarray
+    base: np.ndarray
+    target: np.ndarray
     spread: np.ndarray
 
     @classmethod
-    def of(cls, style: Style, scenes: list[Scene], size: int, seed: int) -> "StyleReference":
-        plain_images = render(scenes, size)
-        styled_images = style.apply(plain_images, seed=seed)
-        plain = image_statistics(_hwc(plain_images))
-        styled = image_statistics(_hwc(styled_images))
-        spread = np.concatenate([plain, styled]).std(axis=0)
-        spread = np.maximum(spread, MIN_SPREAD)  # statistics the renders never vary must not dominate
-        return cls(plain.mean(axis=0) / spread, styled.mean(axis=0) / spread, spread)
+    def of(cls, style: Style, base_images: torch.Tensor, seed: int = 0) -> "StyleReference":
+        """From the base's generated images (N, 3, H, W) uint8 and the style's transform."""
+        base = image_statistics(_hwc(base_images))
+        target = image_statistics(_hwc(style.apply(base_images.cpu(), seed=seed)))
+        spread = np.maximum(np.concatenate([base, target]).std(axis=0), MIN_SPREAD)  # statistics that never vary must not dominate
+        return cls(base.mean(axis=0) / spread, target.mean(axis=0) / spread, spread)
 
     def mean(self, images: np.ndarray) -> np.ndarray:
         """Mean scaled statistics of images (N, H, W, 3) uint8."""
         return image_statistics(images).mean(axis=0) / self.spread
 
-    def score(self, generated: np.ndarray, base: np.ndarray) -> tuple[float, float]:
-        """(score, along) of mean statistics ``generated`` against the base's ``base``:
-        ``1 - |g - (b + d)| / |d|`` and the projection of ``g - b`` on ``d``, d = styled - plain."""
-        direction = self.styled - self.plain
+    def score(self, generated: np.ndarray) -> tuple[float, float]:
+        """(style, distance) of mean statistics ``generated``: the projection of ``g - b`` on
+        ``t - b`` and ``|g - t| / |b - t|``."""
+        direction = self.target - self.base
         unit = max(float(np.linalg.norm(direction)), 1e-9)
-        score = 1.0 - float(np.linalg.norm(generated - (base + direction))) / unit
-        return score, float((generated - base) @ direction) / unit**2
+        return float((generated - self.base) @ direction) / unit**2, float(np.linalg.norm(generated - self.target)) / unit
 
 
 def _hwc(images: torch.Tensor) -> np.ndarray:
@@ -131,18 +130,19 @@ def prompts_for(scenes: list[Scene], trigger: str = "") -> list[str]:
 
 
 def score_images(label: str, images: torch.Tensor, scenes: list[Scene], reference: StyleReference,
-                 base_images: torch.Tensor, judge: "StyledJudge", base_correct: list[bool] | None = None) -> ImageScore:
-    """Style score and caption following of generated images (N, 3, H, W) uint8, against the
-    base's images of the same scenes and seeds; ``judge`` reads colour and shape."""
+                 judge: "StyledJudge", base_correct: list[bool] | None = None) -> ImageScore:
+    """Style score and caption following of generated images (N, 3, H, W) uint8 of ``scenes``
+    (the reference holds the base's images of the same scenes and seeds); ``judge`` reads
+    colour and shape."""
     verdicts = [judge(image, scene) for image, scene in zip(images, scenes)]
     correct = [v.colour_ok and v.shape_ok for v in verdicts]
     kept = None
     if base_correct is not None:
         wanted = [i for i, ok in enumerate(base_correct) if ok]
         kept = sum(correct[i] for i in wanted) / len(wanted) if wanted else float("nan")
-    score, along = reference.score(reference.mean(_hwc(images)), reference.mean(_hwc(base_images)))
+    style, distance = reference.score(reference.mean(_hwc(images)))
     return ImageScore(
-        label, score, along, float(np.mean([v.colour_ok for v in verdicts])),
+        label, style, distance, float(np.mean([v.colour_ok for v in verdicts])),
         float(np.mean([v.shape_ok for v in verdicts])), kept, correct,
     )
 

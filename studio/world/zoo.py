@@ -7,25 +7,28 @@ with a fingerprint in its metadata, so a re-run skips the LoRAs already made.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 
+from studio.engine.patch import component_modules, merged
+from studio.errors import StudioError
 from studio.events import Event, Message, Progress, Saved
 from studio.world.data import WorldData
 from studio.world.evaluate import caption_accuracy
 from studio.world.models import make_scheduler
-from studio.world.multilora import MultiLora, merged
+from studio.world.multilora import MultiLora
+from studio.world.stages import Stages
 from studio.world.styles import Style
-from studio.world.train import train_loras, validation_loss
-
-if TYPE_CHECKING:
-    from studio.world.build import Stages
+from studio.world.train import Plan, Weighting, ZooData, train_loras, validation_loss
 
 FINGERPRINT_KEY = "studio.world_fingerprint"
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_steps", "lora_per_style", "lora_lr")
 
 
 def lora_path(out: Path, style: Style, layout: str = "kohya") -> Path:
@@ -33,12 +36,25 @@ def lora_path(out: Path, style: Style, layout: str = "kohya") -> Path:
     return folder / f"{style.name}.safetensors"
 
 
-def lora_fingerprint(stages: "Stages", style: Style) -> str:
+def lora_fingerprint(stages: Stages, style: Style) -> str:
+    """The hash of the settings a zoo LoRA depends on (its base, its style, the ``lora_*`` fields).
+
+    The loss weighting counts only when it is not the plain mean (and its gamma only for
+    min_snr), so LoRAs made before the weighting was a setting keep their fingerprints.
+    """
     c = stages.config
-    return c.fingerprint("lora_rank", "lora_alpha", "lora_targets", "lora_steps", "lora_per_style", "lora_lr", upstream=stages.base_fp + repr(style))
+    names = LORA_FIELDS
+    if c.lora_loss_weighting != "none":
+        names += ("lora_loss_weighting",) + (("lora_min_snr_gamma",) if c.lora_loss_weighting == "min_snr" else ())
+    return c.fingerprint(*names, upstream=stages.base_fp + repr(style))
 
 
-def _has_lora(stages: "Stages", style: Style) -> bool:
+def weighting(stages: Stages) -> Weighting:
+    """The zoo's timestep loss weighting, from the config."""
+    return Weighting(stages.config.lora_loss_weighting, stages.config.lora_min_snr_gamma)
+
+
+def _has_lora(stages: Stages, style: Style) -> bool:
     from safetensors import safe_open
 
     path = lora_path(stages.out, style)
@@ -64,7 +80,7 @@ def encode_text(text_encoder, ids: torch.Tensor, batch: int = 2048) -> torch.Ten
     return torch.cat([text_encoder(ids[i:i + batch].long())[0].float() for i in range(0, len(ids), batch)])
 
 
-def lora_metadata(stages: "Stages", style: Style, steps: int, images: int) -> dict[str, str]:
+def lora_metadata(stages: Stages, style: Style, steps: int, images: int) -> dict[str, str]:
     """kohya-style ``ss_*`` and ``modelspec.*`` header fields for one zoo LoRA."""
     c = stages.config
     return {
@@ -84,6 +100,7 @@ def lora_metadata(stages: "Stages", style: Style, steps: int, images: int) -> di
         "ss_batch_size_per_device": str(c.lora_per_style),
         "ss_seed": str(c.seed),
         "ss_network_args": json.dumps({"targets": c.lora_targets}),
+        **_weighting_metadata(weighting(stages)),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "world/lora",
         "modelspec.implementation": "diffusers",
@@ -95,7 +112,23 @@ def lora_metadata(stages: "Stages", style: Style, steps: int, images: int) -> di
     }
 
 
-def train_zoo_group(stages: "Stages", indices: list[int], data: WorldData, latents: torch.Tensor, device: torch.device) -> Iterator[Event]:
+def _weighting_metadata(weights: Weighting) -> dict[str, str]:
+    """The loss weighting as the studio's key, and as kohya's keys where kohya has one."""
+    meta = {"studio.loss_weighting": weights.kind}
+    if weights.kind == "min_snr":
+        meta["ss_min_snr_gamma"] = str(weights.gamma)
+    if weights.kind == "debiased":
+        meta["ss_debiased_estimation"] = "True"
+    return meta
+
+
+def group_checkpoint(stages: Stages, indices: list[int]) -> Path:
+    """The checkpoint folder of one zoo group: named by its styles' LoRA fingerprints."""
+    prints = ",".join(lora_fingerprint(stages, stages.styles[i]) for i in indices)
+    return stages.work / f"zoo-{hashlib.sha256(prints.encode()).hexdigest()[:16]}.ckpt"
+
+
+def train_zoo_group(stages: Stages, indices: list[int], data: WorldData, latents: torch.Tensor, device: torch.device) -> Iterator[Event]:
     """Train the LoRAs of ``indices`` (style positions) that are not saved yet, then save them."""
     from studio.formats import save_adapter
 
@@ -114,8 +147,9 @@ def train_zoo_group(stages: "Stages", indices: list[int], data: WorldData, laten
     offsets = torch.cumsum(torch.tensor([0] + [len(p) for p in pools[:-1]]), 0)
     local = [torch.arange(len(p), device=device) + int(o) for p, o in zip(pools, offsets)]
     lora = MultiLora(unet, len(todo), c.lora_rank, c.lora_alpha, tuple(c.lora_targets), seed=c.seed + todo[0]).to(device)
-    alphas = make_scheduler().alphas_cumprod.to(device)
-    yield from train_loras(lora, unet, latents[subset], states, local, c.lora_steps, c.lora_per_style, c.lora_lr, c.seed + todo[0], alphas, label=f"zoo:{names[0]}..")
+    folder = group_checkpoint(stages, todo)
+    plan = Plan(c.lora_steps, c.lora_per_style, c.lora_lr, c.seed + todo[0], folder, c.checkpoint_every)
+    yield from train_loras(lora, unet, ZooData(latents[subset], states, local), plan, make_scheduler(), weighting(stages), label=f"zoo:{names[0]}..")
     lora.remove()
     for k, i in enumerate(todo):
         style = stages.styles[i]
@@ -123,10 +157,11 @@ def train_zoo_group(stages: "Stages", indices: list[int], data: WorldData, laten
         yield Saved(save_adapter(adapter, lora_path(stages.out, style), format="kohya"), "lora")
         if style.name in c.diffusers_copies:
             yield Saved(save_adapter(adapter, lora_path(stages.out, style, "diffusers"), format="diffusers"), "lora")
+    shutil.rmtree(folder, ignore_errors=True)
     yield Message(f"zoo: {len(todo)} LoRAs in {time.time() - t0:.0f} s")
 
 
-def evaluate_zoo(stages: "Stages", data: WorldData, latents: torch.Tensor, device: torch.device) -> Iterator[Event]:
+def evaluate_zoo(stages: Stages, data: WorldData, latents: torch.Tensor, device: torch.device) -> Iterator[Event]:
     """Caption-following accuracy of the base and each LoRA's held-out loss improvement."""
     from studio.formats import load_adapter
 
@@ -144,10 +179,10 @@ def evaluate_zoo(stages: "Stages", data: WorldData, latents: torch.Tensor, devic
         without = validation_loss(unet, latents[held], states, alphas)
         try:
             adapter = load_adapter(lora_path(stages.out, style), base=str(stages.out))
-        except Exception as error:  # the report records it; the build keeps what is saved
+        except StudioError as error:  # an unreadable LoRA file: the report records it; the build keeps what is saved
             styles[style.name] = {"error": f"{type(error).__name__}: {error}"}
             continue
-        with merged(unet, adapter):
+        with merged(component_modules(unet), adapter):
             with_lora = validation_loss(unet, latents[held], states, alphas)
         styles[style.name] = {"without": without, "with": with_lora, "improvement": 1 - with_lora / without}
         yield Progress(i + 1, len(stages.styles), with_lora, stage="report", metrics={"improvement": 1 - with_lora / without})

@@ -121,3 +121,37 @@ def test_build_report_records_every_style_passing():
     assert set(report["styles"]) == {s.name for s in styles}
     assert all(v["improvement"] >= 0.20 for v in report["styles"].values())
     assert report["caption_following"]["colour"] >= 0.80 and report["caption_following"]["shape"] >= 0.60
+
+
+def test_shipped_zoo_carries_the_fingerprints_the_recipe_gives():
+    """A re-run of pipelines/world.toml finds every shipped LoRA up to date (nothing retrained)."""
+    from studio.world.build import select_styles
+    from studio.world.config import load_config
+    from studio.world.stages import Stages
+    from studio.world.zoo import FINGERPRINT_KEY, lora_fingerprint
+
+    config = load_config(WORLD.parents[1] / "pipelines" / "world.toml")
+    stages = Stages(config, select_styles(config))
+    for style in stages.styles:
+        with safe_open(str(WORLD / "loras" / f"{style.name}.safetensors"), "pt") as f:
+            assert f.metadata()[FINGERPRINT_KEY] == lora_fingerprint(stages, style), style.name
+
+
+# The held-out losses of noir as the world's validation loop gave them before it moved onto
+# studio.train.validation (CPU, fp32, 1 thread) and as the GPU build recorded them (bf16 autocast).
+NOIR_CPU_BEFORE = {"without": 0.06658662855625153, "with": 0.03180369781330228}
+
+
+@pytest.mark.slow
+def test_held_out_losses_reproduce_the_old_loop_and_the_build_report(pipe):
+    from studio.formats import load_adapter
+
+    styles = load_styles(WORLD / "styles.toml")
+    index = next(i for i, s in enumerate(styles) if s.name == "noir")
+    images, captions = style_split(styles[index], index, 64, seed=0, heldout=True, size=64)  # the build's held-out images
+    adapter = load_adapter(WORLD / "loras" / "noir.safetensors", base=str(WORLD))
+    without, with_lora = style_improvement(pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer, adapter, images, captions, make_scheduler().alphas_cumprod)
+    assert without == pytest.approx(NOIR_CPU_BEFORE["without"], rel=1e-4)
+    assert with_lora == pytest.approx(NOIR_CPU_BEFORE["with"], rel=1e-4)
+    report = json.loads((WORLD / "report.json").read_text())["styles"]["noir"]
+    assert without == pytest.approx(report["without"], rel=0.01) and with_lora == pytest.approx(report["with"], rel=0.01)

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from studio.errors import ConfigError
 from studio.events import Done, Message, Progress, Saved
@@ -34,6 +35,8 @@ def test_recipes_parse_into_the_typed_config():
     ({"base_steps": "many"}, "field 'base_steps' must be int"),
     ({"lora_rank": 0}, "field 'lora_rank' must be positive"),
     ({"device": "tpu"}, "field 'device'"),
+    ({"lora_loss_weighting": "snr"}, "field 'lora_loss_weighting' must be one of none, min_snr"),
+    ({"lora_min_snr_gamma": 0}, "field 'lora_min_snr_gamma' must be positive"),
 ])
 def test_bad_world_tables_name_the_field(table, needle):
     with pytest.raises(ConfigError) as error:
@@ -59,6 +62,9 @@ def test_tiny_build_end_to_end_then_resumes(tmp_path):
     out = Path(config.out_dir)
     assert (out / "model_index.json").exists() and (out / "loras" / "noir.safetensors").exists()
     assert (out / "loras" / "diffusers" / "quad.safetensors").exists()
+    with safe_open(str(out / "loras" / "noir.safetensors"), "pt") as f:
+        assert f.metadata()["studio.loss_weighting"] == "none"
+    assert not list(Path(config.work_dir).glob("*.ckpt"))  # base and zoo checkpoints go once their results are saved
 
     from diffusers import StableDiffusionPipeline
 
@@ -91,3 +97,19 @@ def test_a_build_cut_off_mid_base_resumes_from_its_checkpoint(tmp_path):
     first_base = next(e for e in events if isinstance(e, Progress) and e.stage == "base")
     assert first_base.metrics.get("resumed_from") == 3.0
     assert isinstance(events[-1], Done)
+
+
+def test_loss_weighting_enters_the_lora_fingerprint_only_when_not_plain():
+    from studio.world.build import select_styles
+    from studio.world.stages import Stages
+    from studio.world.zoo import lora_fingerprint
+
+    def fingerprint(**changes):
+        config = dataclasses.replace(WorldConfig(**TINY), **changes)
+        stages = Stages(config, select_styles(config))
+        return lora_fingerprint(stages, stages.styles[0])
+
+    plain = fingerprint()
+    assert fingerprint(lora_min_snr_gamma=2.0) == plain  # gamma only matters to min_snr
+    assert fingerprint(lora_loss_weighting="sampler") != plain
+    assert fingerprint(lora_loss_weighting="min_snr") != fingerprint(lora_loss_weighting="min_snr", lora_min_snr_gamma=2.0)

@@ -1,0 +1,81 @@
+"""The studio's own trained-adapter files (``adapter.safetensors`` of a run, ``best/adapter.safetensors``),
+read back as live adapters of their family, and turned into standard LoRAs.
+
+A native file holds the family's trainable parameters (read with the studio's capped safetensors
+reader, never pickle) and, in its header, the family, its knobs and the base it was trained on
+(``studio.format = trained-adapter/1``). Reading one rebuilds the family's adapter for that base
+(or another base with the same module tree) and loads the parameters; every family is exact
+there, and families with low-rank factors also export to a LoRA exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from studio.errors import ConfigError, FormatError, StudioError
+
+NATIVE_FORMAT = "trained-adapter/1"
+
+
+@dataclass
+class NativeAdapter:
+    """A native file read back: the live adapter (its family's module) and what its header says."""
+
+    path: Path
+    family: str
+    knobs: dict[str, Any]
+    base: str
+    adapter: nn.Module
+    metadata: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        return self.metadata.get("ss_output_name") or self.path.parent.name or self.path.stem
+
+
+def is_native(metadata: dict[str, str]) -> bool:
+    """Whether a safetensors header is a studio-trained adapter file."""
+    return metadata.get("studio.format") == NATIVE_FORMAT
+
+
+def load_native(path: str | Path, base: str | None = None) -> NativeAdapter:
+    """Rebuild the adapter a native file holds, for ``base`` (default: the base it was trained on)."""
+    from studio.adapters import registry
+    from studio.bases import module_tree
+    from studio.formats import safe_load
+    from studio.train.checkpoint import load_adapter_tensors
+
+    path = Path(path)
+    tensors, metadata = safe_load(path)
+    if not is_native(metadata):
+        raise FormatError(f"{path}: not a studio-trained adapter file (no studio.format = {NATIVE_FORMAT} in its header)")
+    family = metadata.get("studio.family", "")
+    try:
+        knobs = json.loads(metadata.get("studio.adapter", "{}"))
+    except json.JSONDecodeError as error:
+        raise FormatError(f"{path}: header field studio.adapter is not JSON ({error})") from error
+    base = base or metadata.get("studio.base", "")
+    if not base:
+        raise FormatError(f"{path}: the header names no base (studio.base); give --base")
+    try:
+        tree = module_tree(base)
+        adapter = registry.build_adapter(family, registry.make_config(family, knobs), tree)
+    except StudioError as error:
+        raise ConfigError(f"{path}: cannot rebuild its {family!r} adapter for base {base!r}: {error}") from error
+    load_adapter_tensors(adapter, tensors, str(path))
+    return NativeAdapter(path, family, knobs, base, adapter.eval().requires_grad_(False), metadata)
+
+
+def native_to_lora(path: str | Path, base: str | None = None, rank: int = 0):
+    """A native file as a standard LoRA (``studio.train.export.Export``: the LoRA and its error)."""
+    from studio.bases import module_tree
+    from studio.train.export import to_lora
+
+    native = load_native(path, base)
+    metadata = {k: v for k, v in native.metadata.items() if not k.startswith("studio.")}
+    return to_lora(native.adapter, rank, native.name, module_tree(native.base), metadata)
