@@ -1,4 +1,8 @@
-"""The studio's exceptions. Every message names the file or field and the problem."""
+"""The studio's exceptions. Every message names the file or field and the problem.
+
+The one error contract: every failure a user can cause is a `StudioError`; the CLI prints it as
+one line (`error: ...`, exit code 2) and the app shows the same text. Anything else is a bug.
+"""
 
 
 class StudioError(Exception):
@@ -31,3 +35,19 @@ class ConfigError(StudioError):
 
 class DatasetError(StudioError):
     """A training data folder has no usable image/caption pair."""
+
+
+class PathError(StudioError):
+    """A named file or folder is missing or of the wrong kind, or an output would replace an input."""
+
+
+class LimitError(ConfigError):
+    """A request is larger than a configured cap (pixels, steps, batch, memory estimate)."""
+
+
+class DeviceError(ConfigError):
+    """A device string is malformed, or names a device this machine does not have."""
+
+
+class UsageError(StudioError):
+    """A command line that cannot be parsed (unknown flag, missing argument, a word where a number goes)."""

@@ -14,22 +14,45 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import MISSING, Field
+from dataclasses import MISSING, Field, dataclass
 from typing import Any, Literal, get_args, get_origin
 
 from studio.errors import ConfigError
 
 _NO_BOUND = None
+SHOWN_CHARS = 80  # longest value repeated in an error message
+
+
+@dataclass(frozen=True)
+class Cli:
+    """How the command line shows a field (`studio.cli.arguments` reads it from the metadata).
+
+    ``positional``: a positional argument; ``repeat``: a list flag given once per value
+    (``--adapter A --adapter B``) instead of several values after one flag; ``short``: a short flag
+    (``-o``); ``flag``: replaces the long flag (``--for`` for ``tool``); ``metavar``: the value's
+    name in the usage; ``required``: asked for on the command line although other front ends fill
+    in a default (the app's output paths); ``one_of``: fields of one group are mutually exclusive
+    and one is needed (``--k`` or ``--energy``)."""
+
+    positional: bool = False
+    repeat: bool = False
+    short: str | None = None
+    flag: str | None = None
+    metavar: str | None = None
+    required: bool = False
+    one_of: str | None = None
 
 
 def option(default: Any = MISSING, help: str = "", *, minimum: float | None = _NO_BOUND, maximum: float | None = _NO_BOUND,
-           exclusive_minimum: bool = False, default_factory: Any = MISSING, cli: bool = True) -> Any:
+           exclusive_minimum: bool = False, default_factory: Any = MISSING, cli: bool | Cli = True) -> Any:
     """A dataclass field with its help text and numeric bounds in the metadata.
 
     ``minimum`` / ``maximum`` bound numbers (and the length of nothing else); ``exclusive_minimum``
-    makes the lower bound strict (learning rates > 0). ``cli=False`` keeps a field off the
-    command line (values the front end fills in itself)."""
-    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "exclusive_minimum": exclusive_minimum, "cli": cli}
+    makes the lower bound strict (learning rates > 0). ``cli=False`` keeps a field off the command
+    line (values the front end fills in itself); a `Cli` says how the command line shows it."""
+    shown = cli if isinstance(cli, Cli) else Cli()
+    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "exclusive_minimum": exclusive_minimum,
+                "cli": cli is not False, **dataclasses.asdict(shown)}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -55,14 +78,52 @@ def field_types(cls: type) -> dict[str, Any]:
 
 
 def check(instance: Any, where: str = "") -> None:
-    """Validate every field of a dataclass instance; raise ConfigError naming the first bad one."""
+    """Validate every field of a dataclass instance; raise ConfigError naming the first bad one.
+
+    A field holding a dataclass (e.g. a request's ``limits``) is checked field by field too."""
     label = where or type(instance).__name__
     hints = field_types(type(instance))
     for item in dataclasses.fields(instance):
         value = getattr(instance, item.name)
         problem = _type_problem(value, hints[item.name]) or _bound_problem(value, item)
         if problem:
-            raise ConfigError(f"{label}: {item.name} = {value!r}: {problem}")
+            raise ConfigError(f"{label}: {item.name} = {_shown(value)}: {problem}")
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check(value, f"{label} {item.name}")
+
+
+def _shown(value: Any) -> str:
+    """A value as the message shows it (long texts and lists cut)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+
+
+def from_table(cls: type, table: dict[str, Any], where: str) -> Any:
+    """Build a dataclass from a TOML table / JSON object / form values, naming unknown or missing
+    keys (fields without a default, and those the command line requires: a recipe's generate job
+    names its output as the CLI does), then `check` it. Nested dataclass fields take a table of
+    their own fields."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table of {cls.__name__} fields, got {type(table).__name__}")
+    known = {item.name: item for item in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+    missing = sorted(name for name, item in known.items()
+                     if (default_of(item) is MISSING or item.metadata.get("required")) and name not in table)
+    if missing:
+        raise ConfigError(f"{where}: missing required keys {missing}")
+    hints = field_types(cls)
+    values = {}
+    for name, value in table.items():
+        nested = hints[name]
+        values[name] = from_table(nested, value, f"{where} {name}") if dataclasses.is_dataclass(nested) and isinstance(value, dict) else value
+    try:
+        instance = cls(**values)
+    except TypeError as error:
+        raise ConfigError(f"{where}: {error}") from error
+    check(instance, where)
+    return instance
 
 
 def _type_problem(value: Any, annotation: Any) -> str:
@@ -73,8 +134,10 @@ def _type_problem(value: Any, annotation: Any) -> str:
     if origin is Literal:
         return "" if value in args else f"expected one of {', '.join(repr(a) for a in args)}"
     if origin in (typing.Union, types.UnionType):
-        problems = [_type_problem(value, arg) for arg in args]
-        return "" if any(not p for p in problems) else " or ".join(p for p in problems if p)
+        problems = [_type_problem(value, arg) for arg in args if arg is not type(None)]
+        if value is None and type(None) in args or any(not p for p in problems):
+            return ""
+        return " or ".join(problems) + (" (or left out)" if type(None) in args else "")
     if annotation is type(None):
         return "" if value is None else "expected nothing (None)"
     if origin in (list, tuple):
@@ -113,10 +176,15 @@ def _bound_problem(value: Any, item: Field) -> str:
     low, high = item.metadata.get("minimum"), item.metadata.get("maximum")
     strict = item.metadata.get("exclusive_minimum", False)
     if low is not None and (value <= low if strict else value < low):
-        return f"must be {'>' if strict else '>='} {low:g}"
+        return f"must be {'>' if strict else '>='} {_number(low)}"
     if high is not None and value > high:
-        return f"must be <= {high:g}"
+        return f"must be <= {_number(high)}"
     return ""
+
+
+def _number(bound: float) -> str:
+    """A bound as written: whole numbers in full (a seed's 2**63 - 1 stays exact), others short."""
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 def describe(cls: type) -> list[dict[str, Any]]:
@@ -128,7 +196,7 @@ def describe(cls: type) -> list[dict[str, Any]]:
         rows.append({
             "name": item.name, "type": _type_text(hints[item.name]), "default": None if default is MISSING else default,
             "required": default is MISSING, "help": help_of(item), "minimum": item.metadata.get("minimum"),
-            "maximum": item.metadata.get("maximum"), "choices": list(get_args(hints[item.name])) if get_origin(hints[item.name]) is Literal else None,
+            "maximum": item.metadata.get("maximum"), "choices": choices_of(hints[item.name]),
         })
     return rows
 
@@ -142,3 +210,14 @@ def _type_text(annotation: Any) -> str:
     if origin in (list, tuple):
         return "list"
     return getattr(annotation, "__name__", str(annotation))
+
+
+def choices_of(annotation: Any) -> list | None:
+    """The values of a Literal annotation (also inside ``X | None``), else None."""
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in get_args(annotation):
+            if get_origin(arg) is Literal:
+                return list(get_args(arg))
+    return None

@@ -1,54 +1,45 @@
-"""`studio run RECIPE.toml`: declarative jobs that call the same verbs as the CLI.
+"""`studio run RECIPE.toml`: recipe files as jobs, each a verb and that verb's request.
 
-A recipe names its job in ``[job] kind`` and holds that job's typed config in a table of the
-same name:
+A job's table holds the fields of its verb's request (`studio.verbs.VERBS`), the same fields,
+defaults and checks as the command line's flags:
 
-    [job]                      [job]                       [job]
-    kind = "world"             kind = "compress"           kind = "benchmark"
-    [world]                    [compress]                  [benchmark]
-    out_dir = "assets/world"   paths = ["assets/world/loras"]  script = "benchmarks/engine_switch.py"
-    ...                        output = "runs/zoo.safetensors" args = ["--quick"]
-                               k = 14
+    [job]                        [[jobs]]                         [[jobs]]
+    kind = "compress"            verb = "dataset"                 verb = "train"
+    [compress]                   style = "noir"                   config = "pipelines/train_lora.toml"
+    paths = ["assets/world/loras"]  output = "runs/data/noir"     steps = 100
+    output = "runs/zoo.safetensors"
+    k = 14
 
-A train config (top-level ``base``, ``data``, ``[adapter]`` or ``[[runs]]``) is a recipe too.
+One job: ``[job] kind = "VERB"`` (or ``verb``) and a ``[VERB]`` table. Several: ``[[jobs]]``, each
+with ``verb`` and its fields. A train config (top-level ``base``, ``data``, ``[adapter]`` or
+``[[runs]]``; or ``[job] kind = "train"`` without a ``[train]`` table) is a train job on itself.
+``kind = "world"`` takes the world room's ``[world]`` table; ``kind = "benchmark"`` a script.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Iterator
 
 from studio.errors import ConfigError
-from studio.events import Done, Event, Message
+from studio.events import Event
 
-JobKind = Literal["world", "compress", "train", "benchmark"]
-
-
-@dataclass
-class CompressJob:
-    """``[compress]``: compress a collection into one file."""
-
-    paths: list[str]
-    output: str
-    k: int | None = None
-    energy: float | None = None
-    augment: int = 0
-    base: str | None = None
+TRAIN_KEYS = ("adapter", "runs")  # a file with these at the top level is a train config
 
 
 @dataclass
-class BenchmarkJob:
-    """``[benchmark]``: run a benchmark script (it prints its own table of ratios)."""
+class Job:
+    """One job: the verb, its request, and where in the recipe it was written."""
 
-    script: str
-    args: list[str] = field(default_factory=list)
+    verb: Any  # studio.verbs.Verb
+    request: Any
+    where: str
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The recipe's TOML, or a ConfigError naming the file."""
     path = Path(path)
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
@@ -58,70 +49,63 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML ({error})") from error
 
 
-def job_kind(recipe: dict[str, Any], path: Path) -> JobKind:
-    kind = recipe.get("job", {}).get("kind")
-    if kind is None and ("adapter" in recipe or "runs" in recipe):
-        return "train"
-    if kind not in ("world", "compress", "train", "benchmark"):
-        raise ConfigError(f"{path}: [job] kind must be world, compress, train or benchmark, not {kind!r}")
-    return kind
+def _verb(name: Any, where: str):
+    from studio.verbs import VERBS
+
+    usable = sorted(n for n, v in VERBS.items() if v.recipe)
+    if not isinstance(name, str) or name not in usable:
+        raise ConfigError(f"{where}: the job's kind must be one of {', '.join(usable)}, not {name!r}")
+    return VERBS[name]
 
 
-def typed(cls, table: dict[str, Any], where: str):
-    """Build a config dataclass from a TOML table, naming unknown or missing keys."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(table) - known)
+def jobs_of(recipe: dict[str, Any], path: Path) -> list[Job]:
+    """Every job of a recipe with its request built (fields checked; files are checked when it runs)."""
+    if "jobs" in recipe:
+        return [_listed_job(table, path, i) for i, table in enumerate(_job_tables(recipe, path), start=1)]
+    header = recipe.get("job")
+    if header is None:
+        if any(key in recipe for key in TRAIN_KEYS) or {"base", "data"} <= set(recipe):
+            return [_train_on_itself(path)]
+        raise ConfigError(f"{path}: no [job] table, no [[jobs]] and not a train config: nothing to run")
+    if not isinstance(header, dict):
+        raise ConfigError(f"{path}: [job] must be a table")
+    unknown = sorted(set(header) - {"kind", "verb"})
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
-    try:
-        return cls(**table)
-    except TypeError as error:
-        raise ConfigError(f"{where}: {error}") from error
+        raise ConfigError(f"{path} [job]: unknown keys {unknown}; known: ['kind', 'verb']")
+    name = header.get("verb", header.get("kind"))
+    verb = _verb(name, f"{path} [job]")
+    if name == "train" and "train" not in recipe:
+        return [_train_on_itself(path)]
+    table = recipe.get(name, {})
+    return [Job(verb, verb.request_from(table, f"{path} [{name}]"), f"{path} [{name}]")]
 
 
-def _world(recipe: dict, path: Path) -> Iterator[Event]:
-    from studio.world.build import build_world
-    from studio.world.config import config_from_dict
-
-    yield from build_world(config_from_dict(recipe.get("world", {}), f"{path} [world]"))
-
-
-def _compress(recipe: dict, path: Path) -> Iterator[Event]:
-    from studio.collection import load_collection
-    from studio.subspace import compress_events, held_sources
-
-    job = typed(CompressJob, recipe.get("compress", {}), f"{path} [compress]")
-    collection = load_collection(job.paths, base=job.base)
-    for info in collection.infos:
-        if info.error:
-            yield Message(info.error, "warning")
-    yield from compress_events(held_sources(collection.adapters.values()), job.output, k=job.k, energy=job.energy,
-                               augment=job.augment, base_id=job.base or "")
+def _job_tables(recipe: dict[str, Any], path: Path) -> list[dict]:
+    tables = recipe["jobs"]
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables) or not tables:
+        raise ConfigError(f"{path}: jobs must be an array of tables ([[jobs]]), each with a verb")
+    extra = sorted(set(recipe) - {"jobs"})
+    if extra:
+        raise ConfigError(f"{path}: with [[jobs]] every key belongs to a job; unexpected top-level keys {extra}")
+    return tables
 
 
-def _train(recipe: dict, path: Path) -> Iterator[Event]:
-    from studio.train import config as train_config
-    from studio.train.loop import train
-
-    for config in train_config.load_runs(path):
-        yield from train(config)
-
-
-def _benchmark(recipe: dict, path: Path) -> Iterator[Event]:
-    job = typed(BenchmarkJob, recipe.get("benchmark", {}), f"{path} [benchmark]")
-    completed = subprocess.run([sys.executable, job.script, *job.args], check=False)
-    if completed.returncode:
-        raise ConfigError(f"{path}: benchmark {job.script} exited with {completed.returncode}")
-    yield Done(completed.returncode)
+def _listed_job(table: dict[str, Any], path: Path, index: int) -> Job:
+    where = f"{path} [[jobs]] #{index}"
+    fields = dict(table)
+    verb = _verb(fields.pop("verb", None), where)
+    return Job(verb, verb.request_from(fields, f"{where} ({verb.name})"), where)
 
 
-JOBS: dict[str, Callable[[dict, Path], Iterator[Event]]] = {
-    "world": _world, "compress": _compress, "train": _train, "benchmark": _benchmark,
-}
+def _train_on_itself(path: Path) -> Job:
+    from studio.verbs import VERBS
+
+    verb = VERBS["train"]
+    return Job(verb, verb.request_from({"config": str(path)}, str(path)), str(path))
 
 
 def run_recipe(path: str | Path) -> Iterator[Event]:
-    """Execute a recipe file, yielding its job's events."""
-    path = Path(path)
-    recipe = read_recipe(path)
-    yield from JOBS[job_kind(recipe, path)](recipe, path)
+    """Run a recipe file's jobs, yielding their events; ends with ``Done(RunResult)``."""
+    from studio.verbs.run import RunRequest, run
+
+    yield from run(RunRequest(str(path)))

@@ -1,10 +1,12 @@
-"""What the app's buttons call: the studio's verbs, composed, over one workspace and one base.
+"""What the app's buttons call: the studio's verbs (`studio.verbs`) over one workspace and one base.
 
 Nothing here imports gradio and nothing here holds studio logic: loading is
-`studio.collection.load_collection`, compression `studio.subspace.compress`, export
-`studio.verbs.export`, training `studio.train.train`, generation `studio.engine`. This module
+`studio.collection.load_collection`, compression (and the exports of every compressed adapter)
+`studio.verbs.compress`, style datasets `studio.verbs.dataset`, training `studio.verbs.train`,
+generation `studio.verbs.generate` (the same checks and caps as `studio generate`). This module
 only keeps the server-side state those calls share (the base, its engine, the collection) and
-turns user input (names, workspace paths) into verb arguments after checking it.
+turns a form (names, workspace paths) into a verb's request after checking what a web client may
+name: adapters by registered name only, files inside the workspace only.
 """
 
 from __future__ import annotations
@@ -18,15 +20,19 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from studio.collection import AdapterInfo, expand_paths, load_collection
-from studio.engine import Engine, GeneratedImage, GenerateRequest, check_name, comparison_grid, generate, get_engine
+from studio.engine import Engine, GeneratedImage, GenerateRequest, check_name, get_engine
 from studio.errors import BaseNotFoundError, ConfigError, StudioError
-from studio.events import Done, Event, Message, Progress
+from studio.events import Done, Event, Message
 from studio.app.workspace import Workspace, WorkspaceError, extract_dataset_zip
+from studio.verbs import compress as compress_verb
+from studio.verbs import dataset as dataset_verb
+from studio.verbs import generate as generate_verb
+from studio.verbs import train as train_verb
+from studio.verbs.generate import SERVING_MAX_SECONDS, Limits
 
 BaseKind = Literal["world", "folder", "file", "hub"]
 GenerateMode = Literal["mix", "per_image", "grid"]
 COMPRESSED_SUFFIX = ".eigen"
-GRID_COLUMNS = 4  # a comparison of up to 4 adapters is one row
 
 
 @dataclass
@@ -40,6 +46,7 @@ class AppConfig:
     dtype: str = "auto"
     max_file_size: int = 256 << 20
     preload: bool = True
+    limits: Limits = field(default_factory=lambda: Limits(max_seconds=SERVING_MAX_SECONDS))  # generation caps: the server's, not a client's
 
 
 @dataclass
@@ -50,15 +57,6 @@ class CompressForm:
     energy: float | None = None
     augment: int = 0
     export_format: Literal["kohya", "diffusers"] = "kohya"
-
-
-@dataclass
-class CompressOutcome:
-    """A finished compression: the verb's result, the collection file and the exported LoRAs."""
-
-    result: Any  # studio.subspace.CompressResult
-    path: Path
-    exports: list[Path]
 
 
 @dataclass
@@ -126,7 +124,7 @@ class Studio:
         self.sources: list[Path] = []
         self.infos: list[AdapterInfo] = []
         self.adapters: dict[str, Any] = {}
-        self.compressed: CompressOutcome | None = None
+        self.compressed: compress_verb.CompressOutcome | None = None
         self.stop_event = threading.Event()
 
     # -- base -------------------------------------------------------------------------------
@@ -233,31 +231,29 @@ class Studio:
     # -- subspace ---------------------------------------------------------------------------
 
     def compress(self, form: CompressForm) -> Iterator[Event]:
-        """`studio.subspace.compress_events` on the collection, then `studio.verbs.export` per adapter."""
-        from studio.subspace import HeldSource, compress_events
-        from studio.verbs import export
+        """`studio.verbs.compress` on the collection in memory, every adapter exported back as a LoRA."""
+        from studio.subspace import held_sources
 
         with self.lock:
             adapters = list(self.adapters.values())
         if not adapters:
             raise StudioError("the collection is empty: import adapters first")
         yield Message(f"compressing {len(adapters)} adapters ({_size_text(form)})")
-        path = self.workspace.folder("compressed") / "collection.safetensors"
-        events = compress_events([HeldSource(a) for a in adapters], path, k=form.k, energy=form.energy, augment=form.augment, base_id=self.base_label())
-        result = None
-        for event in events:  # progress of both passes, then the saved file
+        request = compress_verb.CompressRequest(
+            paths=[], output=str(self.workspace.folder("compressed") / "collection.safetensors"), k=form.k, energy=form.energy,
+            augment=form.augment, base=self.base, export_dir=str(self.workspace.folder("exports")),
+            export_format=form.export_format)
+        outcome = None
+        for event in compress_verb.run(request, sources=held_sources(adapters)):
             if isinstance(event, Done):
-                result = event.result
+                outcome = event.result
             else:
                 yield event
-        exports = []
-        for step, report in enumerate(result.adapters, start=1):
-            target = self.workspace.folder("exports") / f"{report.name}.safetensors"
-            exports.append(export(path, target, format=form.export_format, adapter=report.name)[0])
-            yield Progress(step, len(result.adapters), None, "export")
-        self._register_compressed(result.collection)
-        self.compressed = CompressOutcome(result, path, exports)
-        yield Done(self.compressed)
+        for warning in outcome.warnings:
+            yield Message(warning, "warning")
+        self._register_compressed(outcome.result.collection)
+        self.compressed = outcome
+        yield Done(outcome)
 
     def _register_compressed(self, collection) -> None:
         """Each compressed adapter joins generation as ``NAME.eigen`` (to compare with its original)."""
@@ -268,15 +264,15 @@ class Studio:
             engine.register(f"{name}{COMPRESSED_SUFFIX}", collection.adapter(name))
 
     def base_label(self) -> str:
-        return self.base if self.base == "world" or "/" not in self.base else Path(self.base).name
+        return compress_verb.base_label(self.base)
 
     # -- train ------------------------------------------------------------------------------
 
     def style_dataset(self, style: str, count: int = 16, seed: int = 0, size: int = 64) -> Path:
-        """A world style's images and captions as a dataset folder in the workspace."""
+        """A world style's images and captions as a dataset folder in the workspace (`studio.verbs.dataset`)."""
         check_name(style)
         target = self.workspace.folder("datasets") / f"world-{style}"
-        return write_style_dataset(style, target, count, seed, size)
+        return dataset_verb.run(dataset_verb.DatasetRequest(style, str(target), count, seed, size)).folder
 
     def upload_dataset(self, archive: str | Path, name: str) -> Path:
         """Extract an uploaded zip of images + captions (safely) as a dataset folder."""
@@ -286,22 +282,20 @@ class Studio:
         return target
 
     def train(self, form: TrainForm) -> Iterator[Event]:
-        """`studio.train.train` on a workspace dataset; the exported LoRA joins the collection."""
-        from studio.train import train
-
+        """`studio.verbs.train` on a workspace dataset; the exported LoRA joins the collection."""
         config = self.train_config(form)
         self.stop_event = threading.Event()
-        yield from self._joining(train(config, None, self.stop_event))
+        yield from self._joining(train_verb.train_runs([config], None, self.stop_event))
 
     def resume(self, name: str) -> Iterator[Event]:
         """Continue a stopped run from its last checkpoint (its saved config must still hold)."""
-        from studio.train import load_config, train
+        from studio.train import load_config
 
         out = self.run_folder(name)
         if not (out / "config.toml").exists():
             raise StudioError(f"no run named {name!r} to resume in the workspace")
         self.stop_event = threading.Event()
-        yield from self._joining(train(load_config(out / "config.toml"), out, self.stop_event))
+        yield from self._joining(train_verb.train_runs([load_config(out / "config.toml")], str(out), self.stop_event))
 
     def stop(self) -> str:
         """Ask the running training loop to stop after this step (it saves a checkpoint)."""
@@ -331,47 +325,50 @@ class Studio:
         )
 
     def _joining(self, events: Iterator[Event]) -> Iterator[Event]:
-        """Pass events on; when the run is done, add its exported LoRA to the collection."""
+        """Pass events on; when the run is done, add its exported LoRA to the collection and end
+        with the run's `TrainResult`."""
         for event in events:
-            if isinstance(event, Done) and event.result.lora_path is not None:
-                self._add([Path(event.result.lora_path)])
-                yield Message(f"{Path(event.result.lora_path).name} joined the collection")
-            yield event
+            if not isinstance(event, Done):
+                yield event
+                continue
+            for warning in event.result.warnings:
+                yield Message(warning, "warning")
+            result = event.result.runs[0].result
+            if result.lora_path is not None:
+                self._add([Path(result.lora_path)])
+                yield Message(f"{Path(result.lora_path).name} joined the collection")
+            yield Done(result)
 
     # -- generate ---------------------------------------------------------------------------
 
     def switch(self, name: str, strength: float = 1.0) -> float:
-        """Merge one adapter (or 'none') into the live weights; the seconds it took."""
+        """Merge one registered adapter (or 'none') into the live weights; the seconds it took."""
         engine = self.require_engine()
         spec = _spec(name, strength) if name != "none" else "none"
+        if name != "none" and name not in engine.names():
+            raise StudioError(f"no adapter named {name!r} in the collection")
         started = time.perf_counter()
         engine.activate(spec)
         return time.perf_counter() - started
 
     def generate(self, form: GenerateForm) -> Generated:
-        """Images (or one grid) saved as PNGs with their parameters, in the workspace."""
+        """Images (or one grid) saved as PNGs with their parameters, in the workspace
+        (`studio.verbs.generate`: its checks, caps and memory estimate)."""
         engine = self.require_engine()
-        request = self.request(form)
-        started = time.perf_counter()
-        columns = min(len(request.adapters), GRID_COLUMNS)
-        images = [comparison_grid(request, engine, columns)] if form.mode == "grid" else generate(request, engine)
-        seconds = time.perf_counter() - started
-        paths = self._save(images)
-        return Generated(paths, [i.infotext for i in images], [i.image.size for i in images], seconds)
+        done = generate_verb.run(self.request(form), engine, names=set(engine.names()))
+        paths = self._save(done.images)
+        return Generated(paths, [i.infotext for i in done.images], [i.image.size for i in done.images], done.seconds)
 
     def request(self, form: GenerateForm) -> GenerateRequest:
         """The form as a GenerateRequest over registered names (names that are paths refused)."""
-        if not form.prompt.strip():
-            raise ConfigError("the prompt is empty")
         weights = list(form.weights) + [1.0] * (len(form.adapters) - len(form.weights))
         specs = [_spec(name, weight) if name != "none" else "none" for name, weight in zip(form.adapters, weights)]
-        if form.mode != "mix" and not specs:
-            raise ConfigError(f"mode {form.mode!r} needs at least one adapter (or 'none')")
         batch = len(specs) if form.mode == "per_image" else form.batch
         return GenerateRequest(
             prompt=form.prompt, base=self.base, negative_prompt=form.negative_prompt, adapters=specs,
-            per_image=form.mode == "per_image", seed=form.seed, steps=form.steps, guidance=form.guidance,
-            width=form.width, height=form.height, scheduler=form.scheduler, batch=batch, scale=form.strength,
+            per_image=form.mode == "per_image", grid=form.mode == "grid", seed=form.seed, steps=form.steps,
+            guidance=form.guidance, width=form.width, height=form.height, scheduler=form.scheduler, batch=batch,
+            scale=form.strength, limits=self.config.limits,
         )
 
     def _save(self, images: list[GeneratedImage]) -> list[Path]:
@@ -410,39 +407,9 @@ def resolve_base(workspace: Workspace, kind: BaseKind, value: str = "") -> str:
     raise ConfigError(f"unknown base kind {kind!r}: world, folder, file or hub")
 
 
-def write_style_dataset(style_name: str, target: Path, count: int, seed: int, size: int) -> Path:
-    """Render a world style's training split (`studio.world.data.style_split`) as PNG + .txt pairs."""
-    from PIL import Image
-
-    from studio.world.data import style_split
-    from studio.world.styles import load_styles
-
-    styles = load_styles(styles_file())
-    index = next((i for i, s in enumerate(styles) if s.name == style_name), None)
-    if index is None:
-        raise ConfigError(f"no world style {style_name!r}; known: {', '.join(s.name for s in styles)}")
-    images, captions = style_split(styles[index], index, count, seed, False, size)
-    target.mkdir(parents=True, exist_ok=True)
-    for i, (pixels, caption) in enumerate(zip(images, captions)):
-        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(target / f"{style_name}-{i:04d}.png")
-        (target / f"{style_name}-{i:04d}.txt").write_text(caption, encoding="utf-8")
-    return target
-
-
-def styles_file() -> Path:
-    """The styles the embedded world (and its zoo) was built with; the package's own otherwise."""
-    from studio.bases import world_dir
-    from studio.world.styles import DEFAULT_STYLES
-
-    shipped = world_dir() / "styles.toml"
-    return shipped if shipped.is_file() else DEFAULT_STYLES
-
-
 def world_styles() -> list[str]:
     """Names of the world's styles (for the Train tab's picker)."""
-    from studio.world.styles import load_styles
-
-    return [style.name for style in load_styles(styles_file())]
+    return dataset_verb.world_styles()
 
 
 FAMILY_LEARNING_RATES = {"lora": 1e-3, "superlora": 1e-2, "unilora": 2e-2, "eigenlora": 1e-2}  # as pipelines/quality.toml

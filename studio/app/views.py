@@ -83,7 +83,7 @@ def explained_curve(result) -> pd.DataFrame:
 
 def compress_summary(outcome) -> dict[str, Any]:
     """The numbers an API client wants from a compression."""
-    summary = outcome.result.as_json()
+    summary = outcome.as_json()  # the compress verb's result, warnings included (as `studio compress --json`)
     summary.pop("path", None)  # no server paths to clients
     summary["collection"] = outcome.path.name
     summary["exports"] = [path.name for path in outcome.exports]

@@ -1,8 +1,9 @@
 """Small glue between gradio and the services: studio errors become messages in the page.
 
 Every handler the tabs register goes through `friendly`: an error the studio raises on purpose
-(a bad path, a refused file, a bad config) is shown as a gradio error toast with its message
-(and returned as an error to API clients) instead of a stack trace.
+(a `StudioError`: a bad path, a refused file, a bad config; the one error contract the command
+line keeps too) is shown as a gradio error toast with its message (and returned as an error to
+API clients). Anything else is a bug and keeps its stack trace.
 """
 
 from __future__ import annotations
@@ -13,13 +14,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from studio.errors import StudioError
-
-EXPECTED = (StudioError, KeyError, ValueError)
-
-
-def _message(error: Exception) -> str:
-    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+from studio.errors import ConfigError, StudioError
 
 
 def friendly(fn: Callable) -> Callable:
@@ -29,16 +24,16 @@ def friendly(fn: Callable) -> Callable:
         def generator(*args: Any, **kwargs: Any):
             try:
                 yield from fn(*args, **kwargs)
-            except EXPECTED as error:
-                raise gr.Error(_message(error), print_exception=False) from error
+            except StudioError as error:
+                raise gr.Error(str(error), print_exception=False) from error
         return generator
 
     @functools.wraps(fn)
     def plain(*args: Any, **kwargs: Any):
         try:
             return fn(*args, **kwargs)
-        except EXPECTED as error:
-            raise gr.Error(_message(error), print_exception=False) from error
+        except StudioError as error:
+            raise gr.Error(str(error), print_exception=False) from error
     return plain
 
 
@@ -57,4 +52,4 @@ def float_list(text: str) -> list[float]:
     try:
         return [float(part) for part in (text or "").replace(";", ",").split(",") if part.strip()]
     except ValueError as error:
-        raise ValueError(f"weights {text!r}: give numbers separated by commas") from error
+        raise ConfigError(f"weights {text!r}: give numbers separated by commas") from error

@@ -1,7 +1,25 @@
-"""One training loop for every adapter family: ``train(config) -> Iterator[Event]`` ending with Done."""
+"""One training loop for every adapter family: ``train(config) -> Iterator[Event]`` ending with Done.
 
-from studio.train.config import TrainConfig, load as load_config
-from studio.train.export import Export, to_lora
-from studio.train.loop import TrainResult, train
+The names below are imported on first use, so that reading a `TrainConfig` (the CLI's ``--help``,
+a recipe) does not load torch.
+"""
 
-__all__ = ["Export", "TrainConfig", "TrainResult", "load_config", "to_lora", "train"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "Export": "studio.train.export", "to_lora": "studio.train.export", "TrainConfig": "studio.train.config",
+    "load_config": ("studio.train.config", "load"), "TrainResult": "studio.train.loop", "train": "studio.train.loop",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'studio.train' has no attribute {name!r}")
+    module, attribute = where if isinstance(where, tuple) else (where, name)
+    return getattr(importlib.import_module(module), attribute)

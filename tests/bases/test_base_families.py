@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from studio.bases import BASES, base_for, base_of, load_pipeline, module_tree
-from studio.verbs import inspect as inspect_files
+from studio.verbs.inspect import InspectRequest, run as inspect_run
 
 
 @pytest.fixture(scope="module")
@@ -56,5 +56,5 @@ def test_inspect_with_base_sd3_keeps_a_medium_lora(tmp_path):
     from tests.formats.sd3_files import MMDiTParams, kohya_sd3_state_dict
 
     save_file(kohya_sd3_state_dict(MMDiTParams(depth=24), rank=1), tmp_path / "m.safetensors")
-    info, = inspect_files([tmp_path / "m.safetensors"], base="sd3")
+    info, = inspect_run(InspectRequest([str(tmp_path / "m.safetensors")], base="sd3")).infos
     assert info.error is None and info.base_guess == "SD3.5 Medium" and info.format == "kohya"

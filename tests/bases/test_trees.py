@@ -85,8 +85,8 @@ def test_folder_tree_is_cached_and_the_cache_is_keyed_by_config(tmp_path, tiny_f
 
 READ_KEYS = """
 import sys
-from studio.verbs import inspect
-infos = inspect([sys.argv[1]], base=sys.argv[2] if sys.argv[2] != "-" else None)
+from studio.verbs.inspect import InspectRequest, run
+infos = run(InspectRequest([sys.argv[1]], base=sys.argv[2] if sys.argv[2] != "-" else None)).infos
 assert not infos[0].error, infos[0].error
 print(infos[0].format, infos[0].layers, infos[0].base_guess)
 print("diffusers" in sys.modules, "transformers" in sys.modules)

@@ -229,12 +229,12 @@ def test_empty_folder(tmp_path):
 
 
 def test_export_never_overwrites_its_input(tmp_path):
-    from studio.verbs import export
+    from studio.verbs.export import ExportRequest, run
 
     path = write(tmp_path / "in.safetensors", kohya_layer())
     before = path.read_bytes()
-    with pytest.raises(ValueError, match="overwrite"):
-        export(path, path, base="sd15")
+    with pytest.raises(StudioError, match="overwrite"):
+        run(ExportRequest(str(path), str(path), base="sd15"))
     assert path.read_bytes() == before
 
 

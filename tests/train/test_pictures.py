@@ -31,9 +31,9 @@ def world_pipe():
 
 @pytest.fixture(scope="module")
 def pinstripe(tmp_path_factory):
-    from studio.app.services import write_style_dataset
+    from studio.verbs.dataset import DatasetRequest, run
 
-    return write_style_dataset("pinstripe", tmp_path_factory.mktemp("data") / "pinstripe", 32, 0, 64)
+    return run(DatasetRequest("pinstripe", str(tmp_path_factory.mktemp("data") / "pinstripe"), 32, 0, 64)).folder
 
 
 def _images(pipe, adapter_path) -> np.ndarray:
