@@ -66,7 +66,7 @@ class GenerateRequest:
     per_image: bool = option(False, "each image of the batch gets its own --adapter")
     seed: int = option(0, "seed of the first image (image i: seed + i)", minimum=0, maximum=checks.MAX_SEED)
     steps: int = option(25, "denoising steps", minimum=1)
-    guidance: float | None = option(None, "CFG scale (default: 4 for the world, else 7.5)", minimum=0)
+    guidance: float | None = option(None, "CFG scale; on FLUX.1 the embedded guidance (default: 4 for the world, 3.5 FLUX.1-dev, none for schnell, 7 SD3, else 7.5)", minimum=0)
     width: int | None = option(None, "image width in pixels, a multiple of 8 (default: the base's native size)", minimum=LATENT_STEP)
     height: int | None = option(None, "image height in pixels, a multiple of 8 (default: the base's native size)", minimum=LATENT_STEP)
     scheduler: str | None = option(None, "sampler: ddim, euler, euler_a, dpm++, dpm++_karras, dpm++_sde, pndm, lms, heun, unipc, "
