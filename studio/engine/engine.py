@@ -300,13 +300,17 @@ class Engine:
         own images. Bad requests raise here, before anything is queued. ``stop`` set ends this
         request at the next denoising step (its future raises `studio.errors.Interrupted`);
         ``on_step(done, total)`` follows its batch's denoising steps."""
+        return self.batcher().submit(request, stop, on_step)
+
+    def batcher(self, config=None):
+        """This engine's request batcher, started on first use (``config``: a
+        `studio.engine.batcher.BatcherConfig` for the first call; later calls return the running one)."""
         from studio.engine.batcher import Batcher
 
         with self._catalog:
             if self._batcher is None:
-                self._batcher = Batcher(self)
-            batcher = self._batcher
-        return batcher.submit(request, stop, on_step)
+                self._batcher = Batcher(self, config)
+            return self._batcher
 
     def close(self) -> None:
         """Stop this engine's batcher after what it has queued (the engine stays usable)."""
