@@ -97,7 +97,7 @@ def build(studio: Studio) -> Tab:
     def show_dataset(form: DatasetView):
         view = training.dataset(form)
         images = [(str(image), f"{caption} (x{n})" if n > 1 else caption) for image, caption, n in view.pairs[:24]]
-        return (gr.Dropdown(choices=training.datasets(), value=view.folder), view.summary(form.validation_split), images,
+        return (view.folder, view.summary(form.validation_split), images,
                 gr.Dropdown(choices=list(view.folders), value=next(iter(view.folders), "")), view.trigger_word, view.sample_prompt)
 
     def made(folder: str, split: float):
