@@ -19,6 +19,7 @@ from studio.errors import StudioError
 from studio.formats import load_adapter, shown_metadata
 from studio.formats.reader import check_lycoris_rank
 from studio.formats.safe import PICKLE_SUFFIXES
+from studio.subspace.collection import CompressedCollection, is_collection_file
 
 ADAPTER_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES  # pickles are listed so that they are refused by name
 
@@ -141,6 +142,9 @@ def load_collection(paths: list[str | Path], base: str | None = None, lycoris_ra
     adapters: dict[str, LoraAdapter] = {}
     infos: list[AdapterInfo] = []
     for path in expand_paths(paths):
+        if is_collection_file(path):
+            infos.append(_collection_row(path))
+            continue
         try:
             adapter = load_adapter(path, tree, lycoris_rank=lycoris_rank)
             info = describe(path, adapter)
@@ -160,6 +164,23 @@ def load_collection(paths: list[str | Path], base: str | None = None, lycoris_ra
     base_arch = tree.arch if tree and not tree.alternatives else _majority_arch(adapters)  # ``sd3``: Large or Medium
     _refuse_other_bases(adapters, infos, base_arch)
     return Collection(adapters, infos, base_arch)
+
+
+def _collection_row(path: Path) -> AdapterInfo:
+    """A compressed collection is reported as what it is: its members, its K, its verdict."""
+    try:
+        collection = CompressedCollection.load(path)
+    except StudioError as error:
+        return AdapterInfo(path=str(path), name=path.stem, error=str(error), size=_size(path))
+    names = [summary["name"] for summary in collection.summaries]
+    ks = sorted({sub.k for sub in collection.layers.values()})
+    notes = [f"compressed EigenLoRAx collection of {len(names)} adapters: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}",
+             f"use a member as {path.name}#NAME (generate, export --adapter NAME)"]
+    verdict = (collection.report or {}).get("verdict")
+    if verdict:
+        notes.append(f"verdict: {verdict}")
+    return AdapterInfo(path=str(path), name=path.stem, format="eigenlora-collection", rank=ks[0] if len(ks) == 1 else ks,
+                       layers=len(collection.layers), base_guess=collection.base_id, size=_size(path), notes=notes)
 
 
 def _size(path: Path) -> int:
