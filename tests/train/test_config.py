@@ -86,3 +86,24 @@ def test_family_defaults_fill_steps_batch_and_learning_rate():
         assert (config.steps, config.batch_size, config.learning_rate) == (
             family.defaults.steps, family.defaults.batch_size, family.defaults.learning_rate)
     assert config_mod.TrainConfig("world", "data", "out", learning_rate=5e-4).learning_rate == 5e-4
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_timestep_weights_follow_the_prediction_type(prediction):
+    import torch
+    from diffusers import DDPMScheduler
+
+    from studio.train.session import timestep_weights
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction)
+    t = torch.tensor([0, 500, 999])
+    a = scheduler.alphas_cumprod[t].float()
+    snr = (a / (1 - a)).clamp(max=1000)
+    sampler = timestep_weights(scheduler, t, "sampler")
+    if prediction == "epsilon":  # an error in the noise is amplified 1/sqrt(SNR) in the clean image
+        assert torch.allclose(sampler, snr.rsqrt().clamp(min=1)) and float(sampler[-1]) > 100
+        assert torch.allclose(timestep_weights(scheduler, t, "min_snr", 5.0), snr.clamp(max=5) / snr)
+    else:  # an error in v is never amplified
+        assert torch.equal(sampler, torch.ones(3))
+        assert torch.allclose(timestep_weights(scheduler, t, "min_snr", 5.0), snr.clamp(max=5) / (snr + 1))
+        assert torch.allclose(timestep_weights(scheduler, t, "debiased"), 1 / (snr + 1))
