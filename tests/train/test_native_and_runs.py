@@ -76,3 +76,11 @@ def test_the_readers_take_the_studios_own_files(tiny_pipeline_dir, style_data, t
     assert collection_row.error is None and "compressed EigenLoRAx collection of 4 adapters" in collection_row.notes[0]
     with pytest.raises(FormatError, match="a compressed EigenLoRAx collection of 4 adapters"):
         load_adapter(collection_path, str(tiny_pipeline_dir))
+
+
+def test_the_exported_lora_is_not_mistaken_for_the_native_file(tiny_pipeline_dir, style_data, tmp_path):
+    from studio.formats import load_adapter, read_header
+
+    result = run_to_end(train(tiny_config(tiny_pipeline_dir, style_data, tmp_path / "run", steps=2, export_format="kohya")))
+    assert "studio.format" not in read_header(result.lora_path)[1]
+    assert load_adapter(result.lora_path, str(tiny_pipeline_dir)).source_format == "kohya"
