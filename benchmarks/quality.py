@@ -13,6 +13,8 @@ Tables (``--tables``, comma-separated):
   timestep weighting, cosine schedule), and the new family defaults.
 - ``sweep``: LoRA learning rate x loss weighting at the default batch and steps, on two styles:
   the measurements behind the family defaults.
+- ``convergence``: LoRA and EigenLoRAx (zero and mean starts) with a validation every 15 steps:
+  the steps each needs to reach 95% of LoRA's validation gain (the EigenLoRAx paper's claim: half).
 - ``families``: every family at its defaults on the held-out styles, with the EigenLoRAx
   initialisations and the controls the collection issue asks for: the same K on a random
   orthonormal subspace, and the collection's mean adapter alone (no training).
@@ -95,6 +97,38 @@ def sweep_rows() -> list[Row]:
     for lr in (3e-3, 1e-2, 3e-2):
         rows.append(Row(f"eigen-{lr:g}", f"EigenLoRAx K=14 lr {lr:g}", "eigenlora", {"k": 14}, {"learning_rate": lr}))
     return rows
+
+
+def convergence_rows() -> list[Row]:
+    """LoRA and EigenLoRAx at their defaults with a validation every 15 steps: steps to 95% of LoRA's gain."""
+    every = {"validation_every": 15}
+    return [Row("lora", "LoRA r=8", settings=every),
+            Row("eigenlora", "EigenLoRAx K=14, zero start", "eigenlora", {"k": 14}, every),
+            Row("eigenlora-mean", "EigenLoRAx K=14, mean start", "eigenlora", {"k": 14, "init": "mean"}, every)]
+
+
+def convergence(results: list[Result]) -> str:
+    """Steps each row needs to reach 95% of LoRA's validation gain (the paper's claim: <= 0.5x LoRA's)."""
+    lines = ["| style | row | val loss start -> end | gain / LoRA's | steps to 95% of LoRA's gain | x LoRA's steps |", "|---|---|---|---:|---:|---:|"]
+    for style in dict.fromkeys(r.style for r in results):
+        rows = [r for r in results if r.style == style]
+        lora = next((r for r in rows if r.row == "lora"), None)
+        if lora is None or not lora.validation:
+            continue
+        start = lora.validation[0]
+        gain = start - lora.val_end
+        threshold = start - 0.95 * gain
+        lora_steps = _steps_to(lora.validation, threshold)
+        for r in rows:
+            steps = _steps_to(r.validation, threshold)
+            ratio = f"{steps / lora_steps:.2f}x" if steps and lora_steps else "-"
+            lines.append(f"| {style} | {r.label} | {r.val_start:.4f} -> {r.val_end:.4f} | {(start - r.val_end) / gain:.2f} | "
+                         f"{steps if steps else 'never'} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def _steps_to(curve: dict, threshold: float) -> int | None:
+    return next((int(step) for step, value in sorted(curve.items(), key=lambda kv: int(kv[0])) if int(step) > 0 and value <= threshold), None)
 
 
 def family_rows(lora_numbers: int, chosen: dict[str, dict]) -> list[Row]:
@@ -406,7 +440,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="CPU smoke size: one style, few steps and prompts")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto", help="training precision (auto: bf16 on CUDA)")
-    parser.add_argument("--tables", default="sweep,issue,families", help="sweep, issue, families (in this order: the families table uses what the sweep chose)")
+    parser.add_argument("--tables", default="sweep,issue,families", help="sweep, issue, families, convergence (in this order: the families table uses what the sweep chose)")
     parser.add_argument("--styles", default=None, help=f"held-out styles for the families table (default {HELD_OUT})")
     parser.add_argument("--rows", default=None, help="only these row keys")
     parser.add_argument("--pairs", type=int, default=64, help="rendered training pairs per style (the issue used 64)")
@@ -459,7 +493,8 @@ def run_tables(args, device: str) -> list[Result]:
     collections = {"zoo": zoo_subspace(world.zoo, sorted(set(held_out) | set(SWEEP_STYLES.split(","))), 14, work / "zoo-heldout.safetensors")}
     lora_numbers = sum(p.numel() for p in registry.build_adapter("lora", registry.make_config("lora", {}), module_tree("world")).parameters())
     plan = {"issue": lambda: (["pinstripe"], issue_rows()), "sweep": lambda: (SWEEP_STYLES.split(","), sweep_rows()),
-            "families": lambda: (held_out, family_rows(lora_numbers, chosen))}
+            "families": lambda: (held_out, family_rows(lora_numbers, chosen)),
+            "convergence": lambda: (held_out[:1], convergence_rows())}
     if "families" in args.tables:
         collections["random"] = random_subspace(world.zoo, 14, 8, work / "random-subspace.safetensors")
     results: list[Result] = []
@@ -497,6 +532,8 @@ def run_tables(args, device: str) -> list[Result]:
         sections.append(markdown(table, table_results, world.benches))
         if table in ("families", "sweep"):
             sections.append(means(table_results, world.benches))
+        if table == "convergence":
+            sections.append(convergence(table_results))
     text = "\n".join(sections)
     (out / "quality.md").write_text(text + f"\ntotal {time.perf_counter() - started:.0f} s\n", encoding="utf-8")
     print(text, flush=True)

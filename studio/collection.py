@@ -21,6 +21,7 @@ from studio.errors import StudioError
 from studio.formats import load_adapter, shown_metadata
 from studio.formats.reader import check_lycoris_rank
 from studio.formats.safe import PICKLE_SUFFIXES
+from studio.subspace.collection import CompressedCollection, is_collection_file
 
 ADAPTER_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES  # pickles are listed so that they are refused by name
 
@@ -143,6 +144,9 @@ def load_collection(paths: list[str | Path], base: str | None = None, lycoris_ra
     adapters: dict[str, LoraAdapter] = {}
     infos: list[AdapterInfo] = []
     for path in expand_paths(paths):
+        if is_collection_file(path):
+            infos.append(_collection_row(path))
+            continue
         try:
             adapter = read_adapter(path, tree, base, lycoris_rank)
             info = describe(path, adapter)
@@ -212,6 +216,23 @@ def native_lora(path: Path, base: str | None) -> tuple[LoraAdapter, float]:
             if "studio.best_step" in meta else f"{meta.get('studio.status', 'done')} after {meta.get('studio.steps', '?')} steps")
     lora.notes.append(f"{level}studio-trained {native.family} adapter ({when}), read as a LoRA {export.how}")
     return lora, export.relative_error
+
+
+def _collection_row(path: Path) -> AdapterInfo:
+    """A compressed collection is reported as what it is: its members, its K, its verdict."""
+    try:
+        collection = CompressedCollection.load(path)
+    except StudioError as error:
+        return AdapterInfo(path=str(path), name=path.stem, error=str(error), size=_size(path))
+    names = [summary["name"] for summary in collection.summaries]
+    ks = sorted({sub.k for sub in collection.layers.values()})
+    notes = [f"compressed EigenLoRAx collection of {len(names)} adapters: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}",
+             f"use a member as {path.name}#NAME (generate, export --adapter NAME)"]
+    verdict = (collection.report or {}).get("verdict")
+    if verdict:
+        notes.append(f"verdict: {verdict}")
+    return AdapterInfo(path=str(path), name=path.stem, format="eigenlora-collection", rank=ks[0] if len(ks) == 1 else ks,
+                       layers=len(collection.layers), base_guess=collection.base_id, size=_size(path), notes=notes)
 
 
 def _size(path: Path) -> int:

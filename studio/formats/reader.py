@@ -20,6 +20,12 @@ FORMAT_ONLY_METADATA = ("format", "lora_adapter_metadata", "sshs_model_hash", "s
 LYCORIS_TARGET = 0.01  # LoHa / LoKr -> LoRA: smallest rank whose relative error is at most 1% ...
 LYCORIS_MAX_RANK = 256  # ... but never above this rank
 SOURCE_FORMATS = {"loha": "lycoris-loha", "lokr": "lycoris-lokr"}
+# Files the studio itself writes, read by the room that writes them ("module:function", imported when
+# such a file is opened; the function takes (path, base, name) and returns a LoraAdapter or raises).
+STUDIO_FILES = {
+    "trained-adapter/1": "studio.train.native:read_as_lora",
+    "studio.eigenlora-collection": "studio.subspace.collection:refuse_as_lora",
+}
 
 
 @dataclass
@@ -212,6 +218,9 @@ def load_adapter(
     check_lycoris_rank(lycoris_rank)
     path = Path(path)
     tensors, metadata = safe_load(path)
+    studio_format = metadata.get("studio.format", "")
+    if studio_format in STUDIO_FILES:
+        return _studio_file(studio_format, path, base, name)
     flagged = non_finite(tensors)
     if flagged:
         raise FormatError(f"{path}: {len(flagged)} tensors hold NaN or inf (fp16 overflow?), e.g. {flagged[:3]}")
@@ -224,6 +233,13 @@ def load_adapter(
     _check_fit(path, fmt, layers, chosen, explicit_base=tree is not None)
     adapter = _assemble(path, fmt, layers, chosen, metadata, name, lycoris_rank)
     return transformer_files.finish(adapter, translated)
+
+
+def _studio_file(studio_format: str, path: Path, base: str | ModuleTree | None, name: str | None) -> LoraAdapter:
+    import importlib
+
+    module, _, function = STUDIO_FILES[studio_format].partition(":")
+    return getattr(importlib.import_module(module), function)(path, base, name)
 
 
 def _assemble(path: Path, fmt: str, layers: dict[str, RawLayer], chosen: Fit, metadata: dict[str, str], name: str | None,

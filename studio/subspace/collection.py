@@ -374,3 +374,14 @@ def is_collection_file(path: str | Path) -> bool:
     except (StudioError, OSError):
         return False
     return metadata.get("studio.format") == FORMAT_TAG
+
+
+def refuse_as_lora(path: Path, base=None, name: str | None = None) -> LoraAdapter:
+    """What the LoRA reader says of a collection file: what it is and how to use one of its adapters."""
+    if name:
+        return export_from_collection(path, name)
+    collection = CompressedCollection.load(path)
+    names = [summary["name"] for summary in collection.summaries]
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    raise FormatError(f"{path}: a compressed EigenLoRAx collection of {len(names)} adapters ({shown}), not one LoRA: "
+                      f"name a member as {path}#NAME, or export it with `studio export {path} --adapter NAME`")

@@ -330,7 +330,8 @@ class _Runner:
         yield Saved(self.result.adapter_path, "adapter")
         if config.export_format == "none" or self.result.status == "diverged":
             return
-        export = to_lora(run.adapter, config.export_rank, config.run_name, run.tree, metadata)
+        lora_metadata = {key: value for key, value in metadata.items() if key != "studio.format"}  # a LoRA, not the native file
+        export = to_lora(run.adapter, config.export_rank, config.run_name, run.tree, lora_metadata)
         self.result.export_error = export.relative_error
         path = self.out / f"{config.run_name}.lora.safetensors"
         save_adapter(export.adapter, path, format=config.export_format)

@@ -35,7 +35,9 @@ class NativeAdapter:
 
     @property
     def name(self) -> str:
-        return self.metadata.get("ss_output_name") or self.path.parent.name or self.path.stem
+        """The run's name; its best checkpoint is ``NAME-best`` (both can sit in one collection)."""
+        name = self.metadata.get("ss_output_name") or self.path.parent.name or self.path.stem
+        return f"{name}-best" if "studio.best_step" in self.metadata else name
 
 
 def is_native(metadata: dict[str, str]) -> bool:
@@ -44,7 +46,8 @@ def is_native(metadata: dict[str, str]) -> bool:
 
 
 def load_native(path: str | Path, base: str | None = None) -> NativeAdapter:
-    """Rebuild the adapter a native file holds, for ``base`` (default: the base it was trained on)."""
+    """Rebuild the adapter a native file holds, for ``base`` (a BASE string or a module tree;
+    default: the base it was trained on)."""
     from studio.adapters import registry
     from studio.bases import module_tree
     from studio.formats import safe_load
@@ -63,19 +66,41 @@ def load_native(path: str | Path, base: str | None = None) -> NativeAdapter:
     if not base:
         raise FormatError(f"{path}: the header names no base (studio.base); give --base")
     try:
-        tree = module_tree(base)
+        tree = module_tree(base) if isinstance(base, str) else base
         adapter = registry.build_adapter(family, registry.make_config(family, knobs), tree)
     except StudioError as error:
         raise ConfigError(f"{path}: cannot rebuild its {family!r} adapter for base {base!r}: {error}") from error
     load_adapter_tensors(adapter, tensors, str(path))
-    return NativeAdapter(path, family, knobs, base, adapter.eval().requires_grad_(False), metadata)
+    return NativeAdapter(path, family, knobs, base if isinstance(base, str) else tree.label, adapter.eval().requires_grad_(False), metadata)
 
 
-def native_to_lora(path: str | Path, base: str | None = None, rank: int = 0):
+def native_to_lora(path: str | Path, base=None, rank: int = 0):
     """A native file as a standard LoRA (``studio.train.export.Export``: the LoRA and its error)."""
     from studio.bases import module_tree
     from studio.train.export import to_lora
 
     native = load_native(path, base)
+    tree = base if base is not None and not isinstance(base, str) else module_tree(native.base)
     metadata = {k: v for k, v in native.metadata.items() if not k.startswith("studio.")}
-    return to_lora(native.adapter, rank, native.name, module_tree(native.base), metadata)
+    export = to_lora(native.adapter, rank, native.name, tree, metadata)
+    export.adapter.base_arch = tree.arch
+    return export
+
+
+def read_as_lora(path: Path, base=None, name: str | None = None):
+    """What the formats room calls for a native file: the adapter as a LoraAdapter, its source and
+    faithfulness in the notes (exact for families with low-rank factors, else the 1% target)."""
+    export = native_to_lora(path, base)
+    lora = export.adapter
+    if name:
+        lora.name = name
+    family = load_family_name(path)
+    lora.source_format = "studio"
+    lora.notes.insert(0, f"a studio-trained {family} adapter, read {export.how}")
+    return lora
+
+
+def load_family_name(path: Path) -> str:
+    from studio.formats import read_header
+
+    return read_header(path)[1].get("studio.family", "?")

@@ -290,17 +290,22 @@ def timestep_weights(scheduler: Any, timesteps: Tensor, kind: str, gamma: float 
     a tiny error in the noise becomes noise left in the image. ``sampler`` weighs each step's
     error at least as much as that amplification (never below 1); ``debiased`` is 1/sqrt(SNR)
     (kohya's debiased estimation); ``min_snr`` is min(SNR, gamma)/SNR (Hang et al. 2023); ``none``
-    is the plain mean. Flow-matching targets have no SNR table: see ``loss_weights``."""
+    is the plain mean. For v-prediction (SD2.x 768) the clean image is sqrt(a) x_t - sqrt(1 - a) v,
+    so an error in v is never amplified: ``sampler`` is the plain mean there, and ``min_snr`` /
+    ``debiased`` take their v forms, min(SNR, gamma)/(SNR + 1) and 1/(SNR + 1), as kohya's do.
+    Flow-matching targets have no SNR table: see ``loss_weights``."""
+    ones = torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
     if kind == "none":
-        return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
+        return ones
     alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = (alphas / (1 - alphas)).clamp(max=SNR_CAP)
+    velocity = scheduler.config.prediction_type == "v_prediction"
     if kind == "min_snr":
-        return snr.clamp(max=gamma) / snr
+        return snr.clamp(max=gamma) / (snr + 1 if velocity else snr)
     if kind == "debiased":
-        return snr.rsqrt()
+        return 1 / (snr + 1) if velocity else snr.rsqrt()
     if kind == "sampler":
-        return snr.rsqrt().clamp(min=1.0)
+        return ones if velocity else snr.rsqrt().clamp(min=1.0)
     raise ConfigError(f"loss_weighting {kind!r} is not known (none, min_snr, debiased, sampler)")
 
 

@@ -91,3 +91,22 @@ def test_validation_split_is_fixed(tmp_path):
     train_b, val_b = split(pairs, 0.2, seed=1)
     assert len(val_a) == 2 and val_a == val_b and train_a == train_b
     assert split(pairs[:1], 0.5, seed=1)[0] == pairs[:1]
+
+
+@pytest.mark.parametrize("side", [9000, 20000])  # above the studio's 64 MP cap; above PIL's own bomb limit
+def test_a_huge_tiny_png_is_skipped_before_it_is_decoded(tmp_path, side):
+    """A 20000 x 20000 1-bit PNG is a few KB; it is skipped with its size, never decoded (hardening item 8)."""
+    _pair(tmp_path, "ok")
+    Image.new("1", (side, side)).save(tmp_path / "bomb.png")
+    (tmp_path / "bomb.txt").write_text("a red circle")
+    assert (tmp_path / "bomb.png").stat().st_size < 200_000
+    scan = scan_folder(tmp_path)
+    assert [p.image.name for p in scan.pairs] == ["ok.png"]
+    assert any("bomb.png" in line and "pixels" in line for line in scan.skipped)  # PIL's own bomb check or the studio's cap
+
+
+def test_a_trigger_word_already_in_the_caption_is_not_repeated(tmp_path):
+    _pair(tmp_path, "a", caption="pinstriped style, a red circle")
+    _pair(tmp_path, "b", caption="a red circle")
+    captions = sorted(p.caption for p in scan_folder(tmp_path, "pinstriped").pairs)
+    assert captions == ["pinstriped style, a red circle", "pinstriped, a red circle"]

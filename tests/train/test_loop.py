@@ -144,3 +144,19 @@ def test_crash_during_checkpoint_save_keeps_the_last_good_one(tiny_pipeline_dir,
     assert sorted(p.name for p in folder.iterdir()) == ["latest", "step-000002"]
     resumed = run_to_end(train(config, resume_dir=tmp_path / "run"))
     assert resumed.status == "done" and resumed.steps == 6
+
+
+def test_resume_refuses_changed_training_data(tiny_pipeline_dir, style_data, tmp_path, family_cases):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(style_data, data)
+    config = _config(tiny_pipeline_dir, data, tmp_path / "run", "lora", family_cases, steps=4, checkpoint_every=2)
+    stop = threading.Event()
+    for event in train(config, stop=stop):
+        if isinstance(event, Progress) and event.step == 2:
+            stop.set()
+    first = sorted(data.glob("*.txt"))[0]
+    first.write_text("a different caption")
+    with pytest.raises(ConfigError, match="the training data changed since the run started: changed 1"):
+        run_to_end(train(config, resume_dir=tmp_path / "run"))

@@ -54,3 +54,33 @@ def test_a_file_that_is_not_native_is_refused_by_name(tmp_path):
     save_file({"x": torch.zeros(2)}, str(path), metadata={"format": "pt"})
     with pytest.raises(FormatError, match="not a studio-trained adapter file"):
         load_native(path)
+
+
+def test_the_readers_take_the_studios_own_files(tiny_pipeline_dir, style_data, tmp_path, family_cases):
+    """`studio inspect` / `load_adapter` read a run's native file and its best checkpoint as LoRAs, and
+    report a compressed collection as what it is (the app's importers refused both before)."""
+    from studio.collection import load_collection
+    from studio.formats import load_adapter
+
+    config = tiny_config(tiny_pipeline_dir, style_data, tmp_path / "run", steps=4, validation_every=2)
+    result = run_to_end(train(config))
+    lora = load_adapter(result.adapter_path, str(tiny_pipeline_dir))
+    expected = native_to_lora(result.adapter_path).adapter
+    assert set(lora.layers()) == set(expected.layers()) and all(torch.equal(lora.delta(m), expected.delta(m)) for m in lora.layers())
+    assert "a studio-trained lora adapter, read exactly" in lora.notes[0]
+    collection_path = family_cases["eigenlora"][0]["collection"]
+    report = load_collection([result.adapter_path, result.best_path, collection_path], base=str(tiny_pipeline_dir))
+    rows = {info.name: info for info in report.infos}
+    assert {"run", "run-best"} <= set(rows) and all(rows[n].error is None for n in ("run", "run-best"))
+    collection_row = next(info for info in report.infos if info.format == "eigenlora-collection")
+    assert collection_row.error is None and "compressed EigenLoRAx collection of 4 adapters" in collection_row.notes[0]
+    with pytest.raises(FormatError, match="a compressed EigenLoRAx collection of 4 adapters"):
+        load_adapter(collection_path, str(tiny_pipeline_dir))
+
+
+def test_the_exported_lora_is_not_mistaken_for_the_native_file(tiny_pipeline_dir, style_data, tmp_path):
+    from studio.formats import load_adapter, read_header
+
+    result = run_to_end(train(tiny_config(tiny_pipeline_dir, style_data, tmp_path / "run", steps=2, export_format="kohya")))
+    assert "studio.format" not in read_header(result.lora_path)[1]
+    assert load_adapter(result.lora_path, str(tiny_pipeline_dir)).source_format == "kohya"
