@@ -33,6 +33,7 @@ class Entry:
     kind: str = KIND_FILE
     collection: Path | None = None  # the collection file of a compressed member
     arch: str = ""  # the base architecture the file is for ('' when unknown)
+    stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the source when it was read
 
     @property
     def name(self) -> str:
@@ -65,10 +66,14 @@ class Library:
         raise StudioError(f"no adapter named {name!r} in the collection")
 
     def add_file(self, path: Path, base: str | None) -> Entry:
-        """Read one file (if new) against ``base``; a duplicate name is a refused row."""
+        """Read one file (if new, or rewritten since it was read: a resumed run rewrites its LoRA)
+        against ``base``; a duplicate name is a refused row."""
         key = path.absolute()
+        if key in self.files and self.files[key].stamp != file_stamp(path):
+            del self.files[key]
         if key not in self.files:
             entry = read_file(path, base)
+            entry.stamp = file_stamp(path)
             taken = {e.name for e in self.entries() if e.ok}
             if entry.ok and entry.name in taken:
                 entry.info.error = f"{path.name}: duplicate adapter name {entry.name!r} (already loaded from another file); skipped"
@@ -114,6 +119,15 @@ class Library:
         else:
             self.files.pop(entry.source.absolute(), None)
         return entry
+
+
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """When and how large the file was (None when it is gone)."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_mtime_ns, status.st_size
 
 
 def read_file(path: Path, base: str | None) -> Entry:
