@@ -51,3 +51,7 @@ class DeviceError(ConfigError):
 
 class UsageError(StudioError):
     """A command line that cannot be parsed (unknown flag, missing argument, a word where a number goes)."""
+
+
+class Interrupted(StudioError):
+    """A job the user stopped on purpose (the app's Interrupt button); nothing it made is kept."""

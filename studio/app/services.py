@@ -1,393 +1,452 @@
 """What the app's buttons call: the studio's verbs (`studio.verbs`) over one workspace and one base.
 
-Nothing here imports gradio and nothing here holds studio logic: loading is
-`studio.collection.load_collection`, compression (and the exports of every compressed adapter)
-`studio.verbs.compress`, style datasets `studio.verbs.dataset`, training `studio.verbs.train`,
-generation `studio.verbs.generate` (the same checks and caps as `studio generate`). This module
-only keeps the server-side state those calls share (the base, its engine, the collection) and
-turns a form (names, workspace paths) into a verb's request after checking what a web client may
-name: adapters by registered name only, files inside the workspace only.
+Nothing here imports gradio and nothing here holds studio logic: reading files is
+`studio.collection.load_collection` (through `studio.app.library`), compression `studio.verbs.compress`,
+datasets and training `studio.app.training` (the dataset and train verbs), generation
+`studio.app.generation` (the generate verb, through the engine's request batcher). This module
+keeps the server-side state those calls share (the base, its engine, the collection), saves it in
+the workspace (``state.json``) so that a restart finds it again, and turns a form into a verb's
+request after checking what a web client may name: adapters by registered name only, files
+inside the workspace only.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
+import shutil
 import threading
-import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
-from studio.collection import AdapterInfo, expand_paths, load_collection
-from studio.engine import Engine, GeneratedImage, GenerateRequest, check_name, get_engine
+from studio.adapters.base import AdapterBase
+from studio.collection import ADAPTER_SUFFIXES
+from studio.engine import Engine, check_name, get_engine
+from studio.engine.batcher import BatcherConfig
 from studio.errors import BaseNotFoundError, ConfigError, StudioError
 from studio.events import Done, Event, Message
-from studio.app.workspace import Workspace, WorkspaceError, extract_dataset_zip
+from studio.app.forms import BaseForm, CompressForm, FolderForm
+from studio.app.library import KIND_MEMBER, Entry, Library, refused
+from studio.app.workspace import State, Workspace, WorkspaceError
+from studio.fileio import atomic_path, write_text
 from studio.verbs import compress as compress_verb
-from studio.verbs import dataset as dataset_verb
-from studio.verbs import generate as generate_verb
-from studio.verbs import train as train_verb
 from studio.verbs.generate import SERVING_MAX_SECONDS, Limits
 
-BaseKind = Literal["world", "folder", "file", "hub"]
-GenerateMode = Literal["mix", "per_image", "grid"]
-COMPRESSED_SUFFIX = ".eigen"
+COLLECTION_STEM = "collection"
+REPORT_SUFFIX = ".report.json"
 
 
 @dataclass
 class AppConfig:
-    """How the app starts: its base, workspace, the zoo imported at start, limits."""
+    """How the app starts: its base, workspace, the zoo imported into a new workspace, limits."""
 
-    base: str = "world"
+    base: str | None = None  # None: the workspace's last base, else the world
     workspace: Path = Path("runs/studio-workspace")
-    zoo: Path | None = None  # None: the world's loras when base is world
+    zoo: Path | None = None  # None: the world's loras when the base is the world
     device: str | None = None
     dtype: str = "auto"
     max_file_size: int = 256 << 20
     preload: bool = True
     limits: Limits = field(default_factory=lambda: Limits(max_seconds=SERVING_MAX_SECONDS))  # generation caps: the server's, not a client's
+    batcher: BatcherConfig | None = None  # how the engine gathers concurrent clients' requests (None: its defaults)
 
 
 @dataclass
-class CompressForm:
-    """The Subspace tab's form: K per layer or an energy threshold, and the export layout."""
+class Report:
+    """What an action did, in lines a user reads (the collection's summary shows them)."""
 
-    k: int | None = None
-    energy: float | None = None
-    augment: int = 0
-    export_format: Literal["kohya", "diffusers"] = "kohya"
+    lines: list[str] = field(default_factory=list)
 
 
-@dataclass
-class TrainForm:
-    """The Train tab's form; becomes a `studio.train.TrainConfig` in the workspace."""
+class Removed(AdapterBase):
+    """What a removed adapter's name maps to in the engine: using it is a clear error. Names are
+    never unregistered while the app runs, so a name can never fall through to a file."""
 
-    name: str
-    dataset: str  # workspace-relative folder
-    family: str = "lora"
-    knobs: dict[str, Any] = field(default_factory=dict)
-    steps: int = 50
-    learning_rate: float = 1e-4
-    batch_size: int = 1
-    resolution: int = 0
-    trigger_word: str = ""
-    sample_every: int = 0
-    sample_prompt: str = ""
-    checkpoint_every: int = 0
-    seed: int = 0
+    def __init__(self, name: str):
+        self.name = name
 
+    def layers(self) -> list[str]:
+        raise StudioError(f"adapter {self.name!r} was removed from the collection; pick another")
 
-@dataclass
-class GenerateForm:
-    """The Generate tab's form: adapters by registered name, with optional weights."""
-
-    prompt: str
-    adapters: list[str] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
-    mode: GenerateMode = "mix"
-    negative_prompt: str = ""
-    strength: float = 1.0
-    seed: int = 0
-    steps: int = 20
-    guidance: float | None = None
-    batch: int = 1
-    width: int | None = None
-    height: int | None = None
-    scheduler: str | None = None
-
-
-@dataclass
-class Generated:
-    """Saved PNGs (parameters inside each) and their parameter texts."""
-
-    paths: list[Path]
-    infotexts: list[str]
-    sizes: list[tuple[int, int]]
-    seconds: float
+    def delta(self, layer: str):
+        raise StudioError(f"adapter {self.name!r} was removed from the collection; pick another")
 
 
 class Studio:
     """The app's server-side state, shared by every browser tab and API client.
 
-    One lock guards the state; the engine's own lock serializes every switch-and-generate on
-    its pipeline, and the queue runs one long job (compress, train) at a time.
+    One lock guards the state; the engine's own lock serializes its pipeline; the queue runs one
+    long job (compress, train) at a time.
     """
 
     def __init__(self, config: AppConfig):
+        from studio.app.generation import Generation
+        from studio.app.training import Training
+
         self.config = config
         self.workspace = Workspace.create(config.workspace)
         self.lock = threading.RLock()
-        self.base: str = config.base
+        self.base: str = config.base or "world"
         self.engine: Engine | None = None
         self.base_error: str | None = None
-        self.sources: list[Path] = []
-        self.infos: list[AdapterInfo] = []
-        self.adapters: dict[str, Any] = {}
-        self.compressed: compress_verb.CompressOutcome | None = None
-        self.stop_event = threading.Event()
+        self.library = Library()
+        self.compressed: dict[str, Any] | None = None  # the last compress's report (as `studio compress --json`)
+        self.notes: list[str] = []  # what the start restored or left out
+        self.training = Training(self)
+        self.generation = Generation(self)
 
-    # -- base -------------------------------------------------------------------------------
+    # -- start and state ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Load the configured base and import the zoo (the embedded world's, by default)."""
+        """Restore the workspace (base, files, collections) or, for a new one, import the zoo."""
         if not self.config.preload:
             return
         try:
-            self.load_base(self.config.base)
+            state = self.workspace.read_state()
+        except StudioError as error:
+            state, self.notes = None, [str(error)]
+        self.base = self.config.base or (state.base if state else None) or "world"
+        try:
+            self.load_base(self.base, save=False)
         except StudioError as error:
             self.base_error = str(error)
+        if state is None:
+            zoo = self.zoo_folder()
+            if zoo is not None and zoo.is_dir() and any(zoo.glob("*.safetensors")):
+                self.import_zoo()
+        else:
+            self._restore(state)
+        self.save_state()
+
+    def _restore(self, state: State) -> None:
+        with self.lock:
+            for text in state.sources:
+                path = self.workspace.restored_path(text)
+                if self._restorable(path):
+                    self.library.add_file(path, self.tree_base())
+                else:
+                    self.notes.append(f"{text}: no longer in the workspace; left out")
+            for i, text in enumerate(state.collections):
+                path = self.workspace.restored_path(text)
+                if path.is_file() and self.workspace.contains(path):
+                    self._add_collection(path, latest=i == len(state.collections) - 1 and path.stem.startswith(COLLECTION_STEM))
+                else:
+                    self.notes.append(f"{text}: no longer in the workspace; left out")
+            self._register()
+        self.compressed = self._saved_report()
+        self.notes.append(f"restored {len(state.sources)} adapter files and {len(state.collections)} compressed collections")
+
+    def _restorable(self, path: Path) -> bool:
+        """A saved source comes back if it is still there, inside the workspace or the zoo."""
         zoo = self.zoo_folder()
-        if zoo is not None and zoo.is_dir() and any(zoo.glob("*.safetensors")):
-            self.import_zoo()
+        inside = self.workspace.contains(path) or (zoo is not None and path.resolve().is_relative_to(zoo.resolve()))
+        return inside and path.is_file()
+
+    def save_state(self) -> None:
+        with self.lock:
+            collections = [p for p in self.library.collections if p != self.library.latest]
+            if self.library.latest in self.library.collections:
+                collections.append(self.library.latest)
+            state = State(self.base, [self.workspace.stored_path(p) for p in self.library.files],
+                          [self.workspace.stored_path(p) for p in collections])
+        self.workspace.write_state(state)
+
+    # -- base -----------------------------------------------------------------------------------
 
     def zoo_folder(self) -> Path | None:
-        """The folder the 'import the zoo' button reads (server configuration, not user input)."""
+        """The folder 'import the zoo' reads (server configuration, not user input)."""
         if self.config.zoo is not None:
             return Path(self.config.zoo)
         from studio.bases import world_dir
 
         return world_dir() / "loras" if self.base == "world" else None
 
-    def load_base(self, base: str) -> str:
-        """Make BASE the live pipeline; the collection is re-checked against it."""
+    def load_base(self, base: str, save: bool = True) -> str:
+        """Make BASE the live pipeline; the collection is read again against it."""
         engine = get_engine(base, self.config.device, self.config.dtype)
+        engine.batcher(self.config.batcher)
         with self.lock:
+            old = self.engine
             self.base, self.engine, self.base_error = base, engine, None
-            if self.sources:
-                self._reload()
+            if old is not None and old is not engine:
+                for name in old.names():
+                    old.register(name, Removed(name))
+            self.library.reread(self.tree_base())
+            self._register()
+        if save:
+            self.save_state()
         return base
 
-    def pick_base(self, kind: BaseKind, value: str = "") -> str:
+    def pick_base(self, form: BaseForm) -> str:
         """The Base picker: the world, a folder or file inside the workspace, or a hub id."""
-        return self.load_base(resolve_base(self.workspace, kind, value))
+        return self.load_base(resolve_base(self.workspace, form.kind, form.value))
 
     def require_engine(self) -> Engine:
         if self.engine is None:
             raise StudioError(f"no base is loaded ({self.base_error or 'pick one in the Base tab'})")
         return self.engine
 
-    # -- collection -------------------------------------------------------------------------
+    def tree_base(self) -> str | None:
+        """What adapters are checked against: the base (None for hub ids: the reader's best guess)."""
+        from studio.bases import is_hub_id
 
-    def import_files(self, uploads: list[str | Path]) -> list[AdapterInfo]:
-        """Copy uploaded adapter files into the workspace and add them to the collection."""
-        stored = [self.workspace.store_upload(upload, "adapters") for upload in uploads]
-        return self._add(stored)
+        return None if is_hub_id(self.base) else self.base
 
-    def import_folder(self, relative: str) -> list[AdapterInfo]:
-        """Add the adapter files of a folder inside the workspace."""
-        return self._add(expand_paths([self.workspace.resolve(relative)]))
+    def base_label(self) -> str:
+        return compress_verb.base_label(self.base)
 
-    def import_zoo(self) -> list[AdapterInfo]:
-        """Add the configured zoo's files (the embedded world's LoRAs)."""
+    def base_info(self) -> dict[str, Any]:
+        """What the Base tab shows: the family, denoiser, guidance, native size, adapter components."""
+        from studio.bases.conditioning import native_resolution
+
+        engine = self.engine
+        info = {"base": self.base_label(), "loaded": engine is not None, "error": self.base_error,
+                "adapters": sum(1 for e in self.library.entries() if e.ok)}
+        if engine is not None:
+            info.update({"family": engine.base.label, "denoiser": engine.base.denoiser, "guidance": engine.guidance_mode,
+                         "native size": native_resolution(engine.pipe), "adapter components": list(engine.base.adapter_components),
+                         "device": str(engine.config.resolved_device()), "dtype": str(engine.config.resolved_dtype(engine.base.id))})
+        return info
+
+    def bases_in_workspace(self) -> list[str]:
+        """Diffusers folders and .safetensors checkpoints under ``bases/`` (for the picker)."""
+        found = []
+        for path in sorted(self.workspace.folder("bases").iterdir()):
+            if not self.workspace.contains(path):
+                continue
+            if (path / "model_index.json").is_file() or (path.is_file() and path.suffix == ".safetensors"):
+                found.append(self.workspace.relative(path))
+        return found
+
+    def base_for(self, arch: str) -> BaseForm | None:
+        """A base of the workspace for architecture ``arch`` (a refused file's "switch base"), else None."""
+        from studio.bases import module_tree
+
+        if arch == "world":
+            return BaseForm("world")
+        for relative in self.bases_in_workspace():
+            try:
+                if module_tree(str(self.workspace.root / relative)).arch == arch:
+                    return BaseForm("folder" if (self.workspace.root / relative).is_dir() else "file", relative)
+            except StudioError:
+                continue
+        return None
+
+    # -- collection -----------------------------------------------------------------------------
+
+    def _register(self) -> None:
+        """Make the engine's names match the collection (removed names answer with an error)."""
+        engine = self.engine
+        if engine is None:
+            return
+        usable = self.library.usable()
+        for name in set(engine.names()) - set(usable):
+            engine.register(name, Removed(name))
+        for name, adapter in usable.items():
+            engine.register(name, adapter)
+
+    def names(self) -> list[str]:
+        """Every adapter name generation accepts (collection files and compressed members)."""
+        return sorted(self.library.usable())
+
+    def import_files(self, uploads: list[str | Path]) -> Report:
+        """Copy uploaded files into the workspace: LoRAs and trained adapters into the collection,
+        compressed collections as their members."""
+        from studio.subspace import is_collection_file
+
+        report = Report()
+        with self.lock:
+            for upload in uploads:
+                source = Path(upload)
+                if source.stat().st_size > self.config.max_file_size:
+                    report.lines.append(f"{source.name}: {source.stat().st_size:,} bytes, over the cap of {self.config.max_file_size:,}; refused")
+                    continue
+                collection = is_collection_file(source)
+                stored = self.workspace.store_upload(source, "compressed" if collection else "adapters")
+                report.lines += [stored.note] if stored.note else []
+                report.lines.append(self._add_collection(stored.path) if collection else said(self.library.add_file(stored.path, self.tree_base())))
+            self._register()
+        self.save_state()
+        return report
+
+    def import_paths(self, paths: list[Path]) -> str:
+        """Add files the studio wrote into the workspace (a run's LoRA, an export); what they are."""
+        with self.lock:
+            lines = [said(self.library.add_file(path, self.tree_base())) for path in paths]
+            self._register()
+        self.save_state()
+        return "; ".join(lines)
+
+    def import_folder(self, form: FolderForm) -> Report:
+        """Add the adapter files of a folder inside the workspace (links leading out are refused unread)."""
+        from studio.subspace import is_collection_file
+
+        folder = self.workspace.resolve(form.folder)
+        if not folder.is_dir():
+            raise WorkspaceError(f"{form.folder!r} is a file; name a folder (or upload the file)")
+        listing = self.workspace.listing(folder, tuple(ADAPTER_SUFFIXES))
+        if not listing.files and not listing.refused:
+            raise WorkspaceError(f"{form.folder!r} holds no adapter files (.safetensors)")
+        report = Report()
+        with self.lock:
+            for path, why in listing.refused:
+                self.library.files[path.absolute()] = refused(path, why)
+                report.lines.append(why)
+            for path in listing.files:
+                report.lines.append(self._add_collection(path) if is_collection_file(path) else said(self.library.add_file(path, self.tree_base())))
+            self._register()
+        self.save_state()
+        return report
+
+    def import_zoo(self) -> Report:
+        """Add the configured zoo's files (the embedded world's LoRAs); says what was new."""
         zoo = self.zoo_folder()
         if zoo is None or not zoo.is_dir():
             raise StudioError(f"no zoo to import: {zoo or 'the base is not the world'} is missing")
-        return self._add(expand_paths([zoo]))
+        files = sorted(p for p in zoo.iterdir() if p.is_file() and p.suffix.lower() in ADAPTER_SUFFIXES)
+        with self.lock:
+            known = set(self.library.files)
+            for path in files:
+                self.library.add_file(path, self.tree_base())
+            self._register()
+        self.save_state()
+        added = sum(1 for p in files if p.absolute() not in known)
+        return Report([f"the zoo ({zoo.name}, {len(files)} files): {added} added, {len(files) - added} already in the collection"])
 
-    def remove(self, name: str) -> list[AdapterInfo]:
-        """Take one adapter (by name) out of the collection."""
+    def remove(self, name: str) -> Report:
+        """Take one adapter (by name) out of the collection (a compressed member: its whole collection)."""
         check_name(name)
         with self.lock:
-            paths = [Path(i.path) for i in self.infos if i.name == name]
-            if not paths:
-                raise StudioError(f"no adapter named {name!r} in the collection")
-            self.sources = [p for p in self.sources if p not in paths]
-            self._reload()
-            return self.infos
+            entry = self.library.remove(name)
+            self._register()
+        self.save_state()
+        what = f"the compressed collection {entry.collection.name}" if entry.collection is not None else entry.name
+        return Report([f"removed {what} from the collection (the file stays in the workspace)"])
 
-    def _add(self, files: list[Path]) -> list[AdapterInfo]:
+    def entry(self, name: str) -> Entry:
+        check_name(name)
         with self.lock:
-            known = {p.resolve() for p in self.sources}
-            self.sources += [f for f in files if f.resolve() not in known]
-            self._reload()
-            return self.infos
+            return self.library.find(name)
 
-    def _reload(self) -> None:
-        """Load every source against the live base; register the good ones in the engine."""
-        engine = self.engine
-        if not self.sources:
-            self.infos, new = [], {}
-        else:
-            collection = load_collection(self.sources, base=_tree_base(self.base, engine))
-            self.infos, new = collection.infos, dict(collection.adapters)
-            for info in self.infos:
-                if info.error is None and info.name in new:
-                    try:
-                        check_name(info.name)
-                    except StudioError as error:
-                        info.error, _ = str(error), new.pop(info.name)
-        if engine is not None:
-            for name in set(self.adapters) - set(new):
-                engine.unregister(name)
-            for name, adapter in new.items():
-                engine.register(name, adapter)
-        self.adapters = new
-
-    def names(self) -> list[str]:
-        """Every adapter name generation accepts (collection, compressed copies)."""
-        return self.engine.names() if self.engine is not None else sorted(self.adapters)
+    def _add_collection(self, path: Path, latest: bool = False) -> str:
+        try:
+            members = self.library.add_collection(path, latest)
+        except StudioError as error:
+            self.library.files[path.absolute()] = refused(path, str(error))
+            return f"{path.name}: refused: {error}"
+        names = ", ".join(m.name for m in members[:3]) + (", ..." if len(members) > 3 else "")
+        return f"{path.name}: a compressed collection of {len(members)} adapters; in Generate as {names}"
 
     # -- subspace ---------------------------------------------------------------------------
 
     def compress(self, form: CompressForm) -> Iterator[Event]:
-        """`studio.verbs.compress` on the collection in memory, every adapter exported back as a LoRA."""
+        """`studio.verbs.compress` on the collection's LoRA files in memory; the members join as
+        NAME.eigen, the report is kept beside the file, the download is one zip."""
         from studio.subspace import held_sources
 
         with self.lock:
-            adapters = list(self.adapters.values())
+            adapters = [e.adapter for e in self.library.files.values() if e.ok and e.kind != KIND_MEMBER]
         if not adapters:
             raise StudioError("the collection is empty: import adapters first")
-        yield Message(f"compressing {len(adapters)} adapters ({_size_text(form)})")
+        output = free_file(self.workspace.folder("compressed") / f"{COLLECTION_STEM}.safetensors")
+        exports = self.workspace.folder("cache") / f".{output.stem}-exports"
+        shutil.rmtree(exports, ignore_errors=True)
+        yield Message(f"compressing {len(adapters)} adapters ({_size_text(form)}) into {output.name}")
         request = compress_verb.CompressRequest(
-            paths=[], output=str(self.workspace.folder("compressed") / "collection.safetensors"), k=form.k, energy=form.energy,
-            augment=form.augment, base=self.base, export_dir=str(self.workspace.folder("exports")),
-            export_format=form.export_format)
+            paths=[], output=str(output), k=form.k if form.size_by == "k" else None, energy=form.energy if form.size_by == "energy" else None,
+            augment=form.augment, base=self.base, export_dir=str(exports), export_format=form.export_format)
         outcome = None
         for event in compress_verb.run(request, sources=held_sources(adapters)):
             if isinstance(event, Done):
                 outcome = event.result
             else:
                 yield event
+        summary = self._keep_compress(outcome, exports)
         for warning in outcome.warnings:
             yield Message(warning, "warning")
-        self._register_compressed(outcome.result.collection)
-        self.compressed = outcome
-        yield Done(outcome)
+        yield Done(summary)
 
-    def _register_compressed(self, collection) -> None:
-        """Each compressed adapter joins generation as ``NAME.eigen`` (to compare with its original)."""
-        engine = self.engine
-        if engine is None:
-            return
-        for name in collection.names:
-            engine.register(f"{name}{COMPRESSED_SUFFIX}", collection.adapter(name))
+    def _keep_compress(self, outcome, exports: Path) -> dict[str, Any]:
+        """Register the members, write the report and the zip, forget the previous app compress."""
+        summary = compress_report(outcome)
+        summary["zip"] = write_zip(outcome, summary, exports).name
+        shutil.rmtree(exports, ignore_errors=True)
+        write_text(outcome.path.with_name(outcome.path.stem + REPORT_SUFFIX), _json(summary))
+        with self.lock:
+            previous = self.library.latest
+            if previous is not None and previous != outcome.path.absolute():
+                self.library.collections.pop(previous, None)
+            self._add_collection(outcome.path, latest=True)
+            self._register()
+            self.compressed = summary
+        self.save_state()
+        return summary
 
-    def base_label(self) -> str:
-        return compress_verb.base_label(self.base)
+    def _saved_report(self) -> dict[str, Any] | None:
+        """The report of the latest compress, from beside its file (after a restart)."""
+        import json
 
-    # -- train ------------------------------------------------------------------------------
-
-    def style_dataset(self, style: str, count: int = 16, seed: int = 0, size: int = 64) -> Path:
-        """A world style's images and captions as a dataset folder in the workspace (`studio.verbs.dataset`)."""
-        check_name(style)
-        target = self.workspace.folder("datasets") / f"world-{style}"
-        return dataset_verb.run(dataset_verb.DatasetRequest(style, str(target), count, seed, size)).folder
-
-    def upload_dataset(self, archive: str | Path, name: str) -> Path:
-        """Extract an uploaded zip of images + captions (safely) as a dataset folder."""
-        check_name(name)
-        target = self.workspace.folder("datasets") / name
-        extract_dataset_zip(archive, target)
-        return target
-
-    def train(self, form: TrainForm) -> Iterator[Event]:
-        """`studio.verbs.train` on a workspace dataset; the exported LoRA joins the collection."""
-        config = self.train_config(form)
-        self.stop_event = threading.Event()
-        yield from self._joining(train_verb.train_runs([config], None, self.stop_event))
-
-    def resume(self, name: str) -> Iterator[Event]:
-        """Continue a stopped run from its last checkpoint (its saved config must still hold)."""
-        from studio.train import load_config
-
-        out = self.run_folder(name)
-        if not (out / "config.toml").exists():
-            raise StudioError(f"no run named {name!r} to resume in the workspace")
-        self.stop_event = threading.Event()
-        yield from self._joining(train_verb.train_runs([load_config(out / "config.toml")], str(out), self.stop_event))
-
-    def stop(self) -> str:
-        """Ask the running training loop to stop after this step (it saves a checkpoint)."""
-        self.stop_event.set()
-        return "stopping after the current step; a checkpoint is saved"
-
-    def run_folder(self, name: str) -> Path:
-        check_name(name)
-        return self.workspace.folder("runs") / name
-
-    def train_config(self, form: TrainForm):
-        """The form as a TrainConfig whose data and outputs lie in the workspace."""
-        from studio.train import TrainConfig
-
-        data = self.workspace.resolve(form.dataset)
-        if not data.is_dir():
-            raise WorkspaceError(f"{form.dataset!r} is not a dataset folder in the workspace")
-        knobs = dict(form.knobs)
-        if knobs.get("collection"):  # eigenlora trains on a compressed collection of the workspace
-            knobs["collection"] = str(self.workspace.resolve(str(knobs["collection"])))
-        return TrainConfig(
-            base=self.base, data=str(data), output_dir=str(self.run_folder(form.name)), family=form.family,
-            adapter=knobs, name=form.name, steps=form.steps, learning_rate=form.learning_rate,
-            batch_size=form.batch_size, resolution=form.resolution, trigger_word=form.trigger_word,
-            sample_every=form.sample_every, sample_prompts=[form.sample_prompt] if form.sample_prompt else [],
-            checkpoint_every=form.checkpoint_every, seed=form.seed, tensorboard=False,
-        )
-
-    def _joining(self, events: Iterator[Event]) -> Iterator[Event]:
-        """Pass events on; when the run is done, add its exported LoRA to the collection and end
-        with the run's `TrainResult`."""
-        for event in events:
-            if not isinstance(event, Done):
-                yield event
-                continue
-            for warning in event.result.warnings:
-                yield Message(warning, "warning")
-            result = event.result.runs[0].result
-            if result.lora_path is not None:
-                self._add([Path(result.lora_path)])
-                yield Message(f"{Path(result.lora_path).name} joined the collection")
-            yield Done(result)
-
-    # -- generate ---------------------------------------------------------------------------
-
-    def switch(self, name: str, strength: float = 1.0) -> float:
-        """Merge one registered adapter (or 'none') into the live weights; the seconds it took."""
-        engine = self.require_engine()
-        spec = _spec(name, strength) if name != "none" else "none"
-        if name != "none" and name not in engine.names():
-            raise StudioError(f"no adapter named {name!r} in the collection")
-        started = time.perf_counter()
-        engine.activate(spec)
-        return time.perf_counter() - started
-
-    def generate(self, form: GenerateForm) -> Generated:
-        """Images (or one grid) saved as PNGs with their parameters, in the workspace
-        (`studio.verbs.generate`: its checks, caps and memory estimate)."""
-        engine = self.require_engine()
-        done = generate_verb.run(self.request(form), engine, names=set(engine.names()))
-        paths = self._save(done.images)
-        return Generated(paths, [i.infotext for i in done.images], [i.image.size for i in done.images], done.seconds)
-
-    def request(self, form: GenerateForm) -> GenerateRequest:
-        """The form as a GenerateRequest over registered names (names that are paths refused)."""
-        weights = list(form.weights) + [1.0] * (len(form.adapters) - len(form.weights))
-        specs = [_spec(name, weight) if name != "none" else "none" for name, weight in zip(form.adapters, weights)]
-        batch = len(specs) if form.mode == "per_image" else form.batch
-        return GenerateRequest(
-            prompt=form.prompt, base=self.base, negative_prompt=form.negative_prompt, adapters=specs,
-            per_image=form.mode == "per_image", grid=form.mode == "grid", seed=form.seed, steps=form.steps,
-            guidance=form.guidance, width=form.width, height=form.height, scheduler=form.scheduler, batch=batch,
-            scale=form.strength, limits=self.config.limits,
-        )
-
-    def _save(self, images: list[GeneratedImage]) -> list[Path]:
-        folder = self.workspace.folder("outputs")
-        stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.perf_counter_ns() % 1_000_000:06d}"
-        return [image.save(folder / f"{stamp}-{i}.png") for i, image in enumerate(images)]
-
-    def gallery(self, limit: int = 48) -> list[Path]:
-        """The newest PNGs of the workspace's outputs."""
-        pngs = sorted(self.workspace.folder("outputs").glob("*.png"), key=os.path.getmtime, reverse=True)
-        return pngs[:limit]
+        latest = self.library.latest
+        path = latest.with_name(latest.stem + REPORT_SUFFIX) if latest is not None else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
 
 
 # ---------------------------------------------------------------- helpers composing verbs
 
 
-def resolve_base(workspace: Workspace, kind: BaseKind, value: str = "") -> str:
+def said(entry: Entry) -> str:
+    """One line saying what an imported file is, or why it was refused."""
+    info = entry.info
+    if not entry.ok:
+        return f"{Path(info.path).name}: refused: {info.error}"
+    notes = "; ".join(n.removeprefix("warning: ") for n in info.notes if "studio-trained" in n or n.startswith("warning: "))
+    rank = info.rank if not isinstance(info.rank, list) else f"{min(info.rank)}..{max(info.rank)}"
+    return f"{Path(info.path).name}: {entry.kind} `{info.name}` ({info.format}, rank {rank}, {info.layers} layers)" + (f"; {notes}" if notes else "")
+
+
+def compress_report(outcome) -> dict[str, Any]:
+    """The compress verb's JSON (as `studio compress --json`) without server paths."""
+    summary = outcome.as_json()
+    summary.pop("path", None)
+    summary["collection"] = outcome.path.name
+    summary["exports"] = [f"{Path(p).stem}.reconstructed.safetensors" for p in outcome.exports]
+    return summary
+
+
+def write_zip(outcome, summary: dict[str, Any], exports: Path) -> Path:
+    """One download: the collection, its report and every adapter reconstructed from it, named
+    ``reconstructions/NAME.reconstructed.safetensors`` (their headers say so and carry the error)."""
+    target = outcome.path.with_suffix(".zip")
+    with atomic_path(target) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as bundle:
+            bundle.write(outcome.path, outcome.path.name)
+            bundle.writestr(f"{outcome.path.stem}{REPORT_SUFFIX}", _json(summary))
+            for path in outcome.exports:
+                bundle.write(path, f"reconstructions/{Path(path).stem}.reconstructed.safetensors")
+    return target
+
+
+def free_file(target: Path) -> Path:
+    """``target`` or the first ``stem-N.suffix`` not taken (outputs never replace a file)."""
+    from studio.app.workspace import _free_name
+
+    return _free_name(target)
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, indent=1, default=str)
+
+
+def resolve_base(workspace: Workspace, kind: str, value: str = "") -> str:
     """A BASE string from the picker: paths must lie in the workspace; hub ids need a network."""
-    from studio.bases import is_offline, is_hub_id
+    from studio.bases import is_hub_id, is_offline
 
     if kind == "world":
         return "world"
@@ -407,55 +466,5 @@ def resolve_base(workspace: Workspace, kind: BaseKind, value: str = "") -> str:
     raise ConfigError(f"unknown base kind {kind!r}: world, folder, file or hub")
 
 
-def world_styles() -> list[str]:
-    """Names of the world's styles (for the Train tab's picker)."""
-    return dataset_verb.world_styles()
-
-
-FAMILY_LEARNING_RATES = {"lora": 1e-3, "superlora": 1e-2, "unilora": 2e-2, "eigenlora": 1e-2}  # as pipelines/quality.toml
-WORKSPACE_COLLECTION = "compressed/collection.safetensors"
-
-
-def family_defaults(family: str) -> dict[str, Any]:
-    """A family's knobs with their defaults, as its config dataclass declares them (eigenlora:
-    the workspace's compressed collection)."""
-    from studio.adapters import registry
-
-    defaults = {}
-    for item in dataclasses.fields(registry.family(family).config_class):
-        if item.default is not dataclasses.MISSING:
-            defaults[item.name] = item.default
-        elif item.default_factory is not dataclasses.MISSING:
-            defaults[item.name] = item.default_factory()
-    if "collection" in defaults:
-        defaults["collection"] = WORKSPACE_COLLECTION
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in defaults.items()}
-
-
-def family_learning_rate(family: str) -> float:
-    """A learning rate that trains the family well on the world (pipelines/quality.toml)."""
-    return FAMILY_LEARNING_RATES.get(family, 1e-3)
-
-
-def families() -> list[str]:
-    from studio.adapters import registry
-
-    return sorted(registry.families())
-
-
-def _spec(name: str, weight: float) -> str:
-    """A registered name as a SPEC; names that could be paths are refused here."""
-    return f"{check_name(name)}:{float(weight):g}"
-
-
-def _tree_base(base: str, engine: Engine | None):
-    """What to check adapters against: the base's tree (the live pipeline's for hub ids)."""
-    from studio.bases import is_hub_id
-
-    if engine is not None and is_hub_id(base):
-        return None
-    return base
-
-
 def _size_text(form: CompressForm) -> str:
-    return f"K = {form.k}" if form.k is not None else f"energy {form.energy}"
+    return f"K = {form.k}" if form.size_by == "k" else f"energy {form.energy:g}"

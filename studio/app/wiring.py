@@ -1,20 +1,28 @@
-"""Small glue between gradio and the services: studio errors become messages in the page.
+"""Small glue between gradio and the services: forms in, studio errors out as messages.
 
-Every handler the tabs register goes through `friendly`: an error the studio raises on purpose
-(a `StudioError`: a bad path, a refused file, a bad config; the one error contract the command
-line keeps too) is shown as a gradio error toast with its message (and returned as an error to
-API clients). Anything else is a bug and keeps its stack trace.
+A tab's components are named after its form's fields (`studio.app.forms`) and passed to gradio
+as ``inputs_kwargs``, so an API client calls ``/generate`` with ``prompt=..., seed=...`` and the
+callback receives ONE form object (`form_of`: gradio's values converted to the field types, then
+checked by `studio.options` with the same messages as the CLI). Every handler goes through
+`friendly`: an error the studio raises on purpose (a `StudioError`; the one error contract the
+command line keeps too) is shown as a gradio error toast with exactly the CLI's one-line text
+(and returned as an error to API clients). Anything else is a bug and keeps its stack trace.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
-from typing import Any, Callable
+import json
+import types
+import typing
+from typing import Any, Callable, get_args, get_origin
 
 import gradio as gr
 
 from studio.errors import ConfigError, StudioError
+from studio.options import field_types, from_table
 
 
 def friendly(fn: Callable) -> Callable:
@@ -37,19 +45,57 @@ def friendly(fn: Callable) -> Callable:
     return plain
 
 
-def optional_int(value: Any) -> int | None:
-    """A number box left empty (or 0) means 'the default'."""
-    return int(value) if value not in (None, "", 0) else None
+def form_of(cls: type, values: dict[str, Any], where: str) -> Any:
+    """The form ``cls`` from a callback's keyword values (gradio's types converted, then checked)."""
+    hints = field_types(cls)
+    known = {item.name for item in dataclasses.fields(cls)}
+    table = {name: _convert(value, hints[name], name, where) for name, value in values.items() if name in known}
+    return from_table(cls, table, where)
 
 
-def optional_float(value: Any) -> float | None:
-    """A number box left empty (or 0) means 'the default' (a CFG scale of 0 is never wanted)."""
-    return float(value) if value not in (None, "", 0) else None
+def _convert(value: Any, annotation: Any, name: str, where: str) -> Any:
+    """A component's value as the field's type: integral floats as ints, None as empty, JSON text as a table."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    optional = origin in (typing.Union, types.UnionType) and type(None) in args
+    if optional and value in (None, ""):
+        return None
+    inner = next((a for a in args if a is not type(None)), annotation) if optional else annotation
+    if inner is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if inner is str and value is None:
+        return ""
+    if get_origin(inner) is list and value is None:
+        return []
+    if get_origin(inner) is list and isinstance(value, str):
+        return [value] if value else []
+    if get_origin(inner) is dict and isinstance(value, str):
+        try:
+            return json.loads(value or "{}")
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{where}: {name}: not valid JSON ({error})") from error
+    if get_origin(inner) is dict and value is None:
+        return {}
+    return value
 
 
-def float_list(text: str) -> list[float]:
-    """'0.8, 1, 0.5' as numbers; a clear error for anything else."""
-    try:
-        return [float(part) for part in (text or "").replace(";", ",").split(",") if part.strip()]
-    except ValueError as error:
-        raise ConfigError(f"weights {text!r}: give numbers separated by commas") from error
+def takes(cls: type, where: str) -> Callable[[Callable], Callable]:
+    """Decorator: ``fn(form)`` becomes a gradio callback of the form's fields as keyword arguments."""
+    def wrap(fn: Callable) -> Callable:
+        if inspect.isgeneratorfunction(fn):
+            def call(**values: Any):
+                yield from fn(form_of(cls, values, where))
+        else:
+            def call(**values: Any):
+                return fn(form_of(cls, values, where))
+        call.__name__ = fn.__name__
+        return friendly(call)
+    return wrap
+
+
+def named(cls: type, **components: Any) -> dict[str, Any]:
+    """``inputs_kwargs`` for a form: every field gets a component (so the API names match the form)."""
+    fields = [item.name for item in dataclasses.fields(cls)]
+    missing, extra = set(fields) - set(components), set(components) - set(fields)
+    if missing or extra:
+        raise ValueError(f"{cls.__name__}: components missing for {sorted(missing)}, unknown {sorted(extra)}")
+    return {name: components[name] for name in fields}

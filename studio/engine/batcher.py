@@ -12,6 +12,11 @@ own seed's generator and rows of a batch do not interact.
 
 An image that comes out non-finite fails only its own request; a batch that raises is re-run
 request by request, so one bad request cannot fail the others.
+
+A request submitted with a ``stop`` event is interrupted at the next denoising step after the
+event is set: its future raises `studio.errors.Interrupted` at once and the batch goes on for
+the others; when every request of the running batch has stopped, the pipeline's loop is
+interrupted too (the engine's ``on_step`` hook), so the engine is free for the next batch.
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from studio.engine.request import GeneratedImage, GenerateRequest
 from studio.engine.schedulers import scheduler_choice
-from studio.errors import ConfigError
+from studio.errors import ConfigError, Interrupted
 
 if TYPE_CHECKING:
     from studio.engine.engine import Engine, ImageJob
@@ -59,6 +64,14 @@ class Pending:
     key: tuple
     arrived: float
     future: Future = field(default_factory=Future)
+    stop: threading.Event | None = None
+    on_step: Callable[[int, int], None] | None = None
+
+    def stopped(self, step: int, total: int) -> bool:
+        """True (and the future failed with Interrupted) once the caller asked to stop."""
+        if self.stop is not None and self.stop.is_set() and not self.future.done():
+            self.future.set_exception(Interrupted(f"generation interrupted at step {step} of {total}; nothing was saved"))
+        return self.future.done()
 
 
 class Batcher:
@@ -75,15 +88,17 @@ class Batcher:
         if start:
             self.start()
 
-    def submit(self, request: GenerateRequest) -> "Future[list[GeneratedImage]]":
+    def submit(self, request: GenerateRequest, stop: threading.Event | None = None,
+               on_step: Callable[[int, int], None] | None = None) -> "Future[list[GeneratedImage]]":
         """Queue a request; its future resolves to its images (or its error).
 
         Bad requests (invalid fields, unknown adapters, NaN weights) raise here, in the caller's
-        thread, before anything is queued.
+        thread, before anything is queued. ``stop`` and ``on_step``: see the module docstring.
         """
         if self._closed:
             raise RuntimeError("this batcher is closed")
-        pending = Pending(request, self.engine.jobs(request), batch_key(self.engine, request), time.monotonic())
+        pending = Pending(request, self.engine.jobs(request), batch_key(self.engine, request), time.monotonic(),
+                          stop=stop, on_step=on_step)
         self._queue.put(pending)
         return pending.future
 
@@ -164,18 +179,20 @@ class Batcher:
         return batch
 
     def _run(self, batch: list[Pending]) -> None:
-        batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        batch = [p for p in batch if p.future.set_running_or_notify_cancel() and not p.stopped(0, p.request.steps)]
         if not batch:
             return
         jobs = [job for pending in batch for job in pending.jobs]
         try:
-            results = self.engine.run_jobs(batch[0].request, jobs)
+            results = self.engine.run_jobs(batch[0].request, jobs, _watch(batch))
         except BaseException as error:  # noqa: BLE001 - handed to the callers, never swallowed
             if len(batch) == 1:
-                batch[0].future.set_exception(error)
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(error)
             else:
                 for pending in batch:  # one request may be the cause: run each alone
-                    self._run_alone(pending)
+                    if not pending.future.done():
+                        self._run_alone(pending)
             return
         self.batch_sizes.append(len(jobs))
         start = 0
@@ -185,16 +202,30 @@ class Batcher:
 
     def _run_alone(self, pending: Pending) -> None:
         try:
-            results = self.engine.run_jobs(pending.request, pending.jobs)
+            results = self.engine.run_jobs(pending.request, pending.jobs, _watch([pending]))
         except BaseException as error:  # noqa: BLE001
-            pending.future.set_exception(error)
+            if not pending.future.done():
+                pending.future.set_exception(error)
             return
         self.batch_sizes.append(len(pending.jobs))
         _deliver(pending, results)
 
 
+def _watch(batch: list[Pending]):
+    """The engine's step hook for one batch: follow each request's ``on_step``, fail the stopped
+    ones at once, interrupt the loop when none is left waiting."""
+    def on_step(step: int, total: int) -> bool:
+        for pending in batch:
+            if pending.on_step is not None and not pending.future.done():
+                pending.on_step(step, total)
+        return all([pending.stopped(step, total) for pending in batch])
+    return on_step
+
+
 def _deliver(pending: Pending, results: list) -> None:
-    """The request's own images, or the first error among them."""
+    """The request's own images, or the first error among them (nothing for a stopped request)."""
+    if pending.future.done():
+        return
     failure = next((r for r in results if isinstance(r, Exception)), None)
     if failure is not None:
         pending.future.set_exception(failure)

@@ -29,7 +29,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ from studio.errors import ConfigError
 MAX_SEED = 2**63 - 1
 BF16_FAMILIES = ("flux1", "sd3")  # trained in bf16; their activations overflow float16  # torch.Generator.manual_seed takes signed 64-bit seeds
 AdapterLike = Any  # Adapter | Mix | MixTerm | str (SPEC or registered name) | None | a sequence of these
+StepHook = Callable[[int, int], bool]  # (steps done, total) -> True to interrupt the denoising loop
 
 
 @dataclass
@@ -292,17 +293,24 @@ class Engine:
 
     # -- serving ------------------------------------------------------------------------------
 
-    def submit(self, request: GenerateRequest) -> "Future[list[GeneratedImage]]":
+    def submit(self, request: GenerateRequest, stop: threading.Event | None = None,
+               on_step: Callable[[int, int], None] | None = None) -> "Future[list[GeneratedImage]]":
         """Queue a request on this engine's batcher (``studio.engine.batcher``, started on first use):
         concurrent requests are gathered into per-image batches; the future holds this request's
-        own images. Bad requests raise here, before anything is queued."""
+        own images. Bad requests raise here, before anything is queued. ``stop`` set ends this
+        request at the next denoising step (its future raises `studio.errors.Interrupted`);
+        ``on_step(done, total)`` follows its batch's denoising steps."""
+        return self.batcher().submit(request, stop, on_step)
+
+    def batcher(self, config=None):
+        """This engine's request batcher, started on first use (``config``: a
+        `studio.engine.batcher.BatcherConfig` for the first call; later calls return the running one)."""
         from studio.engine.batcher import Batcher
 
         with self._catalog:
             if self._batcher is None:
-                self._batcher = Batcher(self)
-            batcher = self._batcher
-        return batcher.submit(request)
+                self._batcher = Batcher(self, config)
+            return self._batcher
 
     def close(self) -> None:
         """Stop this engine's batcher after what it has queued (the engine stays usable)."""
@@ -313,10 +321,11 @@ class Engine:
 
     # -- generation ---------------------------------------------------------------------------
 
-    def generate(self, request: GenerateRequest) -> list[GeneratedImage]:
-        """Images for a request (``request.base`` is ignored: this engine's pipeline is used)."""
+    def generate(self, request: GenerateRequest, on_step: StepHook | None = None) -> list[GeneratedImage]:
+        """Images for a request (``request.base`` is ignored: this engine's pipeline is used);
+        ``on_step`` as in `run_jobs`."""
         jobs = self.jobs(request)
-        images = self.run_jobs(request, jobs)
+        images = self.run_jobs(request, jobs, on_step)
         raise_first_failure(images)
         return images
 
@@ -332,7 +341,8 @@ class Engine:
             check_mix(mix)
         return [ImageJob(request.prompt, request.negative_prompt, request.seed + i, mix) for i, mix in enumerate(mixes)]
 
-    def generate_per_image(self, request: GenerateRequest, assignments: Sequence[AdapterLike], seeds: Sequence[int]) -> list[GeneratedImage]:
+    def generate_per_image(self, request: GenerateRequest, assignments: Sequence[AdapterLike], seeds: Sequence[int],
+                           on_step: StepHook | None = None) -> list[GeneratedImage]:
         """One batch, image i with ``assignments[i]`` (scaled by ``request.scale``) and ``seeds[i]``."""
         if len(seeds) != len(assignments):
             raise ConfigError(f"{len(assignments)} adapters but {len(seeds)} seeds")
@@ -340,15 +350,20 @@ class Engine:
         self.check_negative(request.negative_prompt)
         jobs = [ImageJob(request.prompt, request.negative_prompt, int(seed), self.mix(item).scaled(request.scale))
                 for item, seed in zip(assignments, seeds)]
-        images = self.run_jobs(request, jobs)
+        images = self.run_jobs(request, jobs, on_step)
         raise_first_failure(images)
         return images
 
-    def run_jobs(self, settings: GenerateRequest, jobs: Sequence[ImageJob]) -> list[GeneratedImage | NonFiniteUpdateError]:
+    def run_jobs(self, settings: GenerateRequest, jobs: Sequence[ImageJob],
+                 on_step: StepHook | None = None) -> list[GeneratedImage | NonFiniteUpdateError]:
         """One pipeline call for ``jobs`` with the shared settings (steps, size, scheduler, guidance).
 
         All jobs with one mix: merged path; otherwise per-image hooks. An image whose pixels are
         not finite comes back as a ``NonFiniteUpdateError`` in its place (the others are good).
+        ``on_step(done, total)`` is called after every denoising step; when it returns True the
+        pipeline's loop is interrupted (diffusers' ``callback_on_step_end`` setting ``_interrupt``:
+        the remaining steps are skipped and the latents decoded as they are) and the caller, who
+        asked for it, discards the images.
         """
         for job in jobs:
             check_mix(job.mix)
@@ -357,10 +372,10 @@ class Engine:
             started = time.perf_counter()
             if all(same_mix(job.mix, jobs[0].mix) for job in jobs):
                 self.activate(jobs[0].mix)
-                pixels = self._run(settings, jobs)
+                pixels = self._run(settings, jobs, on_step)
             else:
                 with self.per_image([job.mix for job in jobs]):
-                    pixels = self._run(settings, jobs)
+                    pixels = self._run(settings, jobs, on_step)
             self._observe(settings, len(jobs), time.perf_counter() - started)
             return self._images(settings, pixels, jobs)
 
@@ -416,7 +431,7 @@ class Engine:
             return 1.0, {}
         return guidance, {}
 
-    def _run(self, request: GenerateRequest, jobs: Sequence[ImageJob]):
+    def _run(self, request: GenerateRequest, jobs: Sequence[ImageJob], on_step: StepHook | None = None):
         """Call the pipeline once for the jobs; returns float pixels (n, H, W, 3)."""
         width, height = self.size_of(request)
         self.pipe.scheduler = build_scheduler(request.scheduler, self._original_scheduler, self.base.target == "flow")
@@ -426,6 +441,7 @@ class Engine:
             prompt=[job.prompt for job in jobs], negative_prompt=negatives if any(negatives) else None,
             num_inference_steps=request.steps, guidance_scale=self.guidance_of(request),
             width=width, height=height, generator=generators, output_type="np",
+            **({"callback_on_step_end": _step_callback(on_step, request.steps)} if on_step is not None else {}),
         )
         return output.images
 
@@ -448,6 +464,15 @@ class Engine:
             image = Image.fromarray((array * 255).round().clip(0, 255).astype("uint8"))
             images.append(GeneratedImage(image, params, array))
         return images
+
+
+def _step_callback(on_step: StepHook, total: int):
+    """A diffusers ``callback_on_step_end`` calling ``on_step`` and interrupting the loop when it says so."""
+    def callback(pipe, index: int, timestep, tensors: dict) -> dict:
+        if on_step(index + 1, total):
+            pipe._interrupt = True
+        return tensors
+    return callback
 
 
 def _non_finite_image(job: ImageJob) -> NonFiniteUpdateError:

@@ -36,12 +36,14 @@ def _engine_for(request: GenerateRequest, engine: Engine | None) -> Engine:
     return engine if engine is not None else get_engine(request.base, request.device, request.dtype)
 
 
-def generate(request: GenerateRequest, engine: Engine | None = None) -> list[GeneratedImage]:
-    """Generate ``request.batch`` images (or one per adapter with ``per_image``)."""
-    return _engine_for(request, engine).generate(request)
+def generate(request: GenerateRequest, engine: Engine | None = None, on_step=None) -> list[GeneratedImage]:
+    """Generate ``request.batch`` images (or one per adapter with ``per_image``); ``on_step`` as in
+    `Engine.run_jobs` (follow the denoising steps, interrupt them)."""
+    return _engine_for(request, engine).generate(request, on_step)
 
 
-def comparison_grid(request: GenerateRequest, engine: Engine | None = None, columns: int | None = None) -> GeneratedImage:
+def comparison_grid(request: GenerateRequest, engine: Engine | None = None, columns: int | None = None,
+                    on_step=None) -> GeneratedImage:
     """One same-seed image per entry of ``request.adapters`` (one batch), as a labelled grid.
 
     Each entry is a SPEC or name (``none`` for the bare base); cells are labelled with the
@@ -53,7 +55,7 @@ def comparison_grid(request: GenerateRequest, engine: Engine | None = None, colu
     if not request.adapters:
         raise ConfigError("a comparison grid needs at least one adapter (use 'none' for the bare base)")
     chosen = _engine_for(request, engine)
-    cells = chosen.generate_per_image(request, request.adapters, [request.seed] * len(request.adapters))
+    cells = chosen.generate_per_image(request, request.adapters, [request.seed] * len(request.adapters), on_step)
     labels = [_cell_label(cell.parameters) for cell in cells]
     grid = labelled_grid([cell.image for cell in cells], labels, columns)
     first = cells[0].parameters

@@ -88,13 +88,16 @@ def run(request: ExportRequest) -> ExportResult:
     from studio.subspace import CompressedCollection
 
     path, member = check(request)
+    native_error = None
     if member is not None:
         lora = CompressedCollection.load(path).export(member)
+    elif _is_native(path):
+        lora, native_error = _native(path, request.base)
     else:
         lora = load_adapter(path, request.base, lycoris_rank=request.lycoris_rank)
     notes = [n for n in lora.notes if not n.startswith(WARNING_PREFIX)]
     warnings = [n[len(WARNING_PREFIX):] for n in lora.notes if n.startswith(WARNING_PREFIX)]
-    errors = _reconstruction(lora, member, warnings)
+    errors = _reconstruction(lora, member, warnings) + ([native_error] if native_error is not None else [])
     if request.tool is not None:
         done = export_for(lora, request.output, request.tool, tree=_tree(request.base))
         for message in done.messages:
@@ -103,6 +106,24 @@ def run(request: ExportRequest) -> ExportResult:
         return ExportResult(done.path, f"{done.layout} for {request.tool}", max(errors, default=None), notes, warnings)
     written = save_adapter(lora, request.output, format=request.format)
     return ExportResult(written, request.format, max(errors, default=None), notes, warnings)
+
+
+def _is_native(path: Path) -> bool:
+    """Whether the input is a studio-trained adapter file (``runs/RUN/adapter.safetensors``, ``best/``)."""
+    from studio.formats import read_header
+    from studio.train.native import is_native
+
+    try:
+        return is_native(read_header(path)[1])
+    except Exception:  # noqa: BLE001 - not readable as safetensors: the LoRA reader names the problem
+        return False
+
+
+def _native(path: Path, base: str | None):
+    """A trained-adapter file as a LoRA (exactly where its family allows) and the export's error."""
+    from studio.collection import native_lora
+
+    return native_lora(path, base)
 
 
 def _reconstruction(lora, member: str | None, warnings: list[str]) -> list[float]:

@@ -11,12 +11,14 @@ request whose memory estimate (`Engine.estimate`) does not fit in what the devic
 from __future__ import annotations
 
 import math
+import secrets
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
-from studio.errors import ConfigError, LimitError
+from studio.errors import ConfigError, Interrupted, LimitError
 from studio.options import check as check_fields
 from studio.options import Cli, option
 from studio.verbs import checks
@@ -30,6 +32,8 @@ LATENT_STEP = 8  # image sides are multiples of the VAE's downscale factor
 MAX_THREADS = 1024
 PNG = ".png"
 SERVING_MAX_SECONDS = 600.0  # the app's cap: one generation holds the engine for every client
+RANDOM_SEED = -1  # seed -1: a random seed, chosen when the request runs (as A1111 does)
+RANDOM_SEED_BITS = 32
 
 
 @dataclass
@@ -64,7 +68,8 @@ class GenerateRequest:
     adapters: list[str] = option(default_factory=list, help="FILE[:weight] or COLLECTION.safetensors#NAME[:weight]; repeat to "
                                  "mix ('none': no adapter)", cli=Cli(repeat=True, flag="--adapter", metavar="SPEC"))
     per_image: bool = option(False, "each image of the batch gets its own --adapter")
-    seed: int = option(0, "seed of the first image (image i: seed + i)", minimum=0, maximum=checks.MAX_SEED)
+    seed: int = option(0, "seed of the first image (image i: seed + i; -1: a random seed, written into the PNG info)",
+                       minimum=RANDOM_SEED, maximum=checks.MAX_SEED)
     steps: int = option(25, "denoising steps", minimum=1)
     guidance: float | None = option(None, "CFG scale; on FLUX.1 the embedded guidance (default: 4 for the world, 3.5 FLUX.1-dev, none for schnell, 7 SD3, else 7.5)", minimum=0)
     width: int | None = option(None, "image width in pixels, a multiple of 8 (default: the base's native size)", minimum=LATENT_STEP)
@@ -115,6 +120,36 @@ class GenerateResult:
 
     def as_text(self) -> str:
         return "\n".join(str(path) for path in self.paths)
+
+
+@dataclass
+class Watch:
+    """How a front end follows and stops one generation (the app's progress and Interrupt button):
+    ``on_step(done, total)`` after each denoising step; ``stop`` set ends it at the next step
+    with `studio.errors.Interrupted` (nothing is saved)."""
+
+    stop: threading.Event | None = None
+    on_step: Callable[[int, int], None] | None = None
+
+    def hook(self) -> Callable[[int, int], bool]:
+        """The engine's step hook: report the step, True (interrupt) once stop is set."""
+        def on_step(done: int, total: int) -> bool:
+            if self.on_step is not None:
+                self.on_step(done, total)
+            return self.stop is not None and self.stop.is_set()
+        return on_step
+
+    def check(self, where: str = "generation") -> None:
+        """Raise Interrupted when stop was set (after the engine returned)."""
+        if self.stop is not None and self.stop.is_set():
+            raise Interrupted(f"{where} interrupted; nothing was saved")
+
+
+def with_seed(request: GenerateRequest) -> GenerateRequest:
+    """The request with seed -1 replaced by a random seed (any other seed unchanged)."""
+    if request.seed != RANDOM_SEED:
+        return request
+    return replace(request, seed=secrets.randbits(RANDOM_SEED_BITS))
 
 
 def output_paths(output: str | Path, count: int) -> list[Path]:
@@ -204,11 +239,17 @@ def _check_adapters(request: GenerateRequest, names: set[str] | frozenset[str]) 
     return files
 
 
-def run(request: GenerateRequest, engine: Any = None, names: set[str] | frozenset[str] = frozenset()) -> GenerateResult:
-    """Check, load the engine (or use ``engine``), refuse what does not fit, generate, save."""
-    from studio.engine import comparison_grid, generate, get_engine
+def run(request: GenerateRequest, engine: Any = None, names: set[str] | frozenset[str] = frozenset(),
+        watch: Watch | None = None, batched: bool = False) -> GenerateResult:
+    """Check, load the engine (or use ``engine``), refuse what does not fit, generate, save.
+
+    ``batched``: through the engine's request batcher (`Engine.submit`), so that concurrent
+    callers (the app's clients) share per-image batches; grids always run as one batch of their
+    own. ``watch``: follow the denoising steps and stop them (`Watch`)."""
+    from studio.engine import get_engine
 
     check(request, names)
+    request = with_seed(request)
     if request.threads:
         import torch
 
@@ -217,13 +258,24 @@ def run(request: GenerateRequest, engine: Any = None, names: set[str] | frozense
     check_pixels(*engine.size_of(request), request.limits)
     estimate = check_cost(request, engine) if request.limits.check_memory or request.limits.max_seconds else None
     started = time.perf_counter()
-    if request.grid:
-        images = [comparison_grid(request, engine, min(len(request.adapters), GRID_COLUMNS))]
-    else:
-        images = generate(request, engine)
+    images = _images(request, engine, watch or Watch(), batched)
     seconds = time.perf_counter() - started
     paths = [] if request.output is None else [image.save(path) for image, path in zip(images, output_paths(request.output, len(images)))]
     return GenerateResult(images, paths, seconds, estimate)
+
+
+def _images(request: GenerateRequest, engine: Any, watch: Watch, batched: bool) -> list:
+    """The request's images: a grid, one batcher submission, or one direct engine call."""
+    from studio.engine import comparison_grid, generate
+
+    if request.grid:
+        images = [comparison_grid(request, engine, min(len(request.adapters), GRID_COLUMNS), watch.hook())]
+    elif batched:
+        images = engine.submit(request, watch.stop, watch.on_step).result()
+    else:
+        images = generate(request, engine, watch.hook())
+    watch.check()
+    return images
 
 
 def check_cost(request: GenerateRequest, engine: Any):

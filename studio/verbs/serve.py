@@ -26,7 +26,8 @@ MAX_PORT = 65535
 class ServeRequest:
     """Where the app serves, over which base and workspace."""
 
-    base: str = option("world", "BASE: world, a diffusers folder, a .safetensors checkpoint, a hub id")
+    base: str | None = option(None, "BASE: world, a diffusers folder, a .safetensors checkpoint, a hub id (default: the base the "
+                              "workspace used last, else world)")
     host: str = option("127.0.0.1", "interface to bind (default 127.0.0.1: this machine only)")
     port: int = option(7860, "port to answer on", minimum=1, maximum=MAX_PORT)
     workspace: str = option("runs/studio-workspace", "the only folder the app reads and serves", cli=Cli(metavar="DIR"))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from studio.errors import ConfigError, PathError
+from studio.errors import ConfigError, LimitError, PathError, StudioError
 from studio.events import Done, Event
 from studio.options import check as check_fields
 from studio.options import Cli, option
@@ -26,6 +26,7 @@ from studio.verbs import checks
 
 MAX_THREADS = 1024
 FAITHFUL = 0.01  # an export error above this is a warning with its number (the project's rule)
+BYTES_PER_TRAINABLE = 16  # fp32 weight, its gradient and AdamW's two moments
 
 
 @dataclass
@@ -126,10 +127,64 @@ def check_configs(configs: list[TrainConfig], resume: str | None = None) -> None
         checks.existing_folder("data", config.data)
         if Path(config.output_dir).is_file():
             raise PathError(f"output_dir: {config.output_dir} is a file, not a folder")
+        check_memory(config)
     if resume is not None:
         folder = checks.existing_folder("resume", resume)
         if not (folder / "config.toml").is_file():
             raise PathError(f"resume: {folder} holds no run to resume (no config.toml)")
+
+
+@dataclass
+class MemoryEstimate:
+    """What the adapter of a run costs before anything is built: trainable numbers, their bytes
+    (weights, gradients, AdamW moments), its fixed buffers, and what the device has free."""
+
+    trainable: int
+    buffers_bytes: int
+    device: str
+    free_bytes: int | None
+
+    @property
+    def bytes(self) -> int:
+        return self.trainable * BYTES_PER_TRAINABLE + self.buffers_bytes
+
+
+def estimate_memory(config: TrainConfig) -> MemoryEstimate | None:
+    """The adapter's size from its family's own build on the meta device (no memory used) over the
+    base's weightless module tree; None when the base has no stored tree (a hub id) or the family
+    cannot be built there."""
+    import torch
+
+    from studio.adapters import registry
+    from studio.bases import is_hub_id, module_tree
+    from studio.verbs.generate import free_memory
+
+    if is_hub_id(config.base):
+        return None
+    try:
+        tree = module_tree(config.base)
+        with torch.device("meta"):
+            adapter = registry.build_adapter(config.family, registry.make_config(config.family, config.adapter), tree)
+    except StudioError:
+        raise
+    except Exception:  # noqa: BLE001 - an op without a meta kernel: no estimate, the run's own build decides
+        return None
+    trainable = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
+    buffers = sum(b.numel() * b.element_size() for b in adapter.buffers())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return MemoryEstimate(trainable, buffers, str(device), free_memory(device))
+
+
+def check_memory(config: TrainConfig) -> None:
+    """Refuse a run whose adapter alone would not fit in what the device has free (LimitError
+    naming the numbers and the knobs to lower), before any model is loaded."""
+    estimate = estimate_memory(config)
+    if estimate is None or estimate.free_bytes is None or estimate.bytes <= estimate.free_bytes:
+        return
+    raise LimitError(f"train: the {config.family} adapter with {config.adapter or 'its default knobs'} has "
+                     f"{estimate.trainable:,} trainable numbers: about {estimate.bytes / 2**30:.1f} GiB for them, their gradients "
+                     f"and AdamW's moments, and {estimate.device} has {estimate.free_bytes / 2**30:.1f} GiB free: lower the "
+                     "rank (or d / groups)")
 
 
 def run(request: TrainRequest, stop: threading.Event | None = None) -> Iterator[Event]:

@@ -145,18 +145,21 @@ def test_collection_tab(page, target):
 def test_subspace_tab(page, target):
     panel = open_tab(page, "Subspace")
     panel.get_by_role("button", name="Compress").click()
-    expect(panel.locator("#subspace-status")).to_contain_text("compressed", timeout=SLOW)
+    expect(panel.locator("#subspace-status")).to_contain_text("Verdict:", timeout=SLOW)  # "Not compressed yet" before
     expect(panel.locator("#subspace-errors")).to_contain_text(target.adapter)
     shoot(page, "subspace")
 
 
 def test_train_tab(page):
     panel = open_tab(page, "Train")
-    panel.get_by_role("button", name="Generate from style").click()
-    expect(panel.locator("#train-dataset textarea, #train-dataset input").first).to_have_value("datasets/world-noir", timeout=SLOW)
+    panel.get_by_label("Images", exact=True).fill("8")
+    panel.get_by_role("button", name="Render style").click()
+    expect(panel.locator("#train-dataset input").first).to_have_value("datasets/world-noir", timeout=SLOW)
+    expect(panel.locator("#train-dataset-info")).to_contain_text("8 images", timeout=SLOW)
     panel.get_by_label("Run name").fill("browser-lora")
     panel.get_by_label("Steps", exact=True).fill("3")
-    panel.get_by_label("Sample every (steps)").fill("3")
+    panel.get_by_label("Batch size", exact=True).fill("2")
+    panel.get_by_label("Sample every").fill("3")
     panel.get_by_label("Sample prompt").fill("noirish style, a red circle")
     panel.get_by_role("button", name="Train", exact=True).click()
     expect(panel.locator("#train-status")).to_contain_text("step 3 / 3", timeout=SLOW)

@@ -18,34 +18,34 @@ def zoo_imported(client):
 @pytest.mark.parametrize("folder,message", [("../", "'..' is not accepted"), ("/etc", "absolute paths"), ("adapters/../../x", "'..' is not accepted")])
 def test_folders_outside_the_workspace_are_refused(client, folder, message):
     with pytest.raises(AppError, match=message):
-        client.predict(folder, api_name="/import_folder")
+        client.predict(folder=folder, api_name="/import_folder")
 
 
 @pytest.mark.parametrize("name", ["../style0", "/tmp/style0.safetensors", "style0/../../x", "C:\\x"])
 def test_adapter_names_that_are_paths_are_refused(client, name):
     with pytest.raises(AppError, match="is not allowed"):
-        client.predict([name], 1.0, api_name="/switch_adapter")
+        client.predict(adapters=[name], strength=1.0, api_name="/switch_adapter")
     with pytest.raises(AppError, match="is not allowed"):
-        client.predict("a red circle", "", [name], "", 1.0, "mix into one", 0, 1, None, 1, None, None, "default", api_name="/generate")
+        client.predict(prompt="a red circle", adapters=[name], steps=1, api_name="/generate")
 
 
 def test_bases_outside_the_workspace_are_refused(client):
     with pytest.raises(AppError, match="'..' is not accepted"):
-        client.predict("a diffusers folder", "../../", api_name="/load_base")
+        client.predict(kind="folder", value="../../", api_name="/load_base")
     with pytest.raises(AppError, match="offline"):
-        client.predict("a hub id (online)", "org/model", api_name="/load_base")
+        client.predict(kind="hub", value="org/model", api_name="/load_base")
 
 
 def test_dataset_folders_outside_the_workspace_are_refused(client):
     with pytest.raises(AppError, match="absolute paths"):
-        client.predict("x", "/etc", "lora", "{}", 1, 1e-3, 1, "", 0, "", 0, api_name="/train")
+        client.predict(name="x", dataset="/etc", steps=1, api_name="/train")
 
 
 def test_oversized_upload_is_refused(client, running_app, tmp_path):
     big = tmp_path / "big.safetensors"
     big.write_bytes(b"\0" * (running_app.studio.config.max_file_size + 1024))
     with pytest.raises(Exception):
-        client.predict([handle_file(str(big))], api_name="/import_files")
+        client.predict(files=[handle_file(str(big))], api_name="/import_files")
     assert not (running_app.studio.workspace.folder("adapters") / "big.safetensors").exists()
 
 
@@ -57,19 +57,19 @@ class _Boom:
 def test_pickles_are_never_unpickled(client, tmp_path, capsys):
     evil = tmp_path / "evil.safetensors"  # a pickle wearing the right suffix
     evil.write_bytes(pickle.dumps(_Boom()))
-    _, table, _ = client.predict([handle_file(str(evil))], api_name="/import_files")
+    _, table, _ = client.predict(files=[handle_file(str(evil))], api_name="/import_files")
     row = next(r for r in table["data"] if r[0] == "evil")
-    assert row[-1].startswith("error:")
+    assert row[-1].startswith("refused:")
     assert "unpickled!" not in capsys.readouterr().out
-    client.predict("evil", api_name="/remove_adapter")
+    client.predict(name="evil", api_name="/remove_adapter")
 
 
 def _generate(client, adapter: str, seed: int):
-    return client.submit("a red circle", "", [adapter], "", 1.0, "mix into one", seed, 2, None, 1, None, None, "default", api_name="/generate")
+    return client.submit(prompt="a red circle", adapters=[adapter], seed=seed, steps=2, api_name="/generate")
 
 
 def _pixels(job) -> bytes:
-    with Image.open(job.result()[2][0]) as image:
+    with Image.open(job.result()[3][0]) as image:  # (status, gallery, infotext, files, ...)
         return image.tobytes()
 
 
@@ -79,7 +79,7 @@ def test_simultaneous_switch_and_generate_are_serialized(client):
     jobs = []
     for name in ("style0", "style1", "style0", "style1"):
         jobs.append((name, _generate(client, name, 5)))
-        jobs.append((None, client.submit(["style2"], 1.7, api_name="/switch_adapter")))
+        jobs.append((None, client.submit(adapters=["style2"], strength=1.7, api_name="/switch_adapter")))
     for name, job in jobs:
         if name is None:
             assert "switched" in job.result()
@@ -90,6 +90,7 @@ def test_simultaneous_switch_and_generate_are_serialized(client):
 def test_png_info_reads_back(client, running_app):
     from studio.engine import read_png_parameters
 
-    _, _, files, _, _, _ = client.predict("a red circle", "", ["style1"], "0.7", 1.0, "mix into one", 9, 2, 3.5, 1, None, None, "euler", api_name="/generate")
-    params = read_png_parameters(files[0])
+    _, _, _, files, _, _ = client.predict(prompt="a red circle", adapters=["style1"], weights="0.7", seed=9, steps=2, guidance=3.5,
+                                          scheduler="euler", api_name="/generate")
+    params = read_png_parameters(files[0])  # files: the PNGs as written, with their info
     assert params.seed == 9 and params.steps == 2 and params.cfg_scale == 3.5 and params.adapters == [("style1", 0.7)]

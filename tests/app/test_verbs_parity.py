@@ -24,15 +24,17 @@ def _cli_json(capsys, *argv) -> object:
 
 
 def test_inspect(client, tiny_zoo, tiny_pipeline_dir, capsys):
-    details = client.predict("style1", api_name="/adapter_details")
+    details = client.predict(name="style1", api_name="/adapter_details")
     row, = _cli_json(capsys, "inspect", tiny_zoo / "style1.safetensors", "--base", tiny_pipeline_dir)
     row["file"] = row.pop("path").rsplit("/", 1)[-1]
+    assert details.pop("kind") == "LoRA file"  # the app adds which kind of entry it is
     assert details == json.loads(json.dumps(row))
 
 
 def test_compress(client, running_app, tiny_pipeline_dir, tmp_path, capsys):
-    _, _, _, _, summary = client.predict("K per layer", 2, 0.9, 0, "kohya", api_name="/compress")
-    files = [info.path for info in running_app.studio.infos if info.error is None]
+    _, _, _, _, _, summary = client.predict(size_by="k", k=2, api_name="/compress")
+    compressed = {a["name"] for a in summary["adapters"]}  # the files the app compressed, trained (and resumed) ones included
+    files = [entry.source for entry in running_app.studio.library.files.values() if entry.name in compressed]  # the app's order
     report = _cli_json(capsys, "compress", *files, "-o", tmp_path / "c.safetensors", "--k", "2", "--base", tiny_pipeline_dir)
     app = {a["name"]: (a["rel_error"], a["loo_error"]) for a in summary["adapters"]}
     cli = {a["name"]: (a["rel_error"], a["loo_error"]) for a in report["adapters"]}
@@ -43,8 +45,7 @@ def test_compress(client, running_app, tiny_pipeline_dir, tmp_path, capsys):
 
 
 def test_generate(client, tiny_zoo, tiny_pipeline_dir, tmp_path, capsys):
-    _, infotext, files, _, _, _ = client.predict(
-        "a red circle", "", ["style0"], "", 1.0, "mix into one", 7, 2, None, 1, None, None, "default", api_name="/generate")
+    _, _, infotext, files, _, _ = client.predict(prompt="a red circle", adapters=["style0"], seed=7, steps=2, api_name="/generate")
     out = tmp_path / "cli.png"
     result = _cli_json(capsys, "generate", "--base", tiny_pipeline_dir, "--prompt", "a red circle", "--adapter",
                        tiny_zoo / "style0.safetensors", "--seed", "7", "--steps", "2", "--device", "cpu", "--dtype", "float32", "-o", out)

@@ -55,8 +55,8 @@ def test_zip_extracts_images_and_captions_flat(tmp_path):
     png = io.BytesIO()
     Image.new("RGB", (8, 8), "red").save(png, format="PNG")
     archive = _zip(tmp_path, {"set/a.png": png.getvalue(), "set/a.txt": b"a red square", "run.sh": b"rm -rf /"})
-    written = extract_dataset_zip(archive, tmp_path / "out")
-    assert sorted(p.name for p in written) == ["a.png", "a.txt"]
+    extracted = extract_dataset_zip(archive, tmp_path / "out")
+    assert sorted(p.name for p in extracted.files) == ["a.png", "a.txt"] and extracted.folders == {}
     assert not (tmp_path / "out" / "run.sh").exists()
 
 

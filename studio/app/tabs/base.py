@@ -1,35 +1,38 @@
-"""Base tab: pick the base model (the world, a folder or file in the workspace, a hub id)."""
+"""Base tab: pick the base model (the world, a diffusers folder or single file in the workspace, a
+hub id) and see what it is: its family (SD 1.x/2.x, SDXL, FLUX.1, SD3.5), denoiser, guidance,
+native size and the components that take adapters."""
 
 from __future__ import annotations
 
 import gradio as gr
 
+from studio.app.forms import BaseForm
 from studio.app.services import Studio
 from studio.app.tabs import Tab
-from studio.app.wiring import friendly
+from studio.app.wiring import named, takes
 
-KINDS = {"the embedded world": "world", "a diffusers folder": "folder", "a single .safetensors file": "file", "a hub id (online)": "hub"}
+KINDS = [("the embedded world", "world"), ("a diffusers folder", "folder"), ("a single .safetensors file", "file"), ("a hub id (online)", "hub")]
 
 
 def build(studio: Studio) -> Tab:
     """Lay out the tab and wire Load to `Studio.pick_base`."""
     with gr.Tab("Base", id="base", elem_id="tab-base") as tab:
-        gr.Markdown(f"Folders and files are named relative to the workspace `{studio.workspace.root}` "
-                    "(put models under `bases/`). Adapters are re-checked against the new base.")
-        kind = gr.Radio(list(KINDS), value="the embedded world", label="Base")
-        value = gr.Textbox(label="Folder, file or hub id", placeholder="bases/my-model  |  org/name")
+        gr.Markdown(f"Folders and files are named relative to the workspace `{studio.workspace.root}` (put models under `bases/`). "
+                    "Adapters are read again against the new base; the workspace remembers it for the next start.")
+        with gr.Row(equal_height=False):
+            kind = gr.Radio(KINDS, value="world", label="Base", min_width=280)
+            value = gr.Dropdown(studio.bases_in_workspace(), value="", allow_custom_value=True, label="Folder, file or hub id",
+                                info="bases/my-model  |  org/name", elem_id="base-value", min_width=240)
         load = gr.Button("Load base", variant="primary")
         status = gr.Markdown(elem_id="base-status")
-        summary = gr.JSON(label="Base")
+        summary = gr.JSON(label="Base", elem_id="base-summary")
 
     def shown():
-        loaded = "loaded" if studio.engine is not None else f"not loaded: {studio.base_error}"
-        adapters = sum(1 for info in studio.infos if not info.error)
-        return f"Base `{studio.base_label()}` ({loaded}); {adapters} adapters fit it.", {"base": studio.base_label(), "loaded": studio.engine is not None, "adapters": adapters}
+        info = studio.base_info()
+        loaded = f"loaded: {info['family']}, native {info['native size']} px" if info["loaded"] else f"not loaded: {info['error']}"
+        text = f"Base `{info['base']}` ({loaded}); {info['adapters']} adapters fit it."
+        return text, info, gr.Dropdown(choices=studio.bases_in_workspace())
 
-    def pick(label: str, text: str):
-        studio.pick_base(KINDS[label], text or "")
-        return shown()
-
-    load.click(friendly(pick), [kind, value], [status, summary], api_name="load_base", concurrency_id="engine", concurrency_limit=1)
-    return Tab(tab, shown, [status, summary])
+    load.click(takes(BaseForm, "base")(lambda form: (studio.pick_base(form), shown())[1]), inputs_kwargs=named(BaseForm, kind=kind, value=value),
+               outputs=[status, summary, value], api_name="load_base", concurrency_id="engine", concurrency_limit=1, show_progress_on=[status])
+    return Tab(tab, shown, [status, summary, value])

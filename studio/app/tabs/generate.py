@@ -1,73 +1,132 @@
 """Generate tab: prompt and options, adapters by name (instant switching), mixing, per-image
-adapters, same-seed comparison grids, a gallery, and PNGs that carry their parameters."""
+adapters, same-seed comparison grids; one progress bar and an Interrupt button; labelled images,
+uncropped grids, "reuse parameters" from a PNG, and PNGs that carry their parameters."""
 
 from __future__ import annotations
 
+import time
+
 import gradio as gr
 
-from studio.app.services import GenerateForm, Studio
+from studio.app.forms import GenerateForm, SwitchForm
+from studio.app.services import Studio
 from studio.app.tabs import Tab
-from studio.app.wiring import float_list, friendly, optional_float, optional_int
+from studio.app.wiring import form_of, friendly, named
+from studio.engine.schedulers import SCHEDULERS
+from studio.errors import StudioError
 
-MODES = {"mix into one": "mix", "one adapter per image": "per_image", "same-seed comparison grid": "grid"}
-SCHEDULERS = ["default", "ddim", "euler", "euler_a", "dpm++", "dpm++_karras", "pndm", "lms", "heun", "unipc", "ddpm"]
+MODES = [("mix into one", "mix"), ("one adapter per image", "per_image"), ("same-seed comparison grid", "grid")]
+POLL_SECONDS = 0.25
+REUSED = ["prompt", "negative_prompt", "adapters", "weights", "mode", "seed", "steps", "guidance", "width", "height", "scheduler"]
 
 
 def build(studio: Studio) -> Tab:
-    """Lay out the tab and wire it to `Studio.switch` / `generate` / `gallery`."""
+    """Lay out the tab and wire it to `studio.generation`."""
+    generation = studio.generation
     with gr.Tab("Generate", id="generate", elem_id="tab-generate") as tab:
-        with gr.Row():
-            with gr.Column(scale=2):
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=320):
                 prompt = gr.Textbox(label="Prompt", value="a red circle on a white background", lines=2)
-                negative = gr.Textbox(label="Negative prompt")
+                negative = gr.Textbox(value="", label="Negative prompt")
+                with gr.Row(equal_height=False):
+                    adapters = gr.Dropdown(["none"], value=[], multiselect=True, allow_custom_value=True, label="Adapters", elem_id="generate-adapters", min_width=200,
+                                           info="picking one merges it at once (instant switching)")
+                    weights = gr.Textbox(value="", label="Weights", placeholder="1, 0.5", info="one per adapter", min_width=100)
+                    strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength", min_width=140)
+                mode = gr.Radio(MODES, value="mix", label="Mode")
+                with gr.Row(equal_height=False):
+                    seed = gr.Number(value=0, precision=0, label="Seed", info="-1: random", min_width=90)
+                    steps = gr.Number(value=20, precision=0, label="Steps", info=f"1..{studio.config.limits.max_steps}", min_width=90)
+                    guidance = gr.Number(value=0, label="CFG scale", info="0: the base's usual", min_width=90)
+                    batch = gr.Number(value=1, precision=0, label="Batch", info=f"1..{studio.config.limits.max_batch}", min_width=90)
+                with gr.Row(equal_height=False):
+                    width = gr.Number(value=0, precision=0, step=8, label="Width", info="0: native", min_width=90)
+                    height = gr.Number(value=0, precision=0, step=8, label="Height", info="0: native", min_width=90)
+                    scheduler = gr.Dropdown(["default", *SCHEDULERS], value="default", label="Scheduler", min_width=120)
                 with gr.Row():
-                    adapters = gr.Dropdown(["none"], value=[], multiselect=True, allow_custom_value=True, label="Adapters", elem_id="generate-adapters")
-                    weights = gr.Textbox(label="Weights (one per adapter)", placeholder="1, 0.5")
-                    strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength")
-                mode = gr.Radio(list(MODES), value="mix into one", label="Mode")
-                with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed")
-                    steps = gr.Number(value=20, precision=0, minimum=1, label="Steps")
-                    guidance = gr.Number(value=0, minimum=0, label="CFG scale (0: the base's usual)")
-                    batch = gr.Number(value=1, precision=0, minimum=1, maximum=16, label="Batch")
-                with gr.Row():
-                    width = gr.Number(value=0, precision=0, minimum=0, step=8, label="Width (0: native)")
-                    height = gr.Number(value=0, precision=0, minimum=0, step=8, label="Height (0: native)")
-                    scheduler = gr.Dropdown(SCHEDULERS, value="default", label="Scheduler")
-                with gr.Row():
-                    switch = gr.Button("Switch adapter")
-                    run = gr.Button("Generate", variant="primary")
+                    run = gr.Button("Generate", variant="primary", elem_id="generate-run")
+                    interrupt = gr.Button("Interrupt", variant="stop", elem_id="generate-interrupt")
                 status = gr.Markdown(elem_id="generate-status")
-            with gr.Column(scale=3):
-                images = gr.Gallery(label="Images", columns=4, height=400, elem_id="generate-images", format="png", preview=True, object_fit="contain")
-                infotext = gr.Textbox(label="Parameters (written into each PNG)", lines=3)
+                with gr.Accordion("Reuse parameters from a PNG", open=False):
+                    reuse_file = gr.File(label="A PNG the studio (or A1111) made", file_types=[".png"], type="filepath", height=100)
+            with gr.Column(scale=3, min_width=320):
+                images = gr.Gallery(label="Images", columns=2, height="auto", elem_id="generate-images", format="png", object_fit="contain",
+                                    preview=False, allow_preview=True)
+                infotext = gr.Textbox(label="Parameters (written into each PNG)", lines=3, elem_id="generate-infotext")
                 files = gr.File(label="Download PNGs", file_count="multiple", interactive=False)
-                summary = gr.JSON(label="Summary")
+                summary = gr.JSON(label="Summary", visible=False)
         history = gr.Gallery(label="Gallery (workspace outputs)", columns=8, height=220, format="png", object_fit="contain")
-        refresh_gallery = gr.Button("Refresh gallery")
+        refresh_gallery = gr.Button("Refresh gallery", size="sm")
 
-    def switch_to(chosen: list[str], scale: float) -> str:
-        name = (chosen or ["none"])[0]
-        seconds = studio.switch(name, float(scale))
-        return f"switched to `{name}` (strength {float(scale):g}) in {seconds * 1000:.1f} ms"
+    form_inputs = named(GenerateForm, prompt=prompt, negative_prompt=negative, adapters=adapters, weights=weights, mode=mode,
+                        strength=strength, seed=seed, steps=steps, guidance=guidance, batch=batch, width=width, height=height,
+                        scheduler=scheduler)
 
-    def make(text, neg, chosen, weight_text, scale, mode_label, seed_value, steps_value, cfg, batch_value, w, h, sched):
-        form = GenerateForm(
-            prompt=text, adapters=list(chosen or []), weights=float_list(weight_text), mode=MODES[mode_label],
-            negative_prompt=neg or "", strength=float(scale), seed=int(seed_value or 0), steps=int(steps_value),
-            guidance=optional_float(cfg), batch=int(batch_value or 1), width=optional_int(w), height=optional_int(h),
-            scheduler=None if sched in (None, "default") else sched,
-        )
-        done = studio.generate(form)
+    def make(request: gr.Request, progress=gr.Progress(), **values):
+        form = form_of(GenerateForm, values, "generate")
+        following = generation.start(form, _session(request))
+        while not following.future.done():
+            time.sleep(POLL_SECONDS)
+            if following.total:
+                progress((following.done, following.total), desc="denoising")
+                yield (f"denoising: step {following.done} / {following.total}",) + (gr.skip(),) * 5
+        done = following.future.result()
         paths = [str(p) for p in done.paths]
-        summary_value = {"images": len(paths), "sizes": [list(s) for s in done.sizes], "seconds": done.seconds, "files": [p.name for p in done.paths]}
+        summary_value = {"images": len(paths), "sizes": [list(s) for s in done.sizes], "seconds": done.seconds,
+                         "files": [p.name for p in done.paths], "labels": done.labels}
         note = f"{len(paths)} image(s) in {done.seconds:.2f} s"
-        return paths, "\n\n".join(done.infotexts), paths, summary_value, note, [str(p) for p in studio.gallery()]
+        yield note, list(zip(paths, done.labels)), "\n\n".join(done.infotexts), paths, summary_value, [str(p) for p in generation.gallery()]
 
-    switch.click(friendly(switch_to), [adapters, strength], status, api_name="switch_adapter", concurrency_id="engine", concurrency_limit=1)
-    adapters.change(friendly(switch_to), [adapters, strength], status, api_visibility="private", concurrency_id="engine", concurrency_limit=1)
-    inputs = [prompt, negative, adapters, weights, strength, mode, seed, steps, guidance, batch, width, height, scheduler]
-    run.click(friendly(make), inputs, [images, infotext, files, summary, status, history], api_name="generate",
-              concurrency_id="engine", concurrency_limit=1)
-    refresh_gallery.click(lambda: [str(p) for p in studio.gallery()], None, history, api_name="gallery")
-    return Tab(tab, lambda: (gr.Dropdown(choices=["none", *studio.names()]), [str(p) for p in studio.gallery()]), [adapters, history])
+    def switch_to(**values):
+        form = form_of(SwitchForm, values, "switch")
+        return switched(studio, form.adapters[0] if form.adapters else "none", form.strength)
+
+    def interrupt_mine(request: gr.Request) -> str:
+        count = generation.interrupt(_session(request))
+        return "interrupting at the next denoising step ..." if count else "nothing of yours is generating"
+
+    run.click(friendly(make), inputs_kwargs=form_inputs, outputs=[status, images, infotext, files, summary, history],
+              api_name="generate", concurrency_id="generate", concurrency_limit=16, show_progress_on=[status])
+    interrupt.click(interrupt_mine, None, status, api_name="interrupt", queue=False)
+    adapters.input(friendly(switch_to), inputs_kwargs=named(SwitchForm, adapters=adapters, strength=strength), outputs=status,
+                   api_name="switch_adapter", show_progress="hidden")
+    reuse_file.upload(friendly(lambda path: reused(studio, path)), reuse_file, [prompt, negative, adapters, weights, mode, seed, steps,
+                                                                              guidance, width, height, scheduler, status],
+                      api_name="reuse_parameters")
+    refresh_gallery.click(lambda: [str(p) for p in generation.gallery()], None, history, api_name="gallery")
+    return Tab(tab, lambda: (gr.Dropdown(choices=["none", *studio.names()]), [str(p) for p in generation.gallery()]), [adapters, history])
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or ""
+
+
+def switched(studio: Studio, name: str, strength: float = 1.0) -> str:
+    """Merge one registered adapter (or 'none') into the live weights; how long it took."""
+    from studio.engine import check_name
+
+    from studio.errors import LimitError
+
+    engine = studio.require_engine()
+    cap = studio.config.limits.max_weight
+    if not abs(strength) <= cap:
+        raise LimitError(f"switch: strength = {strength:g}: must be a finite number within +-{cap:g} (limits.max_weight)")
+    if name != "none":
+        check_name(name)
+        if name not in studio.names():
+            raise StudioError(f"no adapter named {name!r} in the collection")
+    started = time.perf_counter()
+    engine.activate(name if name != "none" else None, strength)
+    return f"switched to `{name}` (strength {strength:g}) in {(time.perf_counter() - started) * 1000:.1f} ms"
+
+
+def reused(studio: Studio, path: str | None):
+    """The form filled in from a PNG's parameters; adapters not in the collection are named."""
+    if not path:
+        return (gr.skip(),) * 12
+    values = studio.generation.reuse(path)
+    known = set(studio.names()) | {"none"}
+    missing = [name for name in values["adapters"] if name not in known]
+    values["adapters"] = [name for name in values["adapters"] if name in known]
+    note = "parameters taken from the PNG" + (f"; not in the collection: {', '.join(missing)}" if missing else "")
+    return (*(values[key] for key in REUSED), note)
