@@ -94,3 +94,43 @@ def test_png_info_reads_back(client, running_app):
                                           scheduler="euler", api_name="/generate")
     params = read_png_parameters(files[0])  # files: the PNGs as written, with their info
     assert params.seed == 9 and params.steps == 2 and params.cfg_scale == 3.5 and params.adapters == [("style1", 0.7)]
+
+
+def test_a_same_named_upload_never_replaces_a_file(client, running_app, tiny_zoo, tmp_path):
+    """Hardening 3: a different file under a name already in the workspace is stored beside it."""
+    first, second = tmp_path / "a" / "twin.safetensors", tmp_path / "b" / "twin.safetensors"
+    for target, source in ((first, "style0"), (second, "style1")):
+        target.parent.mkdir()
+        target.write_bytes((tiny_zoo / f"{source}.safetensors").read_bytes())
+    client.predict(files=[handle_file(str(first))], api_name="/import_files")
+    summary, _, _ = client.predict(files=[handle_file(str(second))], api_name="/import_files")
+    folder = running_app.studio.workspace.folder("adapters")
+    assert (folder / "twin.safetensors").read_bytes() == first.read_bytes()
+    assert (folder / "twin-1.safetensors").read_bytes() == second.read_bytes()
+    assert "twin-1.safetensors" in summary
+    for name in ("twin", "twin-1"):
+        client.predict(name=name, api_name="/remove_adapter")
+
+
+def test_a_reader_crash_is_one_refused_row_and_the_app_goes_on(client, tiny_zoo, tmp_path, monkeypatch):
+    """Hardening 3: an unexpected exception inside the reader refuses that file only."""
+    import studio.app.library as library
+
+    real = library.load_collection
+
+    def crashing(paths, **kwargs):
+        if any("crasher" in str(p) for p in paths):
+            raise IndexError("reader bug")
+        return real(paths, **kwargs)
+
+    monkeypatch.setattr(library, "load_collection", crashing)
+    crasher = tmp_path / "crasher.safetensors"
+    crasher.write_bytes((tiny_zoo / "style2.safetensors").read_bytes())
+    _, table, _ = client.predict(files=[handle_file(str(crasher))], api_name="/import_files")
+    row = next(r for r in table["data"] if r[0] == "crasher")
+    assert row[-1].startswith("refused:")
+    assert "IndexError: reader bug" in client.predict(name="crasher", api_name="/adapter_details")["error"]
+    summary, _, _ = client.predict(api_name="/import_zoo")  # the collection is not wedged
+    assert "already in the collection" in summary
+    assert "switched" in client.predict(adapters=["style1"], strength=1.0, api_name="/switch_adapter")
+    client.predict(name="crasher", api_name="/remove_adapter")
