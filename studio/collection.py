@@ -148,7 +148,7 @@ def load_collection(paths: list[str | Path], base: str | None = None, lycoris_ra
             infos.append(_collection_row(path))
             continue
         try:
-            adapter = read_adapter(path, tree, base, lycoris_rank)
+            adapter = load_adapter(path, tree, lycoris_rank=lycoris_rank)  # native trained files too (formats.reader.STUDIO_FILES)
             info = describe(path, adapter)
         except StudioError as error:
             infos.append(AdapterInfo(path=str(path), name=path.stem, error=str(error), size=_size(path)))
@@ -166,56 +166,6 @@ def load_collection(paths: list[str | Path], base: str | None = None, lycoris_ra
     base_arch = tree.arch if tree and not tree.alternatives else _majority_arch(adapters)  # ``sd3``: Large or Medium
     _refuse_other_bases(adapters, infos, base_arch)
     return Collection(adapters, infos, base_arch)
-
-
-def read_adapter(path: Path, tree: ModuleTree | None, base: str | None, lycoris_rank: int | None = None) -> LoraAdapter:
-    """One file as a LoRA: any LoRA format, or a studio-trained native file (`studio.train.native`);
-    a compressed collection is refused by name (its members are ``FILE#NAME``)."""
-    metadata = _studio_header(path)
-    if metadata.get("studio.format") == "trained-adapter/1":
-        return native_lora(path, base)[0]
-    if "collection" in metadata.get("studio.format", ""):
-        from studio.subspace import is_collection_file
-
-        if is_collection_file(path):
-            raise StudioError(f"{path}: a compressed collection (written by studio compress), not one LoRA; name one of "
-                              f"its adapters as {path.name}#NAME, or import it as a collection in the app")
-    return load_adapter(path, tree, lycoris_rank=lycoris_rank)
-
-
-def _studio_header(path: Path) -> dict[str, str]:
-    """The header metadata of a .safetensors file ({} for other files or unreadable headers: the
-    LoRA reader then names the problem)."""
-    from studio.formats import read_header
-
-    if path.suffix.lower() != ".safetensors":
-        return {}
-    try:
-        return read_header(path)[1]
-    except (StudioError, OSError):
-        return {}
-
-
-def native_lora(path: Path, base: str | None) -> tuple[LoraAdapter, float]:
-    """A trained-adapter file as the LoRA it exports to (what the export cost in its notes) and
-    the export's relative error."""
-    from studio.train.native import load_native
-    from studio.train.export import TARGET, to_lora
-
-    native = load_native(path, base)
-    tree = module_tree(native.base)
-    metadata = {k: v for k, v in native.metadata.items() if not k.startswith("studio.") or k in ("studio.family", "studio.status", "studio.steps", "studio.trigger_word")}
-    export = to_lora(native.adapter, 0, native.name, tree, metadata)
-    lora = export.adapter
-    lora.base_arch = tree.arch
-    if native.metadata.get("modelspec.trigger_phrase") is None and native.metadata.get("studio.trigger_word"):
-        lora.metadata["modelspec.trigger_phrase"] = native.metadata["studio.trigger_word"]
-    level = "warning: " if export.relative_error > TARGET else ""
-    meta = native.metadata
-    when = (f"best checkpoint: step {meta['studio.best_step']}, validation loss {meta.get('studio.best_validation', '?')}"
-            if "studio.best_step" in meta else f"{meta.get('studio.status', 'done')} after {meta.get('studio.steps', '?')} steps")
-    lora.notes.append(f"{level}studio-trained {native.family} adapter ({when}), read as a LoRA {export.how}")
-    return lora, export.relative_error
 
 
 def _collection_row(path: Path) -> AdapterInfo:

@@ -81,26 +81,35 @@ def native_to_lora(path: str | Path, base=None, rank: int = 0):
 
     native = load_native(path, base)
     tree = base if base is not None and not isinstance(base, str) else module_tree(native.base)
-    metadata = {k: v for k, v in native.metadata.items() if not k.startswith("studio.")}
+    metadata = {k: v for k, v in native.metadata.items() if not k.startswith("studio.") or k in KEPT_FIELDS}
+    if "modelspec.trigger_phrase" not in metadata and native.metadata.get("studio.trigger_word"):
+        metadata["modelspec.trigger_phrase"] = native.metadata["studio.trigger_word"]
     export = to_lora(native.adapter, rank, native.name, tree, metadata)
     export.adapter.base_arch = tree.arch
+    export.adapter.source_format = "studio"
+    export.adapter.notes.insert(0, _read_note(native, export))
     return export
+
+
+KEPT_FIELDS = ("studio.family", "studio.status", "studio.steps", "studio.trigger_word", "studio.best_step", "studio.best_validation")
+
+
+def _read_note(native: NativeAdapter, export) -> str:
+    """Which run and checkpoint the LoRA comes from and what reading it as a LoRA cost (a
+    ``warning: `` note above the 1% target)."""
+    from studio.train.export import TARGET
+
+    meta = native.metadata
+    when = (f"best checkpoint: step {meta['studio.best_step']}, validation loss {meta.get('studio.best_validation', '?')}"
+            if "studio.best_step" in meta else f"{meta.get('studio.status', 'done')} after {meta.get('studio.steps', '?')} steps")
+    level = "warning: " if export.relative_error > TARGET else ""
+    return f"{level}a studio-trained {native.family} adapter ({when}), read as a LoRA {export.how}"
 
 
 def read_as_lora(path: Path, base=None, name: str | None = None):
     """What the formats room calls for a native file: the adapter as a LoraAdapter, its source and
     faithfulness in the notes (exact for families with low-rank factors, else the 1% target)."""
-    export = native_to_lora(path, base)
-    lora = export.adapter
+    lora = native_to_lora(path, base).adapter
     if name:
         lora.name = name
-    family = load_family_name(path)
-    lora.source_format = "studio"
-    lora.notes.insert(0, f"a studio-trained {family} adapter, read {export.how}")
     return lora
-
-
-def load_family_name(path: Path) -> str:
-    from studio.formats import read_header
-
-    return read_header(path)[1].get("studio.family", "?")

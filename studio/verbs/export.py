@@ -121,9 +121,10 @@ def _is_native(path: Path) -> bool:
 
 def _native(path: Path, base: str | None):
     """A trained-adapter file as a LoRA (exactly where its family allows) and the export's error."""
-    from studio.collection import native_lora
+    from studio.train.native import native_to_lora
 
-    return native_lora(path, base)
+    export = native_to_lora(path, base)
+    return export.adapter, export.relative_error
 
 
 def _reconstruction(lora, member: str | None, warnings: list[str]) -> list[float]:

@@ -67,7 +67,9 @@ def test_the_readers_take_the_studios_own_files(tiny_pipeline_dir, style_data, t
     lora = load_adapter(result.adapter_path, str(tiny_pipeline_dir))
     expected = native_to_lora(result.adapter_path).adapter
     assert set(lora.layers()) == set(expected.layers()) and all(torch.equal(lora.delta(m), expected.delta(m)) for m in lora.layers())
-    assert "a studio-trained lora adapter, read exactly" in lora.notes[0]
+    assert lora.notes[0] == "a studio-trained lora adapter (done after 4 steps), read as a LoRA exactly"
+    best = load_adapter(result.best_path, str(tiny_pipeline_dir))
+    assert best.notes[0].startswith("a studio-trained lora adapter (best checkpoint: step ") and best.metadata["studio.family"] == "lora"
     collection_path = family_cases["eigenlora"][0]["collection"]
     report = load_collection([result.adapter_path, result.best_path, collection_path], base=str(tiny_pipeline_dir))
     rows = {info.name: info for info in report.infos}
