@@ -35,6 +35,7 @@ Status = Literal["done", "stopped", "diverged"]
 DATASET_FILE = "dataset.json"
 BEST_DIR = "best"
 DIVERGENCE_PATIENCE = 2  # validations in a row above divergence_factor x the start
+PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 mixed", "fp16": "fp16 mixed"}  # accelerate's mixed_precision, as users read it
 
 
 @dataclass
@@ -139,7 +140,7 @@ def train(config: TrainConfig, resume_dir: str | Path | None = None, stop: threa
         else f"validation on {len(run.validation.captions)} of them (no held-out split)"
     yield Message(f"training {config.family} ({count_trainable(run.adapter):,} trainable numbers) on "
                   f"{len(run.train.captions)} pairs, {held}; lr {config.learning_rate:g}, batch {config.batch_size}, "
-                  f"{config.steps} steps, device {run.accelerator.device}, precision {session_mod.precision(config)}")
+                  f"{config.steps} steps, device {run.accelerator.device}, precision {PRECISION_NAMES.get(session_mod.precision(config), session_mod.precision(config))}")
     yield from _Runner(run, stop).execute(resume_dir is not None)
 
 

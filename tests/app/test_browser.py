@@ -62,12 +62,18 @@ def target(tiny_pipeline_dir, tiny_zoo) -> Target:
 
 
 @pytest.fixture(scope="module")
-def served(target, tmp_path_factory):
+def served_workspace(tmp_path_factory) -> Path:
+    """The served studio's workspace folder (what it writes can be read back by the test)."""
+    return tmp_path_factory.mktemp("browser-workspace")
+
+
+@pytest.fixture(scope="module")
+def served(target, served_workspace, tmp_path_factory):
     """`studio serve` in a subprocess on a free port of 127.0.0.1, with its own workspace."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     command = [sys.executable, "-m", "studio", "serve", "--port", str(port), "--device", "cpu",
-               "--workspace", str(tmp_path_factory.mktemp("browser-workspace")), *target.serve_args]
+               "--workspace", str(served_workspace), *target.serve_args]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     with log.open("w") as sink:
         process = subprocess.Popen(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, env=environment)
