@@ -68,12 +68,14 @@ class _Log:
             writer.writeheader()
             writer.writerows(rows)
         self.writer = None
+        self.missing = ""
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
-            except ImportError:
+            except ImportError:  # tensorboard is an optional extra, not one of the studio's modules
                 self.writer = None
+                self.missing = "TensorBoard logs were asked for (tensorboard = true) but the tensorboard package is not installed; only loss.csv is written"
 
     def write(self, step: int, loss: float | None, lr: float | None, val: float | None) -> None:
         with self.path.open("a", newline="") as handle:
@@ -164,6 +166,8 @@ class _Runner:
         if resume:
             yield Message(f"resumed from step {step}")
         log = _Log(self.out, step, self.config.tensorboard) if self.main else None
+        if log is not None and log.missing:
+            yield Message(log.missing, "warning")
         try:
             yield from self._steps(step, log)
         finally:
