@@ -107,20 +107,32 @@ def diffusers_state_dict(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor],
     return tensors, {"lora_adapter_metadata": json.dumps(_lora_configs(layers), sort_keys=True)}
 
 
+ANCHORED = ("unet", "transformer")  # denoisers: FLUX's top-level proj_out is a suffix of every single block's
+
+
+def _pattern_key(component: str, path: str) -> str:
+    """A rank / alpha pattern key for one module.
+
+    peft matches pattern keys as module-path suffixes (``get_pattern_key``) and takes the first
+    that fits, so ``proj_out`` would also claim ``single_transformer_blocks.N.proj_out``; denoiser
+    keys are anchored with ``^`` as diffusers' own loader does (peft PR 2419). Text-encoder keys
+    stay suffixes, without CLIP's ``text_model.`` level, to match old and new transformers alike.
+    """
+    return f"^{path}" if component in ANCHORED else path
+
+
 def _lora_configs(all_layers: dict[str, LoraLayer]) -> dict:
     packed: dict = {}
     components = sorted({module.partition(".")[0] for module in all_layers})
     for component in components:
-        # Patterns are module-path suffixes: without CLIP's ``text_model.`` level they match the
-        # module names of old and new transformers alike.
         layers = {m.partition(".")[2]: l for m, l in all_layers.items() if m.startswith(component + ".")}
         rank = Counter(l.rank for l in layers.values()).most_common(1)[0][0]
         alpha = Counter(l.alpha for l in layers.values()).most_common(1)[0][0]
         config = {
             "r": rank,
             "lora_alpha": alpha,
-            "rank_pattern": {m: l.rank for m, l in layers.items() if l.rank != rank},
-            "alpha_pattern": {m: l.alpha for m, l in layers.items() if l.alpha != alpha},
+            "rank_pattern": {_pattern_key(component, m): l.rank for m, l in layers.items() if l.rank != rank},
+            "alpha_pattern": {_pattern_key(component, m): l.alpha for m, l in layers.items() if l.alpha != alpha},
             "target_modules": sorted(layers),
         }
         packed.update({f"{component}.{key}": value for key, value in config.items()})
