@@ -24,6 +24,9 @@ tool before a user finds out (``studio.formats.export_for``), and keep the inter
 - diffusers: its own ``lora_state_dict`` + ``load_lora_into_unet`` / ``load_lora_into_text_encoder``
   run on a weightless (meta) UNet and text encoders of the architecture: the LoRA tensors and each
   peft layer's ``scaling`` are read back from the injected layers.
+
+FLUX.1 trees are read by `studio.formats.flux_consumers` (BFL's fused modules; A1111 has no FLUX
+loader); `read_as` sends them there.
 """
 
 from __future__ import annotations

@@ -346,3 +346,22 @@ def test_flux_a1111_is_not_supported(tmp_path, flux_adapter):
     path = save_adapter(flux_adapter, tmp_path / "k.safetensors", "kohya")
     check = fidelity(read_as("a1111", path, architecture_tree("flux1")), adapter_deltas(flux_adapter))
     assert check.unsupported and check.applied == 0 and "A1111 has no FLUX loader" in check.summary()
+
+
+def test_export_verb_for_each_tool_on_a_flux_file(tmp_path):
+    """``studio export IN --for TOOL``: the layout per tool, the message naming who reads it, A1111 refused by name."""
+    from studio.verbs.export import ExportRequest, run
+    from tests.formats.flux_files import FluxParams, write_kohya_flux
+
+    source = write_kohya_flux(tmp_path / "in.safetensors", p=FluxParams(depth=1, depth_single_blocks=1, clip_layers=1), rank=2)
+    layouts = {}
+    for tool in ("kohya", "comfyui", "diffusers"):
+        result = run(ExportRequest(input=str(source), output=str(tmp_path / f"{tool}.safetensors"), tool=tool))
+        layouts[tool] = result.layout
+        assert any("the kohya layout (BFL names" in n or "the diffusers layout is read by" in n for n in result.notes), result.notes
+    assert layouts == {"kohya": "kohya for kohya", "comfyui": "kohya for comfyui", "diffusers": "diffusers for diffusers"}
+    assert any(k.startswith("lora_unet_double_blocks_0_") for k in load_file(tmp_path / "comfyui.safetensors"))
+    assert all(k.startswith(("transformer.", "text_encoder.")) for k in load_file(tmp_path / "diffusers.safetensors"))
+    with pytest.raises(StudioError, match="A1111 has no FLUX.1 loader.*--for comfyui"):
+        run(ExportRequest(input=str(source), output=str(tmp_path / "a1111.safetensors"), tool="a1111"))
+    assert not (tmp_path / "a1111.safetensors").exists()
