@@ -26,7 +26,6 @@ SD3: add its tree to ARCHS once its consumers are modelled.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
