@@ -147,4 +147,4 @@ def component_configs(path: Path, fmt: str, metadata: dict[str, str]) -> tuple[d
     notes = [f"scale from {PEFT_CONFIG_NAME}: lora_alpha {config.lora_alpha:g}"
              + (", rsLoRA (alpha / sqrt(r))" if config.use_rslora else "")
              + (f", {len(config.alpha_pattern)} alpha_pattern entries" if config.alpha_pattern else "")]
-    return {component: config for component in ("unet", "text_encoder", "text_encoder_2")}, notes
+    return {component: config for component in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")}, notes

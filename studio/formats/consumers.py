@@ -24,6 +24,9 @@ tool before a user finds out (``studio.formats.export_for``), and keep the inter
 - diffusers: its own ``lora_state_dict`` + ``load_lora_into_unet`` / ``load_lora_into_text_encoder``
   run on a weightless (meta) UNet and text encoders of the architecture: the LoRA tensors and each
   peft layer's ``scaling`` are read back from the injected layers.
+
+FLUX.1 trees are read by `studio.formats.flux_consumers` (BFL's fused modules; A1111 has no FLUX
+loader); `read_as` sends them there.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Reading:
     ignored: list[str] = field(default_factory=list)
     refused: str | None = None
     native: list[str] = field(default_factory=list)  # modules the tool applies with its own LyCORIS math (not modelled)
+    unsupported: bool = False  # the tool has no loader for this architecture at all (``refused`` says so)
 
 
 def _clip_path(path: str) -> str:
@@ -110,9 +114,8 @@ def kohya_network_names(tree: ModuleTree) -> dict[str, str]:
     return names
 
 
-def kohya_reads(tensors: dict[str, Tensor], tree: ModuleTree) -> Reading:
-    """kohya's ``create_network_from_weights`` and ``load_state_dict(strict=False)``."""
-    reading = Reading("kohya")
+def kohya_dims_alphas(tensors: dict[str, Tensor]) -> tuple[dict[str, int], dict[str, float]]:
+    """``create_network_from_weights``' first pass: lora_name = key before the first "."; dim from lora_down."""
     dims, alphas = {}, {}
     for key, value in tensors.items():
         if "." not in key:
@@ -122,6 +125,13 @@ def kohya_reads(tensors: dict[str, Tensor], tree: ModuleTree) -> Reading:
             alphas[lora_name] = float(value.double())
         elif "lora_down" in key:
             dims[lora_name] = int(value.shape[0])
+    return dims, alphas
+
+
+def kohya_reads(tensors: dict[str, Tensor], tree: ModuleTree) -> Reading:
+    """kohya's ``create_network_from_weights`` and ``load_state_dict(strict=False)``."""
+    reading = Reading("kohya")
+    dims, alphas = kohya_dims_alphas(tensors)
     names = kohya_network_names(tree)
     for lora_name, module in names.items():
         if lora_name not in dims:
@@ -181,25 +191,39 @@ COMFY_LORA_PARTS = (("{}.lora_up.weight", "{}.lora_down.weight"), ("{}_lora.up.w
                     ("{}.lora_linear_layer.up.weight", "{}.lora_linear_layer.down.weight"))
 
 
+def comfy_patch(x: str, tensors: dict[str, Tensor], loaded: set[str]) -> "Delta | str | None":
+    """ComfyUI's ``load_lora`` for one key-map entry ``x``: its dW, ``"native"`` (LyCORIS), or None.
+
+    LoRA parts in ComfyUI's order of spellings, scale alpha / rank (1 without ``.alpha``); a
+    ``.diff`` replaces the LoRA patch; LoHa / LoKr are applied by ComfyUI's own code (not modelled).
+    """
+    alpha = float(tensors[f"{x}.alpha"].double()) if f"{x}.alpha" in tensors else None
+    delta = None
+    for up_name, down_name in COMFY_LORA_PARTS:
+        up_key, down_key = up_name.format(x), down_name.format(x)
+        if up_key in tensors:
+            down = tensors[down_key]
+            delta = _lora_delta(tensors[up_key], down, alpha / down.shape[0] if alpha is not None else 1.0)
+            loaded.update({up_key, down_key, f"{x}.alpha"})
+            break
+    if f"{x}.diff" in tensors:
+        delta = (tensors[f"{x}.diff"].double().flatten(1), None)
+        loaded.add(f"{x}.diff")
+    if any(f"{x}.{marker}" in tensors for marker in LYCORIS_MARKERS):
+        loaded.update(k for k in tensors if k.startswith(f"{x}."))
+        return "native"
+    return delta
+
+
 def comfyui_reads(tensors: dict[str, Tensor], tree: ModuleTree) -> Reading:
     """ComfyUI's ``load_lora`` over its key map; LoRA scale alpha / rank, or 1 without alpha."""
     reading, loaded = Reading("comfyui"), set()
     for x, module in comfyui_key_map(tree).items():
-        alpha = float(tensors[f"{x}.alpha"].double()) if f"{x}.alpha" in tensors else None
-        for up_name, down_name in COMFY_LORA_PARTS:
-            up_key, down_key = up_name.format(x), down_name.format(x)
-            if up_key in tensors:
-                down = tensors[down_key]
-                scale = alpha / down.shape[0] if alpha is not None else 1.0
-                reading.deltas[module] = _lora_delta(tensors[up_key], down, scale)
-                loaded.update({up_key, down_key, f"{x}.alpha"})
-                break
-        if f"{x}.diff" in tensors:
-            reading.deltas[module] = (tensors[f"{x}.diff"].double().flatten(1), None)
-            loaded.add(f"{x}.diff")
-        if any(f"{x}.{marker}" in tensors for marker in LYCORIS_MARKERS):
+        delta = comfy_patch(x, tensors, loaded)
+        if delta == "native":
             reading.native.append(module)
-            loaded.update(k for k in tensors if k.startswith(f"{x}."))
+        elif delta is not None:
+            reading.deltas[module] = delta
     reading.ignored = [k for k in tensors if k not in loaded]
     return reading
 
@@ -372,15 +396,22 @@ def diffusers_reads(path: str | Path, tree: ModuleTree) -> Reading:
 
 
 def read_as(tool: str, path: str | Path, tree: ModuleTree) -> Reading:
-    """What ``tool`` (kohya, comfyui, a1111, diffusers) applies from the file at ``path``."""
+    """What ``tool`` (kohya, comfyui, a1111, diffusers) applies from the file at ``path``.
+
+    FLUX.1 trees go to `studio.formats.flux_consumers` (fused BFL modules, no A1111 loader).
+    """
     from studio.formats.safe import safe_load
 
+    if tool not in TOOLS:
+        raise ValueError(f"tool must be one of {', '.join(TOOLS)}, not {tool!r}")
+    if tree.family == "flux1":
+        from studio.formats import flux_consumers
+
+        return flux_consumers.read_as(tool, path, tree)
     if tool == "diffusers":
         return diffusers_reads(path, tree)
     tensors, _ = safe_load(path)
     readers = {"kohya": kohya_reads, "comfyui": comfyui_reads, "a1111": a1111_reads}
-    if tool not in readers:
-        raise ValueError(f"tool must be one of {', '.join(TOOLS)}, not {tool!r}")
     return readers[tool](tensors, tree)
 
 
@@ -393,10 +424,13 @@ class Fidelity:
     expected: int
     max_error: float  # over the layers applied (a layer not applied is counted in ``applied``)
     refused: str | None = None
-    wrong: list[str] = field(default_factory=list)  # modules applied that the adapter does not hold
+    wrong: list[str] = field(default_factory=list)  # modules given a non-zero dW that the adapter does not hold
     native: int = 0  # layers applied with the tool's own LyCORIS math (not modelled here)
+    unsupported: bool = False  # the tool has no loader for this architecture
 
     def summary(self) -> str:
+        if self.unsupported:
+            return f"{TOOL_LABELS[self.tool]}: {self.refused}"
         if self.refused:
             return f"{TOOL_LABELS[self.tool]} refuses the file ({self.refused})"
         if self.native:
@@ -417,14 +451,20 @@ def adapter_deltas(adapter) -> dict[str, Delta]:
     return deltas
 
 
+def _is_zero(delta: Delta) -> bool:
+    """A dW of zeros: an injected layer with nothing in it (diffusers' split of a half-filled fused LoRA)."""
+    left, right = delta
+    return not bool(left.any()) or (right is not None and not bool(right.any()))
+
+
 def fidelity(reading: Reading, expected: dict[str, Delta]) -> Fidelity:
     """Compare a tool's reading with the adapter's own dW per module (``adapter_deltas``)."""
     if reading.refused is not None:
-        return Fidelity(reading.tool, 0, len(expected), 0.0, reading.refused)
+        return Fidelity(reading.tool, 0, len(expected), 0.0, reading.refused, unsupported=reading.unsupported)
     worst = 0.0
     applied = [m for m in expected if m in reading.deltas]
     for module in applied:
         worst = max(worst, relative_error(reading.deltas[module], expected[module]))
-    wrong = sorted(set(reading.deltas) - set(expected))
+    wrong = sorted(m for m in set(reading.deltas) - set(expected) if not _is_zero(reading.deltas[m]))
     native = len(set(reading.native) & set(expected))
     return Fidelity(reading.tool, len(applied), len(expected), worst, None, wrong, native)

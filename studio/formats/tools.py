@@ -5,8 +5,10 @@ in kohya's own SGM names); diffusers and peft read the diffusers layout (and the
 written file is read back with each checked tool's key and scale rules (``consumers``) before it
 is renamed into place: if the target tool would apply wrong values, nothing is written.
 
-FLUX / SD3 hook: transformer bases bring their own layouts per tool; ``LAYOUTS`` is keyed by
-base family, and a family without an entry is refused by name instead of guessed.
+``LAYOUTS`` is keyed by base family: FLUX.1 has its own (kohya = BFL names with fused qkv /
+linear1, read by kohya sd-scripts and ComfyUI; diffusers = diffusers names, read by diffusers);
+A1111 has no FLUX loader, so ``--for a1111`` on a FLUX adapter is refused by name. A family
+without an entry (SD3 today) is refused instead of guessed.
 """
 
 from __future__ import annotations
@@ -25,7 +27,22 @@ from studio.formats.writer import layout_tensors
 UNET_FAMILY = "unet"  # SD1.x, SD2.x, SDXL and the embedded world
 LAYOUTS: dict[str, dict[str, str]] = {
     UNET_FAMILY: {"kohya": "kohya", "comfyui": "kohya", "a1111": "kohya", "diffusers": "diffusers"},
-    # "flux": {...}  <- the transformer key schemes register their per-tool layouts here
+    "flux1": {"kohya": "kohya", "comfyui": "kohya", "diffusers": "diffusers"},  # kohya layout: ComfyUI also reads T5 there
+}
+NOT_READ = {"flux1": {"a1111": "A1111 has no FLUX.1 loader (its built-in Lora extension knows SD1 / SD2 / SDXL only): "
+                                "export --for comfyui or --for kohya (the kohya layout), or --for diffusers"}}
+READS = {  # who reads each layout, as benchmarks/interop.py measures it (docs/interop.md)
+    UNET_FAMILY: {"kohya": ("the kohya layout is read by kohya sd-scripts, ComfyUI and A1111, and by diffusers (on SDXL without "
+                            "text-encoder layers of a rank other than the most common one); the diffusers layout is for diffusers"),
+                  "diffusers": ("the diffusers layout is for diffusers (ComfyUI reads part of it, kohya sd-scripts and A1111 none); "
+                                "the kohya layout is for kohya sd-scripts, ComfyUI and A1111")},
+    "flux1": {
+        "kohya": ("the kohya layout (BFL names, fused qkv / linear1) is read by kohya sd-scripts (not final_layer: its network has no "
+                  "LoRA there) and ComfyUI; diffusers reads it without T5 and without img_in / txt_in / time_in / vector_in / "
+                  "guidance_in / final_layer (its kohya converter drops them); A1111 has no FLUX loader"),
+        "diffusers": ("the diffusers layout is read by diffusers and ComfyUI, T5 layers excepted (diffusers' FLUX loader has none, "
+                      "ComfyUI maps no text_encoder_2 keys); kohya sd-scripts reads none of it; A1111 has no FLUX loader"),
+    },
 }
 EXACT = 1e-5  # relative dW error below which a tool's reading counts as exact (fp32 rounding)
 FAITHFUL = 0.01  # above this a tool applies something else than the adapter: refused
@@ -43,8 +60,10 @@ class ToolExport:
 
 
 def family_of(adapter: LoraAdapter) -> str:
-    """The base family whose layouts apply (every base the studio has today is a UNet)."""
-    return UNET_FAMILY if adapter.base_arch in (*ARCHITECTURES, "world", "", "custom") else adapter.base_arch
+    """The base family whose layouts apply: ``flux1`` / ``sd3`` for transformer adapters, else the UNet family."""
+    from studio.formats.transformer_files import adapter_family
+
+    return adapter_family(adapter) or UNET_FAMILY
 
 
 def layout_for(tool: str, adapter: LoraAdapter) -> str:
@@ -53,6 +72,8 @@ def layout_for(tool: str, adapter: LoraAdapter) -> str:
     family = family_of(adapter)
     if family not in LAYOUTS:
         raise StudioError(f"no export layout is known for {tool} on a {family} base yet")
+    if tool not in LAYOUTS[family]:
+        raise StudioError(f"adapter {adapter.name!r}: {NOT_READ[family][tool]}")
     return LAYOUTS[family][tool]
 
 
@@ -75,7 +96,7 @@ def _check(tool: str, path: Path, tree: ModuleTree, expected: dict) -> Fidelity 
         return None
 
 
-def _messages(target: str, checks: dict[str, Fidelity | None], layout: str) -> list[Message]:
+def _messages(target: str, checks: dict[str, Fidelity | None], layout: str, family: str) -> list[Message]:
     messages = []
     for tool, result in checks.items():
         if result is None:
@@ -84,9 +105,7 @@ def _messages(target: str, checks: dict[str, Fidelity | None], layout: str) -> l
         exact = result.refused is None and result.applied == result.expected and result.max_error <= EXACT
         level = "info" if exact or tool != target else "warning"
         messages.append(Message(result.summary(), level))
-    other = {"kohya": "diffusers", "diffusers": "kohya"}[layout]
-    messages.append(Message(f"written in the {layout} layout for {TOOL_LABELS[target]}; the {other} layout "
-                            f"is for {', '.join(TOOL_LABELS[t] for t in TOOLS if LAYOUTS[UNET_FAMILY][t] == other)}", "info"))
+    messages.append(Message(f"written in the {layout} layout for {TOOL_LABELS[target]}; {READS[family][layout]}", "info"))
     return messages
 
 
@@ -114,5 +133,5 @@ def export_for(adapter: LoraAdapter, path: str | Path, tool: str, *, tree: Modul
         if target is not None and (target.refused or target.max_error > FAITHFUL):
             raise StudioError(f"{path}: not written: {target.summary()}")
     result = ToolExport(path, tool, layout, {k: v for k, v in checks.items() if v is not None})
-    result.messages = _messages(tool, checks, layout)
+    result.messages = _messages(tool, checks, layout, family_of(adapter))
     return result

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter
 from io import BytesIO
 from pathlib import Path
@@ -52,12 +53,23 @@ def common_alpha(adapter: LoraAdapter) -> float:
     return counts.most_common(1)[0][0] if counts else 1.0
 
 
+def scaled_up(up: torch.Tensor, factor: float) -> torch.Tensor:
+    """``up * factor`` computed in float32, kept in ``up``'s dtype only when that is exact.
+
+    A power-of-two factor only moves exponents; any other factor rounded back into bf16 / fp16
+    costs ~1e-3 relative dW (a bf16 FLUX file baked at alpha / rank = 1/6 read back 2e-3 off),
+    so those ups are written in float32 (every loader casts factors to its compute dtype).
+    """
+    scaled = up.float() * factor
+    exact = up.dtype == torch.float32 or (factor != 0 and math.frexp(abs(factor))[0] == 0.5)
+    return scaled.to(up.dtype) if exact else scaled
+
+
 def with_alpha(layer: LoraLayer, alpha: float) -> LoraLayer:
     """The same dW written with another alpha: (old alpha / new alpha) multiplied into ``up``."""
     if layer.alpha == alpha:
         return layer
-    up = (layer.up.float() * (layer.alpha / alpha)).to(layer.up.dtype)
-    return LoraLayer(layer.down, up, float(alpha), layer.alpha_source)
+    return LoraLayer(layer.down, scaled_up(layer.up, layer.alpha / alpha), float(alpha), layer.alpha_source)
 
 
 def kohya_state_dict(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
@@ -86,11 +98,10 @@ def kohya_state_dict(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
 
 
 def baked(layer: LoraLayer) -> LoraLayer:
-    """The same dW with alpha = rank: the scale alpha / rank multiplied into ``up`` (in float32)."""
+    """The same dW with alpha = rank: the scale alpha / rank multiplied into ``up`` (`scaled_up`: exact)."""
     if layer.alpha == layer.rank:
         return layer
-    up = (layer.up.float() * layer.scale).to(layer.up.dtype)
-    return LoraLayer(layer.down, up, float(layer.rank), layer.alpha_source)
+    return LoraLayer(layer.down, scaled_up(layer.up, layer.scale), float(layer.rank), layer.alpha_source)
 
 
 def diffusers_state_dict(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -107,20 +118,32 @@ def diffusers_state_dict(adapter: LoraAdapter) -> tuple[dict[str, torch.Tensor],
     return tensors, {"lora_adapter_metadata": json.dumps(_lora_configs(layers), sort_keys=True)}
 
 
+ANCHORED = ("unet", "transformer")  # denoisers: FLUX's top-level proj_out is a suffix of every single block's
+
+
+def _pattern_key(component: str, path: str) -> str:
+    """A rank / alpha pattern key for one module.
+
+    peft matches pattern keys as module-path suffixes (``get_pattern_key``) and takes the first
+    that fits, so ``proj_out`` would also claim ``single_transformer_blocks.N.proj_out``; denoiser
+    keys are anchored with ``^`` as diffusers' own loader does (peft PR 2419). Text-encoder keys
+    stay suffixes, without CLIP's ``text_model.`` level, to match old and new transformers alike.
+    """
+    return f"^{path}" if component in ANCHORED else path
+
+
 def _lora_configs(all_layers: dict[str, LoraLayer]) -> dict:
     packed: dict = {}
     components = sorted({module.partition(".")[0] for module in all_layers})
     for component in components:
-        # Patterns are module-path suffixes: without CLIP's ``text_model.`` level they match the
-        # module names of old and new transformers alike.
         layers = {m.partition(".")[2]: l for m, l in all_layers.items() if m.startswith(component + ".")}
         rank = Counter(l.rank for l in layers.values()).most_common(1)[0][0]
         alpha = Counter(l.alpha for l in layers.values()).most_common(1)[0][0]
         config = {
             "r": rank,
             "lora_alpha": alpha,
-            "rank_pattern": {m: l.rank for m, l in layers.items() if l.rank != rank},
-            "alpha_pattern": {m: l.alpha for m, l in layers.items() if l.alpha != alpha},
+            "rank_pattern": {_pattern_key(component, m): l.rank for m, l in layers.items() if l.rank != rank},
+            "alpha_pattern": {_pattern_key(component, m): l.alpha for m, l in layers.items() if l.alpha != alpha},
             "target_modules": sorted(layers),
         }
         packed.update({f"{component}.{key}": value for key, value in config.items()})
