@@ -21,6 +21,7 @@ from studio.errors import StudioError
 
 LATEST_SUFFIX = "eigen"
 KIND_FILE, KIND_TRAINED, KIND_MEMBER, KIND_REFUSED = "LoRA file", "trained", "compressed", "refused"
+KIND_RECONSTRUCTION = "reconstruction"  # a LoRA rebuilt from a compressed collection (its header says so)
 
 
 @dataclass
@@ -133,8 +134,16 @@ def read_file(path: Path, base: str | None) -> Entry:
             info.error, adapter = str(error), None
     if info.error is not None or adapter is None:
         return Entry(info, None, path, KIND_REFUSED, arch=_arch_of(adapter, info))
-    kind = f"{KIND_TRAINED} ({info.metadata.get('studio.family', 'lora')})" if "studio.family" in info.metadata else KIND_FILE
-    return Entry(info, adapter, path, kind, arch=adapter.base_arch)
+    return Entry(info, adapter, path, kind_of(adapter.metadata), arch=adapter.base_arch)
+
+
+def kind_of(metadata: dict[str, str]) -> str:
+    """What a loaded file is: a studio-trained adapter (its family), a reconstruction, or a LoRA file."""
+    if "studio.family" in metadata:
+        return f"{KIND_TRAINED} ({metadata['studio.family']})"
+    if "studio.reconstructed_from" in metadata:
+        return KIND_RECONSTRUCTION
+    return KIND_FILE
 
 
 def refused(path: Path, error: str) -> Entry:

@@ -137,9 +137,12 @@ class Studio:
         self.notes.append(f"restored {len(state.sources)} adapter files and {len(state.collections)} compressed collections")
 
     def _restorable(self, path: Path) -> bool:
-        """A saved source comes back if it is still there, inside the workspace or the zoo."""
-        zoo = self.zoo_folder()
-        inside = self.workspace.contains(path) or (zoo is not None and path.resolve().is_relative_to(zoo.resolve()))
+        """A saved source comes back if it is still there, inside the workspace, the zoo or the
+        world's LoRAs (imported while the world was the base, kept when another base is picked)."""
+        from studio.bases import world_dir
+
+        folders = [f for f in (self.zoo_folder(), world_dir() / "loras") if f is not None]
+        inside = self.workspace.contains(path) or any(path.resolve().is_relative_to(f.resolve()) for f in folders)
         return inside and path.is_file()
 
     def save_state(self) -> None:
@@ -404,7 +407,8 @@ def said(entry: Entry) -> str:
     info = entry.info
     if not entry.ok:
         return f"{Path(info.path).name}: refused: {info.error}"
-    notes = "; ".join(n.removeprefix("warning: ") for n in info.notes if "studio-trained" in n or n.startswith("warning: "))
+    said_notes = ("studio-trained", "reconstructed from")
+    notes = "; ".join(n.replace("warning: ", "⚠ ", 1) for n in info.notes if n.startswith("warning: ") or any(w in n for w in said_notes))
     rank = info.rank if not isinstance(info.rank, list) else f"{min(info.rank)}..{max(info.rank)}"
     return f"{Path(info.path).name}: {entry.kind} `{info.name}` ({info.format}, rank {rank}, {info.layers} layers)" + (f"; {notes}" if notes else "")
 
