@@ -13,7 +13,7 @@ from studio.app.services import Studio
 from studio.app.tabs import Tab
 from studio.app.wiring import form_of, friendly, named
 from studio.engine.schedulers import SCHEDULERS
-from studio.errors import StudioError
+from studio.errors import Interrupted, StudioError
 
 MODES = [("mix into one", "mix"), ("one adapter per image", "per_image"), ("same-seed comparison grid", "grid")]
 POLL_SECONDS = 0.25
@@ -70,7 +70,12 @@ def build(studio: Studio) -> Tab:
             if following.total:
                 progress((following.done, following.total), desc="denoising")
                 yield (f"denoising: step {following.done} / {following.total}",) + (gr.skip(),) * 5
-        done = following.future.result()
+        try:
+            done = following.future.result()
+        except Interrupted:
+            stopped = {"images": 0, "interrupted": True, "step": following.done, "total": following.total}
+            yield (interrupted_text(following), gr.skip(), gr.skip(), gr.skip(), stopped, gr.skip())
+            return
         paths = [str(p) for p in done.paths]
         summary_value = {"images": len(paths), "sizes": [list(s) for s in done.sizes], "seconds": done.seconds,
                          "files": [p.name for p in done.paths], "labels": done.labels}
@@ -95,6 +100,12 @@ def build(studio: Studio) -> Tab:
                       api_name="reuse_parameters")
     refresh_gallery.click(lambda: [str(p) for p in generation.gallery()], None, history, api_name="gallery")
     return Tab(tab, lambda: (gr.Dropdown(choices=["none", *studio.names()]), [str(p) for p in generation.gallery()]), [adapters, history])
+
+
+def interrupted_text(following) -> str:
+    """What the status says after Interrupt (as A1111: the job ends, nothing half-made is kept)."""
+    where = f" at step {following.done} / {following.total}" if following.total else " before the first step"
+    return f"**Interrupted**{where}; nothing was saved. Generate again when ready."
 
 
 def _session(request: gr.Request | None) -> str:
