@@ -184,6 +184,18 @@ class Studio:
         """The Base picker: the world, a folder or file inside the workspace, or a hub id."""
         return self.load_base(resolve_base(self.workspace, form.kind, form.value))
 
+    def base_form(self) -> BaseForm:
+        """The Base picker's values for the live base (so that a restart shows what it restored);
+        a path outside the workspace (given on the command line) leaves the field empty."""
+        from studio.bases import is_hub_id
+
+        if self.base == "world":
+            return BaseForm("world")
+        path = Path(self.base)
+        if path.exists():
+            return BaseForm("file" if path.is_file() else "folder", self.workspace.relative(path) if self.workspace.contains(path) else "")
+        return BaseForm("hub", self.base) if is_hub_id(self.base) else BaseForm("world")
+
     def require_engine(self) -> Engine:
         if self.engine is None:
             raise StudioError(f"no base is loaded ({self.base_error or 'pick one in the Base tab'})")
@@ -304,8 +316,11 @@ class Studio:
     def import_zoo(self) -> Report:
         """Add the configured zoo's files (the embedded world's LoRAs); says what was new."""
         zoo = self.zoo_folder()
-        if zoo is None or not zoo.is_dir():
-            raise StudioError(f"no zoo to import: {zoo or 'the base is not the world'} is missing")
+        if zoo is None:
+            raise StudioError("no zoo to import: the zoo is the embedded world's LoRAs and the base is not the world; "
+                              "import a folder of the workspace instead")
+        if not zoo.is_dir():
+            raise StudioError(f"no zoo to import: the folder {zoo.name} is missing")
         files = sorted(p for p in zoo.iterdir() if p.is_file() and p.suffix.lower() in ADAPTER_SUFFIXES)
         with self.lock:
             known = set(self.library.files)
