@@ -30,10 +30,11 @@ def build(studio: Studio) -> Tab:
                 negative = gr.Textbox(value="", label="Negative prompt")
                 with gr.Row(equal_height=False):
                     adapters = gr.Dropdown(["none"], value=[], multiselect=True, allow_custom_value=True, label="Adapters", elem_id="generate-adapters", min_width=200,
-                                           info="picking one merges it at once (instant switching)")
-                    weights = gr.Textbox(value="", label="Weights", placeholder="1, 0.5", info="one per adapter", min_width=100)
-                    strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength", min_width=140)
-                mode = gr.Radio(MODES, value="mix", label="Mode")
+                                           info="picking one merges it at once (instant switching)", scale=2)
+                    weights = gr.Textbox(value="", label="Weights", placeholder="1, 0.5", info="one per adapter", min_width=100, scale=1)
+                with gr.Row(equal_height=False):
+                    mode = gr.Radio(MODES, value="mix", label="Mode", scale=2, min_width=200)
+                    strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength", min_width=160, scale=1)
                 with gr.Row(equal_height=False):
                     seed = gr.Number(value=0, precision=0, label="Seed", info="-1: random", min_width=90)
                     steps = gr.Number(value=20, precision=0, label="Steps", info=f"1..{studio.config.limits.max_steps}", min_width=90)
@@ -47,6 +48,7 @@ def build(studio: Studio) -> Tab:
                     run = gr.Button("Generate", variant="primary", elem_id="generate-run")
                     interrupt = gr.Button("Interrupt", variant="stop", elem_id="generate-interrupt")
                 status = gr.Markdown(elem_id="generate-status")
+                interrupt_note = gr.Markdown(elem_id="generate-interrupt-note")  # apart from the status: never overwrites the result
                 with gr.Accordion("Reuse parameters from a PNG", open=False):
                     reuse_file = gr.File(label="A PNG the studio (or A1111) made", file_types=[".png"], type="filepath", height=100)
             with gr.Column(scale=3, min_width=320):
@@ -92,7 +94,8 @@ def build(studio: Studio) -> Tab:
 
     run.click(friendly(make), inputs_kwargs=form_inputs, outputs=[status, images, infotext, files, summary, history],
               api_name="generate", concurrency_id="generate", concurrency_limit=16, show_progress_on=[status])
-    interrupt.click(interrupt_mine, None, status, api_name="interrupt", queue=False)
+    interrupt.click(interrupt_mine, None, interrupt_note, api_name="interrupt", queue=False)
+    run.click(lambda: "", None, interrupt_note, api_visibility="private", queue=False)
     adapters.input(friendly(switch_to), inputs_kwargs=named(SwitchForm, adapters=adapters, strength=strength), outputs=status,
                    api_name="switch_adapter", show_progress="hidden")
     reuse_file.upload(friendly(lambda path: reused(studio, path)), reuse_file, [prompt, negative, adapters, weights, mode, seed, steps,
