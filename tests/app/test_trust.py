@@ -48,13 +48,16 @@ def png_bytes(colour: str, side: int = 16) -> bytes:
     return buffer.getvalue()
 
 
-def kohya_zip(path: Path) -> Path:
-    """A kohya_ss dataset: ``5_mychar/`` (3 images) and ``2_inkstyle/`` (2 images), captions beside."""
+COLOURS = ["red", "green", "blue", "white", "black", "yellow", "purple", "orange"]
+
+
+def kohya_zip(path: Path, characters: int = 3, styles: int = 2) -> Path:
+    """A kohya_ss dataset: ``5_mychar/`` and ``2_inkstyle/`` folders of tiny PNGs, captions beside (starting with the folder's word)."""
     members = {}
-    for i, colour in enumerate(["red", "green", "blue"]):
+    for i, colour in enumerate(COLOURS[:characters]):
         members[f"train/5_mychar/c{i}.png"] = png_bytes(colour)
         members[f"train/5_mychar/c{i}.txt"] = f"mychar, a {colour} square".encode()
-    for i, colour in enumerate(["white", "black"]):
+    for i, colour in enumerate(COLOURS[3:3 + styles]):
         members[f"train/2_inkstyle/s{i}.png"] = png_bytes(colour)
         members[f"train/2_inkstyle/s{i}.txt"] = f"inkstyle, a {colour} circle".encode()
     with zipfile.ZipFile(path, "w") as bundle:
@@ -98,6 +101,7 @@ def restarted(used, tiny_zoo) -> Studio:
 
 def test_a_restart_finds_everything_again(used, restarted, pipeline):
     assert restarted.base == used.base == str(pipeline)  # the active base, from state.json
+    assert restarted.base_form().kind == "folder"  # the Base picker shows it (a folder outside the workspace: no path)
     assert restarted.engine is not None and restarted.base_error is None
     before, after = rows_of(used), rows_of(restarted)
     assert after == before
@@ -264,6 +268,11 @@ def test_set_repeats_renames_the_kohya_folder(client, running_app, kohya):
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["5_mychar", "7_inkstyle"]
     with pytest.raises(AppError, match="is not a kohya N_name folder"):
         client.predict(dataset=folder, folder="2_inkstyle", repeats=3, api_name="/set_repeats")  # gone: named, nothing moved
+
+
+def test_a_dataset_picker_closed_without_a_choice_is_a_hint_not_an_error(client):
+    folder, info, preview, *_ = client.predict(dataset="", api_name="/dataset_info")
+    assert folder == "" and info.startswith("Pick a dataset folder") and preview == []
 
 
 def test_interrupt_a_long_generation_and_generate_again(client, running_app):
