@@ -34,6 +34,7 @@ class Entry:
     kind: str = KIND_FILE
     collection: Path | None = None  # the collection file of a compressed member
     arch: str = ""  # the base architecture the file is for ('' when unknown)
+    stamp: tuple[int, int] | None = None  # the file's (size, mtime) when it was read
 
     @property
     def name(self) -> str:
@@ -66,16 +67,20 @@ class Library:
         raise StudioError(f"no adapter named {name!r} in the collection")
 
     def add_file(self, path: Path, base: str | None) -> Entry:
-        """Read one file (if new) against ``base``; a duplicate name is a refused row."""
+        """Read one file (if new, or changed since it was read: a resumed run rewrites its LoRA)
+        against ``base``; a duplicate name is a refused row."""
         key = path.absolute()
-        if key not in self.files:
-            entry = read_file(path, base)
-            taken = {e.name for e in self.entries() if e.ok}
-            if entry.ok and entry.name in taken:
-                entry.info.error = f"{path.name}: duplicate adapter name {entry.name!r} (already loaded from another file); skipped"
-                entry.adapter, entry.kind = None, KIND_REFUSED
-            self.files[key] = entry
-        return self.files[key]
+        known = self.files.get(key)
+        if known is not None and known.stamp == file_stamp(path):
+            return known
+        entry = read_file(path, base)
+        entry.stamp = file_stamp(path)
+        taken = {e.name for e in self.entries() if e.ok and e is not known}
+        if entry.ok and entry.name in taken:
+            entry.info.error = f"{path.name}: duplicate adapter name {entry.name!r} (already loaded from another file); skipped"
+            entry.adapter, entry.kind = None, KIND_REFUSED
+        self.files[key] = entry  # a changed file keeps its place in the table
+        return entry
 
     def reread(self, base: str | None) -> None:
         """Read every file again (after the base changed)."""
@@ -144,6 +149,15 @@ def kind_of(metadata: dict[str, str]) -> str:
     if "studio.reconstructed_from" in metadata:
         return KIND_RECONSTRUCTION
     return KIND_FILE
+
+
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """(size, modification time in ns) of a file, None when it is gone."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def refused(path: Path, error: str) -> Entry:

@@ -194,6 +194,30 @@ def test_a_reconstruction_from_the_zip_imports_and_says_it_is_one(restarted, tmp
     assert error > 0.01 and line.count("⚠") == 1  # K = 2 of rank 4: far from exact, so it warns
 
 
+def test_a_resumed_run_replaces_its_stopped_lora_in_the_collection(restarted):
+    """A stopped run exports its LoRA (it joins the collection); the resume rewrites that file,
+    and the collection must then hold the final weights, not the stopped ones."""
+    import torch
+
+    from studio.app.library import read_file
+    from studio.events import Done, Progress
+
+    training = restarted.training
+    form = TrainForm(name="resumed", dataset="datasets/world-noir", knobs={"rank": 4, "alpha": 4}, steps=6, batch_size=1)
+    for event in training.train(form):
+        if isinstance(event, Progress) and event.step >= 1:
+            training.stop()  # a step done: stop (no clock)
+    assert isinstance(event, Done) and event.result.status == "stopped" and event.result.steps < 6
+    stopped = restarted.entry("resumed.lora").adapter
+    *_, done = training.resume("resumed")
+    assert done.result.status == "done" and done.result.steps == 6
+    entry = restarted.entry("resumed.lora")
+    on_disk = read_file(entry.source, restarted.tree_base()).adapter
+    assert entry.adapter is not stopped and restarted.library.usable()["resumed.lora"] is entry.adapter  # what the engine gets
+    for layer, factors in on_disk.lora_layers.items():
+        assert torch.equal(entry.adapter.lora_layers[layer].up, factors.up) and torch.equal(entry.adapter.lora_layers[layer].down, factors.down)
+
+
 # ---------------------------------------------------------------- limits: refused before any work
 
 
