@@ -21,7 +21,7 @@ from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from studio.app.forms import CompressForm, DatasetView, RepeatsForm, StyleForm, TrainForm
+from studio.app.forms import CompressForm, StyleForm, TrainForm
 from studio.app.services import AppConfig, Studio
 from studio.app.views import collection_table
 from studio.errors import LimitError
