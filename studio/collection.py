@@ -24,6 +24,7 @@ from studio.formats.safe import PICKLE_SUFFIXES
 from studio.subspace.collection import CompressedCollection, is_collection_file
 
 ADAPTER_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES  # pickles are listed so that they are refused by name
+RECONSTRUCTION_FAITHFUL = 0.01  # a reconstruction's relative error above this is a warning
 
 
 @dataclass
@@ -128,8 +129,23 @@ def describe(path: Path, adapter: LoraAdapter) -> AdapterInfo:
         size=path.stat().st_size,
         trigger_words=trigger_words(adapter.metadata),
         metadata=shown_metadata(adapter.metadata),
-        notes=list(adapter.notes),
+        notes=list(adapter.notes) + reconstruction_notes(adapter.metadata),
     )
+
+
+def reconstruction_notes(metadata: dict[str, str]) -> list[str]:
+    """A LoRA rebuilt from a compressed collection says so, with its error (a warning above 1%),
+    so that nobody takes it for the original file."""
+    source = metadata.get("studio.reconstructed_from")
+    if source is None:
+        return []
+    try:
+        error = float(metadata.get("studio.reconstruction_error", "nan"))
+    except ValueError:
+        error = math.nan
+    level = "" if error <= RECONSTRUCTION_FAITHFUL else "warning: "
+    said = f"relative error {error:.2%}" if math.isfinite(error) else "its error is not recorded"
+    return [f"{level}reconstructed from the compressed collection {source} ({said}), not the original file"]
 
 
 def load_collection(paths: list[str | Path], base: str | None = None, lycoris_rank: int | None = None) -> Collection:

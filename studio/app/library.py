@@ -21,6 +21,7 @@ from studio.errors import StudioError
 
 LATEST_SUFFIX = "eigen"
 KIND_FILE, KIND_TRAINED, KIND_MEMBER, KIND_REFUSED = "LoRA file", "trained", "compressed", "refused"
+KIND_RECONSTRUCTION = "reconstruction"  # a LoRA rebuilt from a compressed collection (its header says so)
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Entry:
     kind: str = KIND_FILE
     collection: Path | None = None  # the collection file of a compressed member
     arch: str = ""  # the base architecture the file is for ('' when unknown)
-    stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the source when it was read
+    stamp: tuple[int, int] | None = None  # the file's (size, mtime) when it was read
 
     @property
     def name(self) -> str:
@@ -66,20 +67,20 @@ class Library:
         raise StudioError(f"no adapter named {name!r} in the collection")
 
     def add_file(self, path: Path, base: str | None) -> Entry:
-        """Read one file (if new, or rewritten since it was read: a resumed run rewrites its LoRA)
+        """Read one file (if new, or changed since it was read: a resumed run rewrites its LoRA)
         against ``base``; a duplicate name is a refused row."""
         key = path.absolute()
-        if key in self.files and self.files[key].stamp != file_stamp(path):
-            del self.files[key]
-        if key not in self.files:
-            entry = read_file(path, base)
-            entry.stamp = file_stamp(path)
-            taken = {e.name for e in self.entries() if e.ok}
-            if entry.ok and entry.name in taken:
-                entry.info.error = f"{path.name}: duplicate adapter name {entry.name!r} (already loaded from another file); skipped"
-                entry.adapter, entry.kind = None, KIND_REFUSED
-            self.files[key] = entry
-        return self.files[key]
+        known = self.files.get(key)
+        if known is not None and known.stamp == file_stamp(path):
+            return known
+        entry = read_file(path, base)
+        entry.stamp = file_stamp(path)
+        taken = {e.name for e in self.entries() if e.ok and e is not known}
+        if entry.ok and entry.name in taken:
+            entry.info.error = f"{path.name}: duplicate adapter name {entry.name!r} (already loaded from another file); skipped"
+            entry.adapter, entry.kind = None, KIND_REFUSED
+        self.files[key] = entry  # a changed file keeps its place in the table
+        return entry
 
     def reread(self, base: str | None) -> None:
         """Read every file again (after the base changed)."""
@@ -121,15 +122,6 @@ class Library:
         return entry
 
 
-def file_stamp(path: Path) -> tuple[int, int] | None:
-    """When and how large the file was (None when it is gone)."""
-    try:
-        status = path.stat()
-    except OSError:
-        return None
-    return status.st_mtime_ns, status.st_size
-
-
 def read_file(path: Path, base: str | None) -> Entry:
     """One file as an entry; any reader failure becomes a refused row."""
     try:
@@ -147,8 +139,25 @@ def read_file(path: Path, base: str | None) -> Entry:
             info.error, adapter = str(error), None
     if info.error is not None or adapter is None:
         return Entry(info, None, path, KIND_REFUSED, arch=_arch_of(adapter, info))
-    kind = f"{KIND_TRAINED} ({info.metadata.get('studio.family', 'lora')})" if "studio.family" in info.metadata else KIND_FILE
-    return Entry(info, adapter, path, kind, arch=adapter.base_arch)
+    return Entry(info, adapter, path, kind_of(adapter.metadata), arch=adapter.base_arch)
+
+
+def kind_of(metadata: dict[str, str]) -> str:
+    """What a loaded file is: a studio-trained adapter (its family), a reconstruction, or a LoRA file."""
+    if "studio.family" in metadata:
+        return f"{KIND_TRAINED} ({metadata['studio.family']})"
+    if "studio.reconstructed_from" in metadata:
+        return KIND_RECONSTRUCTION
+    return KIND_FILE
+
+
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """(size, modification time in ns) of a file, None when it is gone."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def refused(path: Path, error: str) -> Entry:

@@ -73,6 +73,9 @@ CSS = """
 #collection-table table { font-size: 0.9em; }
 @media (max-width: 600px) {
   .gradio-container { padding: 4px !important; }
+  /* a phone: the collection table keeps readable columns and scrolls sideways inside its box */
+  #collection-table .table-container { overflow-x: auto !important; }
+  #collection-table .table-wrap { min-width: 540px !important; }
   .tab-container button, .tab-wrapper button { padding: 6px 8px !important; }
   table { font-size: 0.8em !important; }
 }
@@ -99,8 +102,8 @@ def build_app(studio: Studio) -> gr.Blocks:
             tabs = [collection.build(studio), subspace.build(studio), train.build(studio), generate.build(studio), base.build(studio)]
         for tab in tabs:
             if tab.refresh is not None:
-                tab.tab.select(tab.refresh, None, tab.outputs, api_visibility="private", queue=False)
-                blocks.load(tab.refresh, None, tab.outputs, api_visibility="private", queue=False)
+                tab.tab.select(tab.refresh, tab.inputs or None, tab.outputs, api_visibility="private", queue=False)
+                blocks.load(tab.refresh, tab.inputs or None, tab.outputs, api_visibility="private", queue=False)
     blocks.queue(default_concurrency_limit=2)
     return blocks
 

@@ -137,9 +137,12 @@ class Studio:
         self.notes.append(f"restored {len(state.sources)} adapter files and {len(state.collections)} compressed collections")
 
     def _restorable(self, path: Path) -> bool:
-        """A saved source comes back if it is still there, inside the workspace or the zoo."""
-        zoo = self.zoo_folder()
-        inside = self.workspace.contains(path) or (zoo is not None and path.resolve().is_relative_to(zoo.resolve()))
+        """A saved source comes back if it is still there, inside the workspace, the zoo or the
+        world's LoRAs (imported while the world was the base, kept when another base is picked)."""
+        from studio.bases import world_dir
+
+        folders = [f for f in (self.zoo_folder(), world_dir() / "loras") if f is not None]
+        inside = self.workspace.contains(path) or any(path.resolve().is_relative_to(f.resolve()) for f in folders)
         return inside and path.is_file()
 
     def save_state(self) -> None:
@@ -180,6 +183,18 @@ class Studio:
     def pick_base(self, form: BaseForm) -> str:
         """The Base picker: the world, a folder or file inside the workspace, or a hub id."""
         return self.load_base(resolve_base(self.workspace, form.kind, form.value))
+
+    def base_form(self) -> BaseForm:
+        """The Base picker's values for the live base (so that a restart shows what it restored);
+        a path outside the workspace (given on the command line) leaves the field empty."""
+        from studio.bases import is_hub_id
+
+        if self.base == "world":
+            return BaseForm("world")
+        path = Path(self.base)
+        if path.exists():
+            return BaseForm("file" if path.is_file() else "folder", self.workspace.relative(path) if self.workspace.contains(path) else "")
+        return BaseForm("hub", self.base) if is_hub_id(self.base) else BaseForm("world")
 
     def require_engine(self) -> Engine:
         if self.engine is None:
@@ -301,8 +316,11 @@ class Studio:
     def import_zoo(self) -> Report:
         """Add the configured zoo's files (the embedded world's LoRAs); says what was new."""
         zoo = self.zoo_folder()
-        if zoo is None or not zoo.is_dir():
-            raise StudioError(f"no zoo to import: {zoo or 'the base is not the world'} is missing")
+        if zoo is None:
+            raise StudioError("no zoo to import: the zoo is the embedded world's LoRAs and the base is not the world; "
+                              "import a folder of the workspace instead")
+        if not zoo.is_dir():
+            raise StudioError(f"no zoo to import: the folder {zoo.name} is missing")
         files = sorted(p for p in zoo.iterdir() if p.is_file() and p.suffix.lower() in ADAPTER_SUFFIXES)
         with self.lock:
             known = set(self.library.files)
@@ -404,7 +422,8 @@ def said(entry: Entry) -> str:
     info = entry.info
     if not entry.ok:
         return f"{Path(info.path).name}: refused: {info.error}"
-    notes = "; ".join(n.removeprefix("warning: ") for n in info.notes if "studio-trained" in n or n.startswith("warning: "))
+    said_notes = ("studio-trained", "reconstructed from")
+    notes = "; ".join(n.replace("warning: ", "⚠ ", 1) for n in info.notes if n.startswith("warning: ") or any(w in n for w in said_notes))
     rank = info.rank if not isinstance(info.rank, list) else f"{min(info.rank)}..{max(info.rank)}"
     return f"{Path(info.path).name}: {entry.kind} `{info.name}` ({info.format}, rank {rank}, {info.layers} layers)" + (f"; {notes}" if notes else "")
 

@@ -51,10 +51,10 @@ class Dataset:
             held = f"{self.train} train, {self.validation} held out for validation (split {split:g})"
         else:
             held = f"all {images} train; validation on training pairs (split {split:g} holds none out)"
-        repeats = "; ".join(f"{name or 'top folder'}: {n} repeat{'s' if n != 1 else ''}" for name, n in self.folders.items())
+        repeats = "; ".join(_folder_text(name, n) for name, n in self.folders.items())
         text = f"**{images} image{'s' if images != 1 else ''}**: {held}. {repeats}."
         if self.trigger_word:
-            text += f" Trigger word: `{self.trigger_word}`."
+            text += f" Trigger word (put before every caption): `{self.trigger_word}`."
         if self.skipped:
             text += f" Skipped {len(self.skipped)}: " + "; ".join(self.skipped[:3])
         return text
@@ -283,12 +283,20 @@ def _refuse_existing(target: Path) -> None:
         raise WorkspaceError(f"{target.name} exists already in the dataset; nothing was moved")
 
 
+def _folder_text(name: str, repeats: int) -> str:
+    """"5_mychar: 5 repeats, trigger word `mychar`" (kohya's N_name), "top folder: 1 repeat"."""
+    text = f"{name or 'top folder'}: {repeats} repeat{'s' if repeats != 1 else ''}"
+    match = REPEAT_FOLDER.match(name)
+    return text + (f", trigger word `{match.group(2)}`" if match else "")
+
+
 def _trigger_of(folders: dict[str, int], captions: list[str]) -> str:
-    """The dataset's trigger word: a kohya folder's name part, else a first caption tag most captions share."""
-    for name in folders:
-        match = REPEAT_FOLDER.match(name)
-        if match:
-            return match.group(2)
+    """The dataset's trigger word (put before every caption): the name part the kohya folders
+    share, else a first caption tag most captions share; '' when there is none (folders with
+    different names keep their own words, which their captions carry)."""
+    names = {match.group(2) for match in map(REPEAT_FOLDER.match, folders) if match}
+    if len(names) == 1 and "" not in folders:
+        return names.pop()
     firsts = Counter(caption.split(",")[0].strip() for caption in captions if caption.strip())
     if firsts:
         tag, count = firsts.most_common(1)[0]

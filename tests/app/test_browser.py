@@ -108,7 +108,7 @@ def page(served, tmp_path_factory):
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), headless=True,
-            args=CHROMIUM_ARGS, viewport={"width": 1400, "height": 1000},
+            args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 1000},
         )
         page = context.new_page()
         page.goto(served)

@@ -31,8 +31,10 @@ def build(studio: Studio) -> Tab:
         info = studio.base_info()
         loaded = f"loaded: {info['family']}, native {info['native size']} px" if info["loaded"] else f"not loaded: {info['error']}"
         text = f"Base `{info['base']}` ({loaded}); {info['adapters']} adapters fit it."
-        return text, info, gr.Dropdown(choices=studio.bases_in_workspace())
+        current = studio.base_form()
+        return text, info, gr.Dropdown(choices=studio.bases_in_workspace(), value=current.value), current.kind
 
+    outputs = [status, summary, value, kind]
     load.click(takes(BaseForm, "base")(lambda form: (studio.pick_base(form), shown())[1]), inputs_kwargs=named(BaseForm, kind=kind, value=value),
-               outputs=[status, summary, value], api_name="load_base", concurrency_id="engine", concurrency_limit=1, show_progress_on=[status])
-    return Tab(tab, shown, [status, summary, value])
+               outputs=outputs, api_name="load_base", concurrency_id="engine", concurrency_limit=1, show_progress_on=[status])
+    return Tab(tab, shown, outputs)

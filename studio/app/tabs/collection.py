@@ -21,7 +21,8 @@ def build(studio: Studio) -> Tab:
                     "(`runs/RUN/adapter.safetensors`) and compressed collections. `.safetensors` only: pickles are refused unread.")
         with gr.Row(equal_height=False):
             with gr.Column(min_width=300):
-                uploads = gr.File(label="Upload adapter files", file_count="multiple", file_types=[".safetensors"], type="filepath", height=120)
+                uploads = gr.File(label="Upload adapter files", file_count="multiple", file_types=[".safetensors"], type="filepath", height=120,
+                                  elem_id="collection-uploads")
                 import_files = gr.Button("Import uploaded files", variant="primary")
             with gr.Column(min_width=300):
                 folder = gr.Textbox(value="", label="Folder inside the workspace", placeholder="adapters", info=f"relative to {studio.workspace.root}")

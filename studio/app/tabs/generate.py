@@ -13,7 +13,7 @@ from studio.app.services import Studio
 from studio.app.tabs import Tab
 from studio.app.wiring import form_of, friendly, named
 from studio.engine.schedulers import SCHEDULERS
-from studio.errors import StudioError
+from studio.errors import Interrupted, StudioError
 
 MODES = [("mix into one", "mix"), ("one adapter per image", "per_image"), ("same-seed comparison grid", "grid")]
 POLL_SECONDS = 0.25
@@ -30,10 +30,11 @@ def build(studio: Studio) -> Tab:
                 negative = gr.Textbox(value="", label="Negative prompt")
                 with gr.Row(equal_height=False):
                     adapters = gr.Dropdown(["none"], value=[], multiselect=True, allow_custom_value=True, label="Adapters", elem_id="generate-adapters", min_width=200,
-                                           info="picking one merges it at once (instant switching)")
-                    weights = gr.Textbox(value="", label="Weights", placeholder="1, 0.5", info="one per adapter", min_width=100)
-                    strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength", min_width=140)
-                mode = gr.Radio(MODES, value="mix", label="Mode")
+                                           info="picking one merges it at once (instant switching)", scale=2)
+                    weights = gr.Textbox(value="", label="Weights", placeholder="1, 0.5", info="one per adapter", min_width=100, scale=1)
+                with gr.Row(equal_height=False):
+                    mode = gr.Radio(MODES, value="mix", label="Mode", scale=2, min_width=200)
+                    strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength", min_width=160, scale=1)
                 with gr.Row(equal_height=False):
                     seed = gr.Number(value=0, precision=0, label="Seed", info="-1: random", min_width=90)
                     steps = gr.Number(value=20, precision=0, label="Steps", info=f"1..{studio.config.limits.max_steps}", min_width=90)
@@ -47,6 +48,7 @@ def build(studio: Studio) -> Tab:
                     run = gr.Button("Generate", variant="primary", elem_id="generate-run")
                     interrupt = gr.Button("Interrupt", variant="stop", elem_id="generate-interrupt")
                 status = gr.Markdown(elem_id="generate-status")
+                interrupt_note = gr.Markdown(elem_id="generate-interrupt-note")  # apart from the status: never overwrites the result
                 with gr.Accordion("Reuse parameters from a PNG", open=False):
                     reuse_file = gr.File(label="A PNG the studio (or A1111) made", file_types=[".png"], type="filepath", height=100)
             with gr.Column(scale=3, min_width=320):
@@ -70,7 +72,12 @@ def build(studio: Studio) -> Tab:
             if following.total:
                 progress((following.done, following.total), desc="denoising")
                 yield (f"denoising: step {following.done} / {following.total}",) + (gr.skip(),) * 5
-        done = following.future.result()
+        try:
+            done = following.future.result()
+        except Interrupted:
+            stopped = {"images": 0, "interrupted": True, "step": following.done, "total": following.total}
+            yield (interrupted_text(following), gr.skip(), gr.skip(), gr.skip(), stopped, gr.skip())
+            return
         paths = [str(p) for p in done.paths]
         summary_value = {"images": len(paths), "sizes": [list(s) for s in done.sizes], "seconds": done.seconds,
                          "files": [p.name for p in done.paths], "labels": done.labels}
@@ -87,7 +94,8 @@ def build(studio: Studio) -> Tab:
 
     run.click(friendly(make), inputs_kwargs=form_inputs, outputs=[status, images, infotext, files, summary, history],
               api_name="generate", concurrency_id="generate", concurrency_limit=16, show_progress_on=[status])
-    interrupt.click(interrupt_mine, None, status, api_name="interrupt", queue=False)
+    interrupt.click(interrupt_mine, None, interrupt_note, api_name="interrupt", queue=False)
+    run.click(lambda: "", None, interrupt_note, api_visibility="private", queue=False)
     adapters.input(friendly(switch_to), inputs_kwargs=named(SwitchForm, adapters=adapters, strength=strength), outputs=status,
                    api_name="switch_adapter", show_progress="hidden")
     reuse_file.upload(friendly(lambda path: reused(studio, path)), reuse_file, [prompt, negative, adapters, weights, mode, seed, steps,
@@ -95,6 +103,12 @@ def build(studio: Studio) -> Tab:
                       api_name="reuse_parameters")
     refresh_gallery.click(lambda: [str(p) for p in generation.gallery()], None, history, api_name="gallery")
     return Tab(tab, lambda: (gr.Dropdown(choices=["none", *studio.names()]), [str(p) for p in generation.gallery()]), [adapters, history])
+
+
+def interrupted_text(following) -> str:
+    """What the status says after Interrupt (as A1111: the job ends, nothing half-made is kept)."""
+    where = f" at step {following.done} / {following.total}" if following.total else " before the first step"
+    return f"**Interrupted**{where}; nothing was saved. Generate again when ready."
 
 
 def _session(request: gr.Request | None) -> str:

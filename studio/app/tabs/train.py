@@ -29,7 +29,7 @@ def build(studio: Studio) -> Tab:
             with gr.Column(min_width=320):
                 gr.Markdown("**Dataset**: images with same-named `.txt` captions; kohya `N_name/` folders repeat their images N times.")
                 with gr.Accordion("Upload a zip", open=False):
-                    archive = gr.File(label="Dataset zip", file_types=[".zip"], type="filepath", height=100)
+                    archive = gr.File(label="Dataset zip", file_types=[".zip"], type="filepath", height=100, elem_id="train-archive")
                     with gr.Row():
                         dataset_name = gr.Textbox(label="Dataset name", value="my-dataset", min_width=140)
                         repeats = gr.Number(value=1, precision=0, label="Repeats", info="of images not in an N_name folder", min_width=120)
@@ -54,7 +54,8 @@ def build(studio: Studio) -> Tab:
                     with gr.Group(visible=name == DEFAULT_FAMILY) as group:
                         fields[name] = knob_fields(item.config_class, collections)
                     groups[name] = group
-                knobs = gr.JSON(default_table(registry.family(DEFAULT_FAMILY).config_class, collections), label="[adapter] table of the run")
+                knobs = gr.JSON(default_table(registry.family(DEFAULT_FAMILY).config_class, collections), label="[adapter] table of the run",
+                        elem_id="train-knobs")
                 with gr.Row(equal_height=False):
                     name = gr.Textbox(value="my-adapter", label="Run name", min_width=140)
                     steps = gr.Number(value=defaults.steps, precision=0, label="Steps", min_width=100)
@@ -75,6 +76,7 @@ def build(studio: Studio) -> Tab:
                 with gr.Row():
                     start = gr.Button("Train", variant="primary")
                     stop = gr.Button("Stop", variant="stop")
+                stop_note = gr.Markdown(elem_id="train-stop-note")  # apart from the status: the run's last word is never overwritten
         status = gr.Markdown(elem_id="train-status")
         with gr.Row(equal_height=False):
             loss_plot = gr.LinePlot(views.loss_frame({}, {}), x="step", y="loss", color="curve", title="Loss (train and validation)",
@@ -83,7 +85,8 @@ def build(studio: Studio) -> Tab:
                                  elem_id="train-samples", min_width=300)
         result = gr.JSON(label="Result")
         with gr.Row(equal_height=False):
-            run_pick = gr.Dropdown([], value=None, allow_custom_value=True, label="Runs in the workspace", elem_id="train-runs", min_width=240)
+            run_pick = gr.Dropdown([], value=None, allow_custom_value=True, label="Runs in the workspace", elem_id="train-runs", min_width=240,
+                                   scale=2)
             resume = gr.Button("Resume", min_width=100)
             checkpoint = gr.Radio([("best (lowest validation loss)", "best"), ("final", "final")], value="best", label="Export", min_width=200)
             export_layout = gr.Radio(["kohya", "diffusers"], value="kohya", label="Layout", min_width=160)
@@ -95,6 +98,9 @@ def build(studio: Studio) -> Tab:
     dataset_outputs = [dataset, dataset_text, preview, repeat_folder, trigger, sample_prompt]
 
     def show_dataset(form: DatasetView):
+        if not form.dataset.strip():  # the picker closed without a choice: say what to do, no error
+            return ("", "Pick a dataset folder, upload a zip or render a world style to see its images, captions, repeats and "
+                    "validation split.", [], gr.Dropdown(choices=[], value=""), gr.skip(), gr.skip())
         view = training.dataset(form)
         images = [(str(image), f"{caption} (x{n})" if n > 1 else caption) for image, caption, n in view.pairs[:24]]
         return (view.folder, view.summary(form.validation_split), images,
@@ -141,7 +147,9 @@ def build(studio: Studio) -> Tab:
                           concurrency_limit=1, show_progress_on=[status])
     resumed = resume.click(friendly(resume_run), inputs_kwargs=named(RunForm, run=run_pick), outputs=train_outputs,
                            api_name="resume_training", concurrency_id="jobs", concurrency_limit=1, show_progress_on=[status])
-    stop.click(friendly(training.stop), None, status, api_name="stop_training", queue=False)
+    stop.click(friendly(training.stop), None, stop_note, api_name="stop_training", queue=False)
+    for button in (start, resume):
+        button.click(lambda: "", None, stop_note, api_visibility="private", queue=False)
 
     def runs_list(selected: str | None = None):
         runs = training.runs()
@@ -166,11 +174,11 @@ def build(studio: Studio) -> Tab:
     export.click(takes(ExportRunForm, "export run")(export_run), inputs_kwargs=named(ExportRunForm, run=run_pick, checkpoint=checkpoint, format=export_layout),
                  outputs=[run_text, exported], api_name="export_run")
 
-    def shown():
-        return gr.Dropdown(choices=training.datasets()), runs_list(), gr.Dropdown(choices=_collections(studio))
+    def shown(picked_run: str | None = None):
+        return gr.Dropdown(choices=training.datasets()), runs_list(picked_run), gr.Dropdown(choices=_collections(studio))
 
     collection_field = fields["eigenlora"]["collection"]
-    return Tab(tab, shown, [dataset, run_pick, collection_field])
+    return Tab(tab, shown, [dataset, run_pick, collection_field], [run_pick])
 
 
 def _wire_family(family, groups, fields, knobs, learning_rate, batch_size, steps, studio: Studio) -> None:
