@@ -127,3 +127,8 @@ def one_of(where: str, **values: object) -> str:
         names = " or ".join(values)
         raise ConfigError(f"{where}: give exactly one of {names}" + (f" (got {', '.join(given)})" if given else ""))
     return given[0]
+
+
+def memory_text(size: float) -> str:
+    """A byte count as people read it: GiB from 1 GiB up, else MiB (an estimate of 0.0 GiB says nothing)."""
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"

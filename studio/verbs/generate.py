@@ -287,7 +287,7 @@ def check_cost(request: GenerateRequest, engine: Any):
     needed = estimate.peak_bytes - estimate.weight_bytes  # the weights are loaded already
     if free is not None and needed > free:
         raise LimitError(f"generate: {estimate.width}x{estimate.height} x {estimate.images} images need about "
-                         f"{needed / 2**30:.1f} GiB beyond the loaded weights, and {device} has {free / 2**30:.1f} GiB free: "
+                         f"{checks.memory_text(needed)} beyond the loaded weights, and {device} has {checks.memory_text(free)} free: "
                          "fewer or smaller images")
     if request.limits.max_seconds and estimate.seconds > request.limits.max_seconds:
         raise LimitError(f"generate: {estimate.width}x{estimate.height} x {estimate.images} images, {estimate.steps} steps: "

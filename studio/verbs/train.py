@@ -182,8 +182,8 @@ def check_memory(config: TrainConfig) -> None:
     if estimate is None or estimate.free_bytes is None or estimate.bytes <= estimate.free_bytes:
         return
     raise LimitError(f"train: the {config.family} adapter with {config.adapter or 'its default knobs'} has "
-                     f"{estimate.trainable:,} trainable numbers: about {estimate.bytes / 2**30:.1f} GiB for them, their gradients "
-                     f"and AdamW's moments, and {estimate.device} has {estimate.free_bytes / 2**30:.1f} GiB free: lower the "
+                     f"{estimate.trainable:,} trainable numbers: about {checks.memory_text(estimate.bytes)} for them, their gradients "
+                     f"and AdamW's moments, and {estimate.device} has {checks.memory_text(estimate.free_bytes)} free: lower the "
                      "rank (or d / groups)")
 
 
