@@ -371,6 +371,8 @@ def result_metadata(run: session_mod.Session, result: TrainResult) -> dict[str, 
         "ss_gradient_accumulation_steps": str(config.grad_accumulation), "ss_training_comment": config.trigger_word,
         "ss_tag_frequency": _tag_frequency(run.train.captions, config.data),
     }
+    if config.trigger_word:  # what LoRA managers (A1111, ComfyUI's) show as the trigger, over the tag counts
+        meta["modelspec.trigger_phrase"] = config.trigger_word
     if "rank" in knobs:
         meta["ss_network_dim"] = str(knobs["rank"])
     if "alpha" in knobs:

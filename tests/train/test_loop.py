@@ -120,7 +120,11 @@ def test_outputs_samples_metadata_and_export(tiny_pipeline_dir, style_data, tmp_
         meta = handle.metadata()
     assert meta["studio.family"] == "superlora" and json.loads(meta["studio.adapter"])["groups"] == 4
     assert meta["studio.trigger_word"] == "zxq style" and meta["ss_network_dim"] == "4" and meta["ss_steps"] == "4"
+    assert meta["modelspec.trigger_phrase"] == "zxq style"  # what LoRA managers show as the trigger
     assert any(isinstance(e, Saved) and e.kind == "adapter" for e in events)
+    from studio.collection import load_collection
+
+    assert load_collection([out / "adapter.safetensors"], base=str(tiny_pipeline_dir)).infos[0].trigger_words == ["zxq style"]
 
 
 def test_crash_during_checkpoint_save_keeps_the_last_good_one(tiny_pipeline_dir, style_data, tmp_path, family_cases, monkeypatch):
