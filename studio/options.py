@@ -58,6 +58,17 @@ def option(default: Any = MISSING, help: str = "", *, minimum: float | None = _N
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def same_option(cls: type, name: str) -> Any:
+    """A field declared as ``cls``'s field ``name`` is: the same default, help text and bounds, so
+    a front end's form (the app's) says what the verb's request or config says."""
+    source = next((item for item in dataclasses.fields(cls) if item.name == name), None)
+    if source is None:
+        raise TypeError(f"{cls.__name__} has no field {name!r}")
+    if source.default_factory is not MISSING:  # type: ignore[misc]
+        return dataclasses.field(default_factory=source.default_factory, metadata=source.metadata)  # type: ignore[misc]
+    return dataclasses.field(default=source.default, metadata=source.metadata)
+
+
 def help_of(item: Field) -> str:
     """The help text of a field ('' when it has none)."""
     return str(item.metadata.get("help", ""))

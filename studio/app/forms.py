@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from studio.options import option
+from studio.options import option, same_option
+from studio.train.config import TrainConfig
 from studio.verbs.checks import MAX_SEED
 
 GenerateMode = Literal["mix", "per_image", "grid"]
@@ -80,20 +81,20 @@ class TrainForm:
 
     name: str = option("my-adapter", "run name: the folder under runs/ and the adapter's name")
     dataset: str = option("", "dataset folder inside the workspace (images + same-named .txt captions)")
-    family: str = option("lora", "adapter family")
+    family: str = same_option(TrainConfig, "family")
     knobs: dict[str, Any] = option(default_factory=dict, help="the family's knobs (the run's [adapter] table)")
-    steps: int = option(0, "optimizer steps (0: the family's measured default)", minimum=0, maximum=10_000_000)
-    learning_rate: float = option(0.0, "peak learning rate (0: the family's measured default)", minimum=0, maximum=10.0)
-    batch_size: int = option(0, "images per step (0: the family's measured default)", minimum=0, maximum=4096)
-    resolution: int = option(0, "training side in pixels (0: the base's native size)", minimum=0, maximum=8192)
-    trigger_word: str = option("", "word put before every caption")
-    validation_split: float = option(0.1, "share of the pairs held out for the validation loss", minimum=0, maximum=0.9)
+    steps: int = same_option(TrainConfig, "steps")
+    learning_rate: float = same_option(TrainConfig, "learning_rate")
+    batch_size: int = same_option(TrainConfig, "batch_size")
+    resolution: int = same_option(TrainConfig, "resolution")
+    trigger_word: str = same_option(TrainConfig, "trigger_word")
+    validation_split: float = same_option(TrainConfig, "validation_split")
     sample_every: int = option(0, "steps between sample images (0: only the baseline and the last step)", minimum=0)
     sample_prompt: str = option("", "prompt of the sample images (default: the first caption)")
-    checkpoint_every: int = option(0, "steps between checkpoints (0: at the end or when stopped)", minimum=0)
-    export_format: ExportFormat = option("kohya", "layout of the standard LoRA written at the end")
-    export_rank: int = option(0, "rank of the exported LoRA (0: exact where the family allows)", minimum=0, maximum=4096)
-    seed: int = option(0, "seed of the initialisation, batches, noise and samples", minimum=0, maximum=MAX_SEED)
+    checkpoint_every: int = same_option(TrainConfig, "checkpoint_every")
+    export_format: ExportFormat = same_option(TrainConfig, "export_format")
+    export_rank: int = same_option(TrainConfig, "export_rank")
+    seed: int = same_option(TrainConfig, "seed")
 
 
 @dataclass

@@ -99,3 +99,11 @@ def named(cls: type, **components: Any) -> dict[str, Any]:
     if missing or extra:
         raise ValueError(f"{cls.__name__}: components missing for {sorted(missing)}, unknown {sorted(extra)}")
     return {name: components[name] for name in fields}
+
+
+def hint(cls: type, name: str) -> str:
+    """A form field's help text, shown under its component (the words --help prints for the
+    same field of the verb's request)."""
+    from studio.options import help_of
+
+    return help_of(next(item for item in dataclasses.fields(cls) if item.name == name))

@@ -13,7 +13,7 @@ from studio.app.forms import ArchiveForm, DatasetView, ExportRunForm, RepeatsFor
 from studio.app.services import Studio
 from studio.app.tabs import Tab
 from studio.app.tabs.knobs import default_table, field_values, knob_fields, knob_table
-from studio.app.wiring import form_of, friendly, named, takes
+from studio.app.wiring import form_of, friendly, hint, named, takes
 from studio.events import Done, Progress, Sample
 
 DEFAULT_FAMILY = "lora"
@@ -40,7 +40,7 @@ def build(studio: Studio) -> Tab:
                     count = gr.Number(value=16, precision=0, label="Images", info="1..4096", min_width=100)
                     make_style = gr.Button("Render style", min_width=120)
                 dataset = gr.Dropdown(training.datasets(), value=None, label="Dataset folder (in the workspace)", allow_custom_value=True, elem_id="train-dataset")
-                validation_split = gr.Slider(0.0, 0.9, value=0.1, step=0.05, label="Validation split", info="share of the pairs held out for the validation loss")
+                validation_split = gr.Slider(0.0, 0.9, value=0.1, step=0.05, label="Validation split", info=hint(TrainForm, "validation_split"))
                 dataset_text = gr.Markdown(elem_id="train-dataset-info")
                 preview = gr.Gallery(label="Dataset preview (captions below each image)", columns=6, height=220, object_fit="contain", elem_id="train-preview")
                 with gr.Row(equal_height=False):
@@ -63,16 +63,16 @@ def build(studio: Studio) -> Tab:
                     batch_size = gr.Number(value=defaults.batch_size, precision=0, label="Batch size", min_width=100)
                 gr.Markdown("Steps, learning rate and batch size start at the family's measured defaults (BENCHMARKS.md, training quality).")
                 with gr.Row(equal_height=False):
-                    trigger = gr.Textbox(value="", label="Trigger word", info="put before every caption", min_width=140)
-                    sample_prompt = gr.Textbox(value="", label="Sample prompt", info="default: the first caption", min_width=200)
+                    trigger = gr.Textbox(value="", label="Trigger word", info=hint(TrainForm, "trigger_word"), min_width=140)
+                    sample_prompt = gr.Textbox(value="", label="Sample prompt", info=hint(TrainForm, "sample_prompt"), min_width=200)
                 with gr.Row(equal_height=False):
-                    sample_every = gr.Number(value=0, precision=0, label="Sample every", info="steps (0: baseline and last step)", min_width=100)
-                    checkpoint_every = gr.Number(value=0, precision=0, label="Checkpoint every", info="steps (0: end or stop)", min_width=100)
-                    resolution = gr.Number(value=0, precision=0, label="Resolution", info="px (0: native)", min_width=100)
+                    sample_every = gr.Number(value=0, precision=0, label="Sample every", info=hint(TrainForm, "sample_every"), min_width=100)
+                    checkpoint_every = gr.Number(value=0, precision=0, label="Checkpoint every", info=hint(TrainForm, "checkpoint_every"), min_width=100)
+                    resolution = gr.Number(value=0, precision=0, label="Resolution", info=hint(TrainForm, "resolution"), min_width=100)
                     seed = gr.Number(value=0, precision=0, label="Seed", min_width=100)
                 with gr.Row(equal_height=False):
                     export_format = gr.Radio(["kohya", "diffusers", "none"], value="kohya", label="Export format", min_width=200)
-                    export_rank = gr.Number(value=0, precision=0, label="Export rank", info="0: exact where the family allows (else 1% per layer)", min_width=140)
+                    export_rank = gr.Number(value=0, precision=0, label="Export rank", info=hint(TrainForm, "export_rank"), min_width=140)
                 with gr.Row():
                     start = gr.Button("Train", variant="primary")
                     stop = gr.Button("Stop", variant="stop")
