@@ -126,20 +126,45 @@ def target_layers(unet) -> list[str]:
     return [name for name, _ in unet.named_modules() if name.endswith(TARGETS) and ".attn" in name]
 
 
-def random_loras(unet, count: int, rank: int, seed: int = 1) -> list[LoraAdapter]:
-    """``count`` rank-r LoRAs (alpha = rank) on every attention projection of the UNet."""
+def random_loras(unet, count: int, rank: int, seed: int = 1, targets: list[str] | None = None, component: str = "unet",
+                 stem: str = "lora") -> list[LoraAdapter]:
+    """``count`` rank-r LoRAs (alpha = rank) on ``targets`` of the model (default: every attention
+    projection of the UNet), named ``STEM0, STEM1, ...`` with layers ``COMPONENT.MODULE``."""
     modules = dict(unet.named_modules())
     generator = torch.Generator("cpu").manual_seed(seed)
     adapters = []
     for index in range(count):
         layers = {}
-        for name in target_layers(unet):
+        for name in targets if targets is not None else target_layers(unet):
             out_features, in_features = modules[name].weight.shape
             down = torch.randn(rank, in_features, generator=generator) / in_features ** 0.5
             up = torch.randn(out_features, rank, generator=generator) * 0.01
-            layers[f"unet.{name}"] = LoraLayer(down, up, float(rank))
-        adapters.append(LoraAdapter(f"lora{index}", layers))
+            layers[f"{component}.{name}"] = LoraLayer(down, up, float(rank))
+        adapters.append(LoraAdapter(f"{stem}{index}", layers))
     return adapters
+
+
+def merge_floor(model, loras: list[LoraAdapter], timer: Callable[[Callable[[], object]], float]) -> tuple[float, list[torch.Tensor]]:
+    """The plain-torch merge floor every switch row is measured against: ``W += dW`` per layer
+    with dense dW precomputed on the device, alternating two adapters; the weights are restored
+    afterwards. Returns the timed ms and the targeted weights (in the adapters' layer order)."""
+    modules = dict(model.named_modules())
+    prefixed = loras[0].layers()
+    weights = [modules[layer.partition(".")[2]].weight.detach() for layer in prefixed]
+    dense = [[lora.delta(layer).to(w.device, w.dtype).view_as(w) for layer, w in zip(prefixed, weights)] for lora in loras[:2]]
+    state = {"i": 0}
+
+    def merge():
+        state["i"] ^= 1
+        for w, dw in zip(weights, dense[state["i"]]):
+            w.add_(dw)
+
+    pristine = [w.clone() for w in weights]
+    with torch.no_grad():
+        floor = timer(merge)
+        for w, p in zip(weights, pristine):
+            w.copy_(p)
+    return floor, weights
 
 
 class SharedMember(AdapterBase):

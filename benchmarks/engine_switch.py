@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmarks_inputs import unet_inputs  # noqa: E402
-from engine_models import build_pipeline, device_name, random_loras, shared_collection, timed  # noqa: E402
+from engine_models import build_pipeline, device_name, merge_floor, random_loras, shared_collection, timed  # noqa: E402
 
 from studio.adapters.lora import LoraAdapter  # noqa: E402
 from studio.engine import Engine, EngineConfig, GenerateRequest, NonFiniteUpdateError  # noqa: E402
@@ -65,27 +65,10 @@ class Row:
 
 
 def switch_rows(engine: Engine, names: list[str], loras: list[LoraAdapter], args, t) -> tuple[list[Row], float]:
-    unet = engine.pipe.unet
-    modules = dict(unet.named_modules())
-    layers = [layer.partition(".")[2] for layer in loras[0].layers()]
-    weights = [modules[name].weight.detach() for name in layers]
+    floor, weights = merge_floor(engine.pipe.unet, loras, t)
     target_bytes = sum(w.numel() * w.element_size() for w in weights)
-    device, dtype = weights[0].device, weights[0].dtype
-    dense = [[lora.delta(f"unet.{name}").to(device, dtype).view_as(w) for name, w in zip(layers, weights)] for lora in loras[:2]]
+    device = weights[0].device
     state = {"i": 0}
-
-    def floor_merge():
-        state["i"] ^= 1
-        for w, dw in zip(weights, dense[state["i"]]):
-            w.add_(dw)
-
-    pristine = [w.clone() for w in weights]
-    with torch.no_grad():
-        floor = t(floor_merge)
-        for w, p in zip(weights, pristine):
-            w.copy_(p)
-    dense.clear()
-    del pristine
     hbm = 2 * target_bytes / (args.hbm_tbps * 1e12) * 1000
     rows = [Row("switch", "plain-torch merge floor (W += dW per layer, precomputed dense dW)", floor, floor, "anchor"),
             Row("switch", f"HBM limit: read W0 + write W once ({2 * target_bytes / 1e9:.2f} GB at {args.hbm_tbps} TB/s; computed)",

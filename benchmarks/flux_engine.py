@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine_models import device_name, timed  # noqa: E402
+from engine_models import device_name, merge_floor, timed  # noqa: E402
 from engine_switch import Row, peft_state_dict  # noqa: E402
 from flux_models import TEXT_NOTE, attention_layers, build_flux_pipeline, parameter_count, random_loras  # noqa: E402
 
@@ -79,27 +79,11 @@ def load_rows(engine: Engine, files: list[Path], device) -> list[Row]:
                 statistics.median(times), statistics.median(times), "anchor")]
 
 
-def switch_rows(engine: Engine, names: list[str], loras, args, t, device) -> tuple[list[Row], float]:
-    modules = dict(engine.pipe.transformer.named_modules())
-    layers = [layer.partition(".")[2] for layer in loras[0].layers()]
-    weights = [modules[name].weight.detach() for name in layers]
-    dense = [[lora.delta(f"transformer.{name}").to(device, w.dtype).view_as(w) for name, w in zip(layers, weights)] for lora in loras[:2]]
-    state = {"i": 0}
-
-    def floor_merge():
-        state["i"] ^= 1
-        for w, dw in zip(weights, dense[state["i"]]):
-            w.add_(dw)
-
-    pristine = [w.clone() for w in weights]
-    with torch.no_grad():
-        floor = t(floor_merge)
-        for w, p in zip(weights, pristine):
-            w.copy_(p)
-    dense.clear()
-    del pristine
+def switch_rows(engine: Engine, names: list[str], loras, args, t) -> tuple[list[Row], float]:
+    floor, weights = merge_floor(engine.pipe.transformer, loras, t)
     target_bytes = sum(w.numel() * w.element_size() for w in weights)
-    rows = [Row("switch", f"plain-torch merge floor (W += dW per layer, {len(layers)} layers, {target_bytes / 1e9:.2f} GB)", floor, floor, "anchor")]
+    rows = [Row("switch", f"plain-torch merge floor (W += dW per layer, {len(weights)} layers, {target_bytes / 1e9:.2f} GB)", floor, floor, "anchor")]
+    state = {"i": 0}
     for name in names:  # first activation prepares each adapter's terms on the device
         engine.activate(name)
 
@@ -241,7 +225,7 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> l
         files = [save_adapter(lora, Path(folder) / f"{lora.name}.safetensors", format="diffusers") for lora in loras[: args.files]]
         rows = load_rows(engine, files, device)
         names = [engine.register(lora.name, lora) for lora in loras]
-        switch, floor = switch_rows(engine, names, loras, args, t, device)
+        switch, floor = switch_rows(engine, names, loras, args, t)
         inputs = transformer_inputs(pipe, 1, args.size, device, dtype)
         active, bare = active_rows(engine, names[0], inputs, args, t)
         rows += switch + active + per_image_rows(engine, names, args, device, dtype, t)

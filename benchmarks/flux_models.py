@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from studio.adapters.lora import LoraAdapter, LoraLayer  # noqa: E402
+from studio.adapters.lora import LoraAdapter  # noqa: E402
 from studio.bases import CONFIG_DIR  # noqa: E402
 
 FLUX_VAE = {  # black-forest-labs/FLUX.1-dev vae/config.json (architecture only)
@@ -107,18 +107,9 @@ def attention_layers(transformer) -> list[str]:
 
 def random_loras(transformer, count: int, rank: int, seed: int = 1) -> list[LoraAdapter]:
     """``count`` rank-r LoRAs (alpha = rank) on every attention projection of the transformer."""
-    modules = dict(transformer.named_modules())
-    generator = torch.Generator("cpu").manual_seed(seed)
-    adapters = []
-    for index in range(count):
-        layers = {}
-        for name in attention_layers(transformer):
-            out_features, in_features = modules[name].weight.shape
-            down = torch.randn(rank, in_features, generator=generator) / in_features ** 0.5
-            up = torch.randn(out_features, rank, generator=generator) * 0.01
-            layers[f"transformer.{name}"] = LoraLayer(down, up, float(rank))
-        adapters.append(LoraAdapter(f"flux{index}", layers))
-    return adapters
+    from engine_models import random_loras as random_model_loras
+
+    return random_model_loras(transformer, count, rank, seed, attention_layers(transformer), "transformer", "flux")
 
 
 def parameter_count(module: torch.nn.Module) -> int:
