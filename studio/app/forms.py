@@ -11,13 +11,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from studio.options import option, same_option
-from studio.train.config import TrainConfig
+from studio.train.config import ExportFormat, TrainConfig
 from studio.verbs.checks import MAX_SEED
 
 GenerateMode = Literal["mix", "per_image", "grid"]
 BaseKind = Literal["world", "folder", "file", "hub"]
 Layout = Literal["kohya", "diffusers"]
-ExportFormat = Literal["kohya", "diffusers", "none"]
 SizeBy = Literal["energy", "k"]
 Checkpoint = Literal["best", "final"]
 MAX_K = 4096
