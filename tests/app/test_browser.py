@@ -100,21 +100,25 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path, seconds: float
     pytest.fail(f"studio serve did not answer on {url} within {seconds} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def page(served, tmp_path_factory):
+def browser_page(url: str, profile: Path, viewport: dict[str, int]):
+    """Debian's Chromium (headless, own profile) on the served studio, once its title shows;
+    skips when Playwright or Chromium is missing. A generator: yields the page, closes after."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (make test installs it)")
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} missing: `make test` installs Debian's chromium")
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), headless=True,
-            args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 1000},
-        )
+            str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS, viewport=viewport)
         page = context.new_page()
-        page.goto(served)
+        page.goto(url)
         page.get_by_text("Adapter Studio").first.wait_for(timeout=SLOW)
         yield page
         context.close()
+
+
+@pytest.fixture(scope="module")
+def page(served, tmp_path_factory):
+    yield from browser_page(served, tmp_path_factory.mktemp("chromium-profile"), {"width": 1280, "height": 1000})
 
 
 def expect(locator):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.test_browser import CHROMIUM, CHROMIUM_ARGS, DOCS, REPO, SLOW, expect, wait_until_up
+from tests.app.test_browser import DOCS, REPO, SLOW, browser_page, expect, open_tab, wait_until_up
 from tests.app.test_trust import kohya_zip
 from tests.ports import free_port
 
@@ -91,25 +91,7 @@ def server(workspace, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(server, tmp_path_factory):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (make test installs it)")
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} missing: `make test` installs Debian's chromium")
-    with sync_api.sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("trust-chromium")), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-            viewport=DESKTOP)
-        page = context.new_page()
-        page.goto(server.url)
-        page.get_by_text("Adapter Studio").first.wait_for(timeout=SLOW)
-        yield page
-        context.close()
-
-
-def open_tab(page, name: str):
-    page.get_by_role("tab", name=name).click()
-    panel = page.locator(f"#tab-{name.lower()}")
-    expect(panel).to_be_visible()
-    return panel
+    yield from browser_page(server.url, tmp_path_factory.mktemp("trust-chromium"), DESKTOP)
 
 
 def toast(page, text: str):

@@ -56,15 +56,21 @@ def _factors(lora: MultiLora, style: int) -> dict[str, tuple[torch.Tensor, torch
     return {f"unet.{name}": (lora.down[i][style].detach().clone(), lora.up[i][style].detach().clone()) for i, name in enumerate(lora.names)}
 
 
-def _alone(unet, data: ZooData, style: int, start: dict, weighting: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Style ``style``'s LoRA trained alone the studio trainer's way, on the rows the zoo drew for it."""
-    config = TrainConfig(base="world", data="unused", output_dir="unused", steps=STEPS, lr_warmup_steps=max(1, STEPS // 20),
-                         learning_rate=LR, loss_weighting=weighting, weight_decay=0.0)
+def _lora_from(start: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> TrainableLora:
+    """A trainable LoRA whose factors start at ``start`` (layer -> (down, up))."""
     adapter = TrainableLora(LoraConfig(rank=RANK, alpha=ALPHA), {layer: (up.shape[0], down.shape[1]) for layer, (down, up) in start.items()})
     with torch.no_grad():
         for layer, (down, up) in start.items():
             adapter.down[layer.replace(".", "__")].copy_(down)
             adapter.up[layer.replace(".", "__")].copy_(up)
+    return adapter
+
+
+def _alone(unet, data: ZooData, style: int, start: dict, weighting: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Style ``style``'s LoRA trained alone the studio trainer's way, on the rows the zoo drew for it."""
+    config = TrainConfig(base="world", data="unused", output_dir="unused", steps=STEPS, lr_warmup_steps=max(1, STEPS // 20),
+                         learning_rate=LR, loss_weighting=weighting, weight_decay=0.0)
+    adapter = _lora_from(start)
     attached = Attachment({"unet": unet}, adapter)
     opt = torch.optim.AdamW(trainable_parameters(adapter), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))
@@ -118,11 +124,7 @@ def test_zoo_gradient_of_each_style_is_its_gradient_alone():
     rows, noise, timesteps = zoo_batch(data, PER_STYLE, torch.Generator().manual_seed(7), scheduler.config.num_train_timesteps)
     for style in range(2):
         start = _factors(lora, style)
-        adapter = TrainableLora(LoraConfig(rank=RANK, alpha=ALPHA), {layer: (up.shape[0], down.shape[1]) for layer, (down, up) in start.items()})
-        with torch.no_grad():
-            for layer, (down, up) in start.items():
-                adapter.down[layer.replace(".", "__")].copy_(down)
-                adapter.up[layer.replace(".", "__")].copy_(up)
+        adapter = _lora_from(start)
         attached = Attachment({"unet": unet}, adapter)
         ours = slice(style * PER_STYLE, (style + 1) * PER_STYLE)
         noisy = scheduler.add_noise(data.latents[rows[ours]], noise[ours], timesteps[ours])
