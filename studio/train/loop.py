@@ -140,9 +140,10 @@ def train(config: TrainConfig, resume_dir: str | Path | None = None, stop: threa
         yield Message(note, "info")
     held = f"{len(run.validation.captions)} held out for validation" if config.validation_split > 0 and len(scan.pairs) > 1 \
         else f"validation on {len(run.validation.captions)} of them (no held-out split)"
+    precision = session_mod.precision(config)
     yield Message(f"training {config.family} ({count_trainable(run.adapter):,} trainable numbers) on "
                   f"{len(run.train.captions)} pairs, {held}; lr {config.learning_rate:g}, batch {config.batch_size}, "
-                  f"{config.steps} steps, device {run.accelerator.device}, precision {PRECISION_NAMES.get(session_mod.precision(config), session_mod.precision(config))}")
+                  f"{config.steps} steps, device {run.accelerator.device}, precision {PRECISION_NAMES.get(precision, precision)}")
     yield from _Runner(run, stop).execute(resume_dir is not None)
 
 
