@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from studio.events import Done, Progress  # noqa: E402
+from studio.events import Done, Message, Progress  # noqa: E402
 from studio.train import session as session_mod  # noqa: E402
 from studio.train import train  # noqa: E402
 from studio.train.config import TrainConfig  # noqa: E402
@@ -55,6 +55,7 @@ class TrainRow:
     peak_gib: float | None
     trainable: int = 0
     note: str = ""
+    optimizer_mib: float | None = None
 
 
 def random_dataset(folder: Path, count: int, size: int, seed: int = 0) -> Path:
@@ -110,35 +111,56 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def studio_row(pipe: Any, base: str, data: Path, out: Path, args, batch: int, checkpointing: bool,
-               components: list[str] | None = None) -> TrainRow:
+@dataclass
+class Run:
+    """One studio run: batch, gradient checkpointing, the family and its knobs (rank/alpha from --rank when empty)."""
+    batch: int
+    checkpointing: bool = False
+    family: str = "lora"
+    knobs: dict | None = None
+    label: str = ""
+
+
+def _optimizer_mib(sessions: list) -> float | None:
+    if not sessions:
+        return None
+    state = sessions[-1].optimizer.state
+    return sum(t.numel() * t.element_size() for entry in state.values() for t in entry.values() if torch.is_tensor(t)) / 2**20
+
+
+def studio_row(pipe: Any, base: str, data: Path, out: Path, args, spec: Run) -> TrainRow:
     """One `studio.train` run on the handed pipeline: median step time after warm-up, peak memory."""
     denoiser = session_mod.base_of(pipe).denoiser
     device = getattr(pipe, denoiser).device
-    knobs = {"rank": args.rank, "alpha": args.rank, **({"components": components} if components else {})}
-    what = "studio.train(config) [lora" + (f" on {'+'.join(components)}" if components else "") + "]"
-    config = TrainConfig(base=base, data=str(data), output_dir=str(out), family="lora", adapter=knobs, steps=args.steps,
-                         batch_size=batch, learning_rate=1e-4, validation_split=0.15, validation_every=args.steps,
-                         mixed_precision="bf16" if device.type == "cuda" else "no", gradient_checkpointing=checkpointing,
+    knobs = spec.knobs if spec.knobs is not None else {"rank": args.rank, "alpha": args.rank}
+    what = f"studio.train(config) [{spec.label or spec.family}]"
+    config = TrainConfig(base=base, data=str(data), output_dir=str(out), family=spec.family, adapter=knobs, steps=args.steps,
+                         batch_size=spec.batch, learning_rate=1e-4, validation_split=0.15, validation_every=args.steps,
+                         mixed_precision="bf16" if device.type == "cuda" else "no", gradient_checkpointing=spec.checkpointing,
                          resolution=args.size, export_format="none", tensorboard=False, lr_schedule="constant")
     stamps: list[float] = []
-    trainable = 0
+    trainable, status, optimizer = 0, "?", None
     _reset_peak(device)
     with handed_pipeline(pipe) as sessions:
         try:
             for event in train(config):
                 if isinstance(event, Progress):
                     stamps.append(time.perf_counter())
+                    optimizer = _optimizer_mib(sessions) if optimizer is None else optimizer
                 elif isinstance(event, Done):
-                    trainable = event.result.parameters
+                    trainable, status = event.result.parameters, event.result.status
+                elif isinstance(event, Message):
+                    print(f"#   [{what}, batch {spec.batch}] {event.text}", file=sys.stderr, flush=True)
         except torch.cuda.OutOfMemoryError:
             _release(pipe, denoiser, sessions)
-            return TrainRow(what, batch, checkpointing, None, None, note="out of memory")
+            return TrainRow(what, spec.batch, spec.checkpointing, None, None, note="out of memory")
         finally:
             peak = _peak_gib(device)
             _release(pipe, denoiser, sessions)
+    if len(stamps) < 2:
+        return TrainRow(what, spec.batch, spec.checkpointing, None, peak, trainable, note=f"run {status} after {len(stamps)} steps")
     intervals = np.diff(stamps)[args.warmup - 1:-1] if len(stamps) > args.warmup + 1 else np.diff(stamps)
-    return TrainRow(what, batch, checkpointing, float(np.median(intervals)), peak, trainable)
+    return TrainRow(what, spec.batch, spec.checkpointing, float(np.median(intervals)), peak, trainable, optimizer_mib=optimizer)
 
 
 def peft_row(pipe: Any, args, batch: int, checkpointing: bool, device: torch.device, text_tokens: int) -> TrainRow:
@@ -159,7 +181,8 @@ def peft_row(pipe: Any, args, batch: int, checkpointing: bool, device: torch.dev
     latent_side = args.size // pipe.vae_scale_factor
     channels = pipe.vae.config.latent_channels
     width = getattr(denoiser.config, "joint_attention_dim", None) or denoiser.config.cross_attention_dim
-    pooled_width = getattr(denoiser.config, "pooled_projection_dim", None) or pipe.text_encoder_2.config.projection_dim
+    second = getattr(pipe, "text_encoder_2", None)
+    pooled_width = getattr(denoiser.config, "pooled_projection_dim", None) or (second.config.projection_dim if second is not None else None)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if checkpointing:
         denoiser.enable_gradient_checkpointing()
@@ -170,7 +193,7 @@ def peft_row(pipe: Any, args, batch: int, checkpointing: bool, device: torch.dev
             started = time.perf_counter()
             latents = torch.randn(batch, channels, latent_side, latent_side, device=device, dtype=dtype)
             embeds = PromptEmbeds(torch.randn(batch, text_tokens, width, device=device, dtype=dtype),
-                                  torch.randn(batch, pooled_width, device=device, dtype=dtype),
+                                  torch.randn(batch, pooled_width, device=device, dtype=dtype) if pooled_width else None,
                                   torch.zeros(text_tokens, 3, device=device, dtype=dtype) if base.packed_latents else None)
             timesteps = torch.rand(batch, device=device) * 1000 if base.target == "flow" else torch.randint(0, 1000, (batch,), device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -188,33 +211,36 @@ def peft_row(pipe: Any, args, batch: int, checkpointing: bool, device: torch.dev
         return TrainRow("peft LoRA minimal loop (anchor)", batch, checkpointing, None, None, note="out of memory")
     finally:
         peak = _peak_gib(device)
+        optimizer_mib = sum(t.numel() * t.element_size() for entry in optimizer.state.values() for t in entry.values()
+                            if torch.is_tensor(t)) / 2**20
         denoiser.disable_gradient_checkpointing()
         del optimizer
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return TrainRow("peft LoRA minimal loop (anchor)", batch, checkpointing, statistics.median(times), peak, sum(p.numel() for p in params))
+    return TrainRow("peft LoRA minimal loop (anchor)", batch, checkpointing, statistics.median(times), peak, sum(p.numel() for p in params),
+                    optimizer_mib=optimizer_mib)
 
 
 def table(rows: list[TrainRow], anchors: dict[tuple[int, bool], TrainRow]) -> str:
-    lines = ["| what (public API call timed) | batch | grad. ckpt | s/step | steps/s | x anchor | peak GiB | trainable | note |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| what (public API call timed) | batch | grad. ckpt | s/step | steps/s | x anchor | peak GiB | trainable | optimizer MiB | note |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
         anchor = anchors.get((row.batch, row.checkpointing))
         ratio = f"{row.step_s / anchor.step_s:.3f}" if row.step_s and anchor and anchor.step_s else "-"
         step = f"{row.step_s:.3f}" if row.step_s else "-"
         speed = f"{1 / row.step_s:.3f}" if row.step_s else "-"
         peak = f"{row.peak_gib:.1f}" if row.peak_gib is not None else "-"
+        optimizer = f"{row.optimizer_mib:.3f}" if row.optimizer_mib is not None else "-"
         lines.append(f"| {row.what} | {row.batch} | {'yes' if row.checkpointing else 'no'} | {step} | {speed} | {ratio} | {peak} | "
-                     f"{row.trainable:,} | {row.note} |")
+                     f"{row.trainable:,} | {optimizer} | {row.note} |")
     return "\n".join(lines)
 
 
 def parse_configs(text: str) -> list[tuple[int, bool]]:
     """``1,1c,4c,4``: batch sizes, ``c`` = with gradient checkpointing."""
     out = []
-    for item in text.split(","):
-        item = item.strip()
+    for item in filter(None, (part.strip() for part in text.split(","))):
         out.append((int(item.rstrip("c")), item.endswith("c")))
     return out
 
@@ -229,9 +255,13 @@ def common_args(parser: argparse.ArgumentParser, configs: str) -> None:
     parser.add_argument("--images", type=int, default=8, help="images in the random dataset")
     parser.add_argument("--configs", default=configs, help="runs: batch sizes, 'c' = gradient checkpointing (e.g. 1,1c,4c,4)")
     parser.add_argument("--skip-anchor", action="store_true")
+    parser.add_argument("--no-cudnn-sdp", action="store_true", help="leave torch's cuDNN attention backend out (torch.backends.cuda.enable_cudnn_sdp(False))")
+    parser.add_argument("--probe", action="store_true", help="first: one forward, the largest |activation| after each block")
 
 
 def quick_args(args: argparse.Namespace) -> argparse.Namespace:
+    if args.no_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.quick:
         torch.set_num_threads(1)
         args.device = args.device or "cpu"
@@ -239,19 +269,51 @@ def quick_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def run_all(pipe: Any, base: str, args, device: torch.device, text_tokens: int, extra: list[tuple[list[str], int]] = ()) -> str:
-    """Every configured studio run, the extra component runs, then the peft anchors; the table."""
+def probe(pipe: Any, args, device: torch.device, text_tokens: int) -> None:
+    """One bf16 forward on random inputs: the largest |output| of every block and of the prediction (to stderr)."""
+    from studio.bases.conditioning import PromptEmbeds, predict
+
+    base = session_mod.base_of(pipe)
+    denoiser = getattr(pipe, base.denoiser)
+    seen: list[str] = []
+
+    def hook(name):
+        def record(module, inputs, output):
+            tensors = output if isinstance(output, tuple) else (output,)
+            seen.append(f"{name}:{max(float(t.abs().max()) for t in tensors if torch.is_tensor(t)):.3g}")
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in denoiser.named_modules() if n.count(".") == 1 and n.split(".")[1].isdigit()]
+    latent_side = args.size // pipe.vae_scale_factor
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    width = getattr(denoiser.config, "joint_attention_dim", None) or denoiser.config.cross_attention_dim
+    pooled = getattr(denoiser.config, "pooled_projection_dim", None) or pipe.text_encoder_2.config.projection_dim
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        latents = torch.randn(1, pipe.vae.config.latent_channels, latent_side, latent_side, device=device, dtype=dtype)
+        embeds = PromptEmbeds(torch.randn(1, text_tokens, width, device=device, dtype=dtype), torch.randn(1, pooled, device=device, dtype=dtype),
+                              torch.zeros(text_tokens, 3, device=device, dtype=dtype) if base.packed_latents else None)
+        timesteps = torch.full((1,), 500.0, device=device)
+        prediction = predict(pipe, latents, timesteps, embeds, 3.5)
+    for handle in handles:
+        handle.remove()
+    print(f"# probe: prediction finite={bool(torch.isfinite(prediction).all())} std={float(prediction.float().std()):.3g}; "
+          f"block max |out|: {' '.join(seen)}", file=sys.stderr, flush=True)
+
+
+def run_all(pipe: Any, base: str, args, device: torch.device, text_tokens: int, extra: list[Run] = ()) -> str:
+    """Every configured studio run (--configs as LoRA runs, then ``extra``), then the peft anchors; the table.
+    The anchor of a row is the peft run at its batch and checkpointing."""
     rows, anchors = [], {}
+    if args.probe:
+        probe(pipe, args, device, text_tokens)
     with tempfile.TemporaryDirectory() as folder:
         data = random_dataset(Path(folder) / "data", args.images, args.size)
-        configs = parse_configs(args.configs)
-        for index, (batch, checkpointing) in enumerate(configs):
-            rows.append(studio_row(pipe, base, data, Path(folder) / f"run{index}", args, batch, checkpointing))
+        runs = [Run(batch, checkpointing, label="lora") for batch, checkpointing in parse_configs(args.configs)] + list(extra)
+        for index, spec in enumerate(runs):
+            rows.append(studio_row(pipe, base, data, Path(folder) / f"run{index}", args, spec))
             print(f"# {rows[-1]}", file=sys.stderr, flush=True)
-        for index, (components, batch) in enumerate(extra):
-            rows.append(studio_row(pipe, base, data, Path(folder) / f"extra{index}", args, batch, False, components))
         if not args.skip_anchor:  # last: peft rewraps the modules it targets
-            for batch, checkpointing in configs:
+            for batch, checkpointing in sorted({(spec.batch, spec.checkpointing) for spec in runs}):
                 anchors[(batch, checkpointing)] = peft_row(pipe, args, batch, checkpointing, device, text_tokens)
                 rows.append(anchors[(batch, checkpointing)])
     return table(rows, anchors)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_models import build_pipeline, device_name  # noqa: E402
-from flux_train import LORA_TARGETS, common_args, quick_args, run_all  # noqa: E402
+from flux_train import LORA_TARGETS, Run, common_args, quick_args, run_all  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# SDXL UNet {unet:,} parameters, {encoders} text encoders (built in {time.perf_counter() - began:.1f} s); {args.size} px, "
           f"LoRA rank {args.rank} on {'/'.join(LORA_TARGETS)}, {args.steps} steps per run (median after {args.warmup}); "
           "peak memory includes the weights")
-    extra = [(["unet", "text_encoder", "text_encoder_2"], 1)]
+    knobs = {"rank": args.rank, "alpha": args.rank, "components": ["unet", "text_encoder", "text_encoder_2"]}
+    extra = [Run(1, family="lora", knobs=knobs, label="lora on unet+text_encoder+text_encoder_2")]
     print(run_all(pipe, "sdxl", args, device, text_tokens=77, extra=extra), flush=True)
     return 0
 

@@ -1,171 +1,102 @@
-"""Training step time and memory per family against a peft LoRA anchor measured in the same run.
+"""Training step time and memory per family through ``studio.train.train(config)``, against a peft LoRA anchor.
 
-The UNet is the real SD1.5 architecture (studio/configs/sd15.json "unet") with random weights;
-each family is applied through the training loop's own mechanism (studio.engine.patch.Attachment).
-A step is forward + backward + AdamW step at batch 4 on 64x64 latents, bf16 autocast on GPU.
+What is timed is what `studio train` and the app's Train tab run: the training loop on a folder of
+random images (VAE-encoded and text-encoded once, bf16 mixed precision on CUDA, AdamW, validation
+at the first and last step), one run per family on the real SD1.5 architecture (UNet and text
+encoder from studio/configs/sd15.json, random weights; ``benchmarks/engine_models.py``) at 512 px
+(64 x 64 latents), batch 4, rank 32 on to_q / to_k / to_v / to_out.0. EigenLoRAx trains its
+coefficients over a collection made by the compress verb (``studio.verbs.compress``, what `studio
+compress` runs) of 20 random rank-32 LoRA files written to disk. Step time is the median interval
+between the loop's Progress events after the warm-up steps (the last step, which validates, left
+out); optimizer MiB is AdamW's state after the first step. The anchor is a minimal peft LoRA loop on
+the same UNet at the same batch and rank, measured in the same run (``benchmarks/flux_train.py``
+holds the shared measuring code).
 
-    python benchmarks/train_speed.py                    # CUDA, full size
-    python benchmarks/train_speed.py --quick            # CPU smoke test, shrunken UNet
-    python benchmarks/train_speed.py --families lora,eigenlora --steps 30 --rank 32
+    GPU:  python benchmarks/train_speed.py --device cuda
+    CPU smoke test (shrunken UNet, 64 px): python benchmarks/train_speed.py --quick
 
-Targets: coefficient-only (eigenlora) step <= 1.0x the peft LoRA step; its optimizer state >= 100x
-smaller.
+Targets (training issue): a coefficient-only (eigenlora) step <= 1.0x a LoRA step; its optimizer
+state >= 100x smaller than LoRA's.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    import sys
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine_models import build_pipeline, device_name, random_loras, target_layers  # noqa: E402
+from flux_train import LORA_TARGETS, Run, common_args, quick_args, run_all  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "studio" / "configs" / "sd15.json"
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-@dataclass
-class Row:
-    name: str
-    params: int
-    step_ms: float
-    peak_mib: float
-    optim_mib: float
+COLLECTION_FILES = 20
 
 
-def make_unet(quick: bool, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """SD1.5 UNet with random weights (shrunken with --quick), frozen."""
-    from diffusers import UNet2DConditionModel
+def make_collection(pipe, folder: Path, args, device: torch.device) -> Path:
+    """``COLLECTION_FILES`` random rank-r LoRA files on the UNet's to_q/k/v/out layers, compressed at K by the
+    compress verb: the collection the eigenlora runs train over (placed on `sd15`; with --quick on the shrunken
+    pipeline saved to a folder, a local base as users give one)."""
+    from studio.events import run_to_end
+    from studio.formats import save_adapter
+    from studio.verbs.compress import CompressRequest, run as compress
 
-    config = json.loads(CONFIG.read_text())["unet"]
-    if quick:
-        config.update(block_out_channels=[32, 64, 64, 64], cross_attention_dim=64, attention_head_dim=8, layers_per_block=1, norm_num_groups=16)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(config).to(device, dtype)
-    unet.requires_grad_(False)
-    return unet
-
-
-def studio_adapter(family: str, unet: nn.Module, rank: int, k: int) -> nn.Module:
-    """A studio family over the UNet's attention projections (eigenlora on synthetic orthonormal components)."""
-    from studio.adapters import registry
-    from studio.bases import tree_from_components
-
-    tree = tree_from_components({"unet": unet}, "sd15")
-    if family == "eigenlora":
-        from studio.adapters.eigenlora import EigenLoraAdapter
-
-        generator = torch.Generator().manual_seed(0)
-        components = {}
-        for layer in registry.select_layers(tree, TARGETS):
-            out, inn = tree.modules[layer].weight_shape[:2]
-            down = torch.linalg.qr(torch.randn(inn, k, generator=generator))[0].T.contiguous()
-            up = torch.linalg.qr(torch.randn(out, k, generator=generator))[0].contiguous()
-            components[layer] = (down, up)
-        return EigenLoraAdapter.new("bench", components, rank)
-    knobs = {"lora": {"rank": rank, "alpha": rank}, "unilora": {"d": 65536, "rank": rank},
-             "superlora": {"groups": 16, "rank": rank}}[family]
-    return registry.build_adapter(family, registry.make_config(family, knobs), tree)
+    layers = [name for name in target_layers(pipe.unet) if name.endswith(tuple(LORA_TARGETS))]
+    files = folder / "loras"
+    files.mkdir(parents=True)
+    base = "sd15"
+    if args.quick:
+        base = str(folder / "base")
+        pipe.save_pretrained(base)
+    for adapter in random_loras(pipe.unet, COLLECTION_FILES, args.rank, targets=layers):
+        save_adapter(adapter, files / f"{adapter.name}.safetensors", format="kohya")
+    output = folder / "collection.safetensors"
+    run_to_end(compress(CompressRequest(paths=[str(files)], output=str(output), k=args.k, base=base, device=device.type)))
+    return output
 
 
-def optimizer_mib(optimizer: torch.optim.Optimizer) -> float:
-    total = sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
-    return total / 2**20
-
-
-def measure(name: str, unet: nn.Module, params: list[nn.Parameter], args, device: torch.device, dtype: torch.dtype) -> Row:
-    """Median step time and peak memory of forward + backward + AdamW."""
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    size = 8 if args.quick else 64
-    context = 64 if args.quick else 768
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(args.batch, 4, size, size, generator=generator).to(device, dtype)
-    text = torch.randn(args.batch, 77, context, generator=generator).to(device, dtype)
-    timesteps = torch.randint(0, 1000, (args.batch,), generator=generator).to(device)
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    for step in range(args.warmup + args.steps):
-        started = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = unet(latents, timesteps, encoder_hidden_states=text).sample
-        loss = torch.nn.functional.mse_loss(out.float(), latents.float())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - started)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
-    return Row(name, sum(p.numel() for p in params), statistics.median(times) * 1000, peak, optimizer_mib(optimizer))
-
-
-def run_peft(unet: nn.Module, args, device, dtype) -> Row:
-    from peft import LoraConfig
-
-    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=list(TARGETS)))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    return measure("peft-lora", unet, params, args, device, dtype)
-
-
-def run_family(family: str, unet: nn.Module, args, device, dtype) -> Row:
-    from studio.engine.patch import Attachment
-    from studio.train.apply import trainable_parameters
-
-    adapter = studio_adapter(family, unet, args.rank, args.k).to(device)
-    attached = Attachment({"unet": unet}, adapter)
-    try:
-        return measure(family, unet, trainable_parameters(adapter), args, device, dtype)
-    finally:
-        attached.detach()
-
-
-def table(rows: list[Row]) -> str:
-    anchor = rows[0]
-    lines = [f"{'family':<12} {'trainable':>11} {'step ms':>9} {'x peft':>7} {'peak MiB':>9} {'optim MiB':>10} {'peft/optim':>11}"]
-    for row in rows:
-        ratio = anchor.optim_mib / row.optim_mib if row.optim_mib else float("inf")
-        lines.append(f"{row.name:<12} {row.params:>11,} {row.step_ms:>9.2f} {row.step_ms / anchor.step_ms:>7.2f} "
-                     f"{row.peak_mib:>9.1f} {row.optim_mib:>10.3f} {ratio:>11.1f}")
-    return "\n".join(lines)
+def family_runs(args, collection: Path) -> list[Run]:
+    r = args.rank
+    table = {
+        "lora": Run(args.batch, family="lora", knobs={"rank": r, "alpha": r}, label=f"lora r={r}"),
+        "eigenlora": Run(args.batch, family="eigenlora", knobs={"collection": str(collection), "k": args.k, "rank": r},
+                         label=f"eigenlora K={args.k} (coefficients only)"),
+        "unilora": Run(args.batch, family="unilora", knobs={"d": args.unilora_d, "rank": r, "alpha": r}, label=f"unilora d={args.unilora_d:,}"),
+        "superlora": Run(args.batch, family="superlora", knobs={"groups": 16, "rank": r, "alpha": r}, label="superlora G=16"),
+    }
+    return [table[name.strip()] for name in args.families.split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CPU smoke test on a shrunken UNet")
+    common_args(parser, "")
     parser.add_argument("--families", default="lora,eigenlora,unilora,superlora")
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--k", type=int, default=14, help="EigenLoRA components per layer")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 2 with --quick)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; 1 with --quick)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--k", type=int, default=14, help="EigenLoRAx components per layer")
+    parser.add_argument("--unilora-d", type=int, default=65536)
+    parser.set_defaults(size=512, rank=32, steps=12, warmup=4)
+    args = quick_args(parser.parse_args(argv))
     if args.quick:
-        args.batch, args.rank, args.k = 1, 4, 4
-    args.steps = args.steps or (2 if args.quick else 20)
-    args.warmup = args.warmup or (1 if args.quick else 5)
-    device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
+        args.batch, args.k, args.unilora_d = 1, 4, 256
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    unet = make_unet(args.quick, device, dtype)
-    rows = [run_family(family.strip(), unet, args, device, dtype) for family in args.families.split(",")]
-    rows.insert(0, run_peft(unet, args, device, dtype))  # last: peft rewraps the modules it targets
-    print(f"device {device}, batch {args.batch}, rank {args.rank}, eigenlora K {args.k}, {args.steps} timed steps")
-    print(table(rows))
+    began = time.perf_counter()
+    pipe = build_pipeline("sd15", device, dtype, quick=args.quick)
+    unet = sum(p.numel() for p in pipe.unet.parameters())
+    print(f"# train_speed: {device_name(device)}, {dtype}, torch {torch.__version__}{' (quick)' if args.quick else ''}")
+    print(f"# SD1.5 UNet {unet:,} parameters (built in {time.perf_counter() - began:.1f} s); {args.size} px, batch {args.batch}, "
+          f"rank {args.rank} on {'/'.join(LORA_TARGETS)}, {args.steps} steps per run (median after {args.warmup}); "
+          "peak memory includes the weights")
+    with tempfile.TemporaryDirectory() as folder:
+        collection = make_collection(pipe, Path(folder), args, device)
+        print(run_all(pipe, "sd15", args, device, text_tokens=77, extra=family_runs(args, collection)), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -220,7 +220,7 @@ class _Runner:
         run, config = self.run, self.config
         losses = []
         for micro in range(config.grad_accumulation):
-            with run.accelerator.accumulate(run.model):
+            with run.accelerator.accumulate(run.model), session_mod.training_attention(run.accelerator.device):
                 loss = loss_of(run, step * config.grad_accumulation + micro)
                 mean = run.accelerator.gather(loss.detach()[None]).mean()
                 losses.append(float(mean))

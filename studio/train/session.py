@@ -19,6 +19,7 @@ encoders train where the family's ``components`` name them (SD's CLIP, SDXL's tw
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from studio.adapters import registry
 from studio.bases import ModuleTree, load_pipeline, module_tree, pipeline_tree
@@ -45,6 +47,10 @@ VALIDATION_TIMESTEPS = 8  # evenly spread over the whole range: the high-noise e
 VALIDATION_ITEMS = 8
 SNR_CAP = 1000.0  # as kohya's debiased estimation: the weights of the last few low-noise steps stay bounded
 COSINE_FLOOR = 0.05  # cosine schedules end at 5% of the peak learning rate
+# torch 2.11's cuDNN attention fails in backward with "an illegal memory access" on FLUX.1 at 1024 px on an
+# H200 (BENCHMARKS.md, "FLUX.1 training"); flash, memory-efficient and math attention train the same model
+# cleanly, so training on CUDA leaves cuDNN out (generation keeps torch's own choice).
+TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -358,6 +364,17 @@ def step_loss(session: Session, micro_step: int) -> Tensor:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def training_attention(device: torch.device):
+    """Forward and backward of a training step inside: on CUDA, attention without the cuDNN backend
+    (the flags are process-wide, so gradient checkpointing's recomputation in backward sees them too)."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    with sdpa_kernel(TRAINING_ATTENTION):
+        yield
+
+
 def validation_loss(session: Session) -> float:
     """MSE on the held-out pairs at fixed noise and evenly spread timesteps (comparable across steps)."""
     val, count = session.validation, len(session.validation.latents)
@@ -368,7 +385,8 @@ def validation_loss(session: Session) -> float:
         return _mse(session, model, val.latents[rows], conditioning, noise, timesteps)
 
     grids = [validation_timesteps(session, count, k) for k in range(VALIDATION_TIMESTEPS)]
-    value = validation_mod.fixed_draws_loss(loss, count, val.latents.shape[1:], grids, session.config.seed + 12_345)
+    with training_attention(session.accelerator.device):
+        value = validation_mod.fixed_draws_loss(loss, count, val.latents.shape[1:], grids, session.config.seed + 12_345)
     session.attached.clear()
     return value
 

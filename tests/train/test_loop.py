@@ -164,3 +164,16 @@ def test_resume_refuses_changed_training_data(tiny_pipeline_dir, style_data, tmp
     first.write_text("a different caption")
     with pytest.raises(ConfigError, match="the training data changed since the run started: changed 1"):
         run_to_end(train(config, resume_dir=tmp_path / "run"))
+
+
+@pytest.mark.parametrize("device, cudnn_inside", [("cuda", False), ("cpu", True)])
+def test_training_steps_leave_cudnn_attention_out_on_cuda(device, cudnn_inside):
+    """torch 2.11's cuDNN attention crashed FLUX backward on the H200: a CUDA training step runs without it,
+    and the process-wide flags are restored afterwards (generation keeps torch's own choice)."""
+    from studio.train.session import training_attention
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with training_attention(torch.device(device)):
+        assert torch.backends.cuda.cudnn_sdp_enabled() is (cudnn_inside and before)
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() is before
