@@ -3,7 +3,7 @@
     python benchmarks/multi_gpu_train.py --processes 2                 # a 2-GPU machine (NCCL)
     python benchmarks/multi_gpu_train.py --processes 2 --cpu --quick   # CPU smoke size (gloo)
 
-One held-out world style is rendered once; the same config (seed, steps, learning rate, global batch) is
+One world style is rendered once by the dataset verb (what `studio dataset --style S -o DIR` runs); the same config (seed, steps, learning rate, global batch) is
 trained by one process and by N processes (per-process batch = global / N) through `studio train`.
 Prints each run's validation loss at the start and end, training images per second, and the ratios
 against the single-process anchor measured in the same run.
@@ -78,15 +78,11 @@ def main() -> None:
     if args.batch % args.processes:
         raise SystemExit(f"--batch {args.batch} does not split across {args.processes} processes")
 
-    from quality import _image_size, render_style
+    from studio.verbs.dataset import DatasetRequest, run as make_dataset
 
-    from studio.bases import world_dir
-    from studio.world.styles import load_styles
-
-    styles = {style.name: (i, style) for i, style in enumerate(load_styles(world_dir() / "styles.toml"))}
-    index, style = styles[args.style]
     work = Path(args.work)
-    data = render_style(style, index, work / "data", args.train_images, args.val_images, 1, _image_size())
+    data = work / "data"
+    make_dataset(DatasetRequest(style=args.style, output=str(data), count=args.train_images + args.val_images))
     rows = []
     for processes in (1, args.processes):
         output = work / f"run-{processes}"

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from studio.options import option, same_option
 from studio.train.config import ExportFormat, TrainConfig
-from studio.verbs.checks import MAX_SEED
+from studio.verbs.generate import GenerateRequest
 
 GenerateMode = Literal["mix", "per_image", "grid"]
 BaseKind = Literal["world", "folder", "file", "hub"]
@@ -116,16 +116,17 @@ class ExportRunForm:
 class GenerateForm:
     """The Generate tab's form: adapters by registered name, with optional weights."""
 
-    prompt: str = option(help="what to draw")
-    negative_prompt: str = option("", "what not to draw")
+    prompt: str = same_option(GenerateRequest, "prompt")
+    negative_prompt: str = same_option(GenerateRequest, "negative_prompt")
     adapters: list[str] = option(default_factory=list, help="adapters of the collection ('none': no adapter)")
     weights: str = option("", "one weight per adapter, e.g. 1, 0.5 (empty: 1 each)")
     mode: GenerateMode = option("mix", "mix: all adapters into one; per_image: one adapter per image; grid: a labelled same-seed grid")
-    strength: float = option(1.0, "overall adapter strength")
-    seed: int = option(0, "seed of the first image (-1: random)", minimum=-1, maximum=MAX_SEED)
-    steps: int = option(20, "denoising steps", minimum=1)
+    strength: float = same_option(GenerateRequest, "scale")
+    seed: int = same_option(GenerateRequest, "seed")
+    steps: int = same_option(GenerateRequest, "steps")
+    # a number box cannot be left empty: 0 stands for the request's None (the base's own value)
     guidance: float = option(0.0, "CFG scale (0: the base's usual)", minimum=0)
-    batch: int = option(1, "images (mix mode)", minimum=1)
+    batch: int = same_option(GenerateRequest, "batch")
     width: int = option(0, "width in pixels, a multiple of 8 (0: the base's native size)", minimum=0)
     height: int = option(0, "height in pixels, a multiple of 8 (0: the base's native size)", minimum=0)
     scheduler: str = option("default", "sampler")

@@ -98,7 +98,25 @@ def named(cls: type, **components: Any) -> dict[str, Any]:
     missing, extra = set(fields) - set(components), set(components) - set(fields)
     if missing or extra:
         raise ValueError(f"{cls.__name__}: components missing for {sorted(missing)}, unknown {sorted(extra)}")
+    _check_initial_values(cls, components)
     return {name: components[name] for name in fields}
+
+
+def _check_initial_values(cls: type, components: dict[str, Any]) -> None:
+    """A component starts at its form field's default (the verb's, for fields declared with
+    ``same_option``): a number typed into the page must not differ from what --help prints."""
+    from studio.options import default_of
+
+    for item in dataclasses.fields(cls):
+        default, shown = default_of(item), getattr(components[item.name], "value", None)
+        if default is dataclasses.MISSING or default is None or shown is None or callable(shown) or isinstance(default, dict):
+            continue  # dict fields (a family's knobs) start at what the chosen family declares
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and default == 0 and shown:
+            continue  # 0 = "the family's / base's own": the component shows that value, resolved
+        if isinstance(default, tuple):
+            default = list(default)
+        if shown != default:
+            raise ValueError(f"{cls.__name__}.{item.name}: the component starts at {shown!r}, the form's default is {default!r}")
 
 
 def hint(cls: type, name: str) -> str:

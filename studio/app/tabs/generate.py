@@ -23,6 +23,7 @@ REUSED = ["prompt", "negative_prompt", "adapters", "weights", "mode", "seed", "s
 def build(studio: Studio) -> Tab:
     """Lay out the tab and wire it to `studio.generation`."""
     generation = studio.generation
+    defaults = GenerateForm(prompt="")
     with gr.Tab("Generate", id="generate", elem_id="tab-generate") as tab:
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320):
@@ -34,12 +35,12 @@ def build(studio: Studio) -> Tab:
                     weights = gr.Textbox(value="", label="Weights", placeholder="1, 0.5", info="one per adapter", min_width=100, scale=1)
                 with gr.Row(equal_height=False):
                     mode = gr.Radio(MODES, value="mix", label="Mode", scale=2, min_width=200)
-                    strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength", min_width=160, scale=1)
+                    strength = gr.Slider(0.0, 2.0, value=defaults.strength, step=0.05, label="Strength", min_width=160, scale=1)
                 with gr.Row(equal_height=False):
-                    seed = gr.Number(value=0, precision=0, label="Seed", info="-1: random", min_width=90)
-                    steps = gr.Number(value=20, precision=0, label="Steps", info=f"1..{studio.config.limits.max_steps}", min_width=90)
+                    seed = gr.Number(value=defaults.seed, precision=0, label="Seed", info="-1: random", min_width=90)
+                    steps = gr.Number(value=defaults.steps, precision=0, label="Steps", info=f"1..{studio.config.limits.max_steps}", min_width=90)
                     guidance = gr.Number(value=0, label="CFG scale", info="0: the base's usual", min_width=90)
-                    batch = gr.Number(value=1, precision=0, label="Batch", info=f"1..{studio.config.limits.max_batch}", min_width=90)
+                    batch = gr.Number(value=defaults.batch, precision=0, label="Batch", info=f"1..{studio.config.limits.max_batch}", min_width=90)
                 with gr.Row(equal_height=False):
                     width = gr.Number(value=0, precision=0, step=8, label="Width", info="0: native", min_width=90)
                     height = gr.Number(value=0, precision=0, step=8, label="Height", info="0: native", min_width=90)
