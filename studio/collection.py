@@ -160,14 +160,17 @@ def load_collection(paths: list[str | Path], base: str | None = None, lycoris_ra
     adapters: dict[str, LoraAdapter] = {}
     infos: list[AdapterInfo] = []
     for path in expand_paths(paths):
-        if is_collection_file(path):
-            infos.append(_collection_row(path))
-            continue
         try:
+            if is_collection_file(path):
+                infos.append(_collection_row(path))
+                continue
             adapter = load_adapter(path, tree, lycoris_rank=lycoris_rank)  # native trained files too (formats.reader.STUDIO_FILES)
             info = describe(path, adapter)
         except StudioError as error:
             infos.append(AdapterInfo(path=str(path), name=path.stem, error=str(error), size=_size(path)))
+            continue
+        except OSError as error:  # unreadable (permissions, a vanished or broken file): that file only
+            infos.append(AdapterInfo(path=str(path), name=path.stem, size=_size(path), error=f"{path}: cannot be read: {error}"))
             continue
         except (ValueError, TypeError, IndexError, KeyError, RuntimeError, RecursionError, OverflowError) as error:
             # A reader bug must not hide the rest of the folder; it is reported as what it is.

@@ -113,17 +113,18 @@ def test_a_same_named_upload_never_replaces_a_file(client, running_app, tiny_zoo
 
 
 def test_a_reader_crash_is_one_refused_row_and_the_app_goes_on(client, tiny_zoo, tmp_path, monkeypatch):
-    """Hardening 3: an unexpected exception inside the reader refuses that file only."""
-    import studio.app.library as library
+    """Hardening 3: an unexpected exception inside the reader refuses that file only (one guard, in
+    `studio.collection.load_collection`, which every front end reads through)."""
+    import studio.collection as collection
 
-    real = library.load_collection
+    real = collection.load_adapter
 
-    def crashing(paths, **kwargs):
-        if any("crasher" in str(p) for p in paths):
+    def crashing(path, *args, **kwargs):
+        if "crasher" in str(path):
             raise IndexError("reader bug")
-        return real(paths, **kwargs)
+        return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(library, "load_collection", crashing)
+    monkeypatch.setattr(collection, "load_adapter", crashing)
     crasher = tmp_path / "crasher.safetensors"
     crasher.write_bytes((tiny_zoo / "style2.safetensors").read_bytes())
     _, table, _ = client.predict(files=[handle_file(str(crasher))], api_name="/import_files")
