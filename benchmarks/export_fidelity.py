@@ -1,8 +1,10 @@
 """Exported adapters vs their originals on the embedded world: error and same-seed pixel difference.
 
-The world zoo is compressed at several K; for each K, adapters are exported back to plain LoRA
-files (in memory) and images generated with the same seed, prompt and steps as with the original
-file. Reported: mean relative reconstruction error ||dW - dW_hat|| / ||dW|| and the mean absolute
+The world zoo is compressed at several K by the compress verb (what `studio compress assets/world/loras
+-o K.safetensors --k K` runs); for each K, every adapter is exported back to a plain kohya LoRA file
+by the export verb (`studio export K.safetensors --adapter NAME -o NAME.safetensors`), read back as a
+user's file (`studio.formats.load_adapter`) and generated with through `Engine.generate` with the
+same seed, prompt and steps as the original file. Reported: mean relative reconstruction error ||dW - dW_hat|| / ||dW|| and the mean absolute
 pixel difference (0-255) between the two images, against the base without any adapter as anchor
 (how far the original adapter moves the image at all).
 
@@ -26,7 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from studio.bases import world_dir  # noqa: E402
 from studio.collection import load_collection, trigger_words  # noqa: E402
 from studio.engine import Engine, GenerateRequest  # noqa: E402
-from studio.subspace import compress_sources, held_sources  # noqa: E402
+from studio.events import run_to_end  # noqa: E402
+from studio.formats import load_adapter  # noqa: E402
+from studio.verbs.compress import CompressRequest, run as compress  # noqa: E402
+from studio.verbs.export import ExportRequest, run as export  # noqa: E402
 
 PROMPTS = ("a red circle on a white background", "a small blue star on a black background, top left")
 
@@ -49,8 +54,8 @@ def prompt_for(adapter, prompt: str) -> str:
     return f"{words[0]}, {prompt}" if words else prompt
 
 
-def measure(adapters: list, ks: list[str], images: int, steps: int) -> tuple[list[FidelityRow], float]:
-    """Rows per K and the anchor: mean pixel difference between base and original adapter."""
+def measure(adapters: list, sources: list[Path], ks: list[str], images: int, steps: int) -> tuple[list[FidelityRow], float]:
+    """Rows per K and the anchor: mean pixel difference between base and original adapter (``sources``: their files)."""
     engine = Engine.load("world")
     originals = {}
     anchor = []
@@ -63,10 +68,13 @@ def measure(adapters: list, ks: list[str], images: int, steps: int) -> tuple[lis
     full_k = max(l.rank for a in adapters for l in a.lora_layers.values()) * len(adapters)
     folder = Path(tempfile.mkdtemp(prefix="export-fidelity-"))
     for k in ks:
-        result = compress_sources(held_sources(adapters), folder / f"k{k}.safetensors", k=full_k if k == "full" else int(k))
+        output = folder / f"k{k}.safetensors"
+        outcome = run_to_end(compress(CompressRequest(paths=[str(p) for p in sources], output=str(output), k=full_k if k == "full" else int(k))))
+        result = outcome.result
         diffs = []
         for adapter in adapters:
-            exported = result.collection.export(adapter.name)
+            path = export(ExportRequest(input=str(output), adapter=adapter.name, output=str(folder / f"k{k}-{adapter.name}.safetensors"))).path
+            exported = load_adapter(path)
             for i in range(images):
                 prompt = prompt_for(adapter, PROMPTS[i % len(PROMPTS)])
                 diffs.append(np.abs(_pixels(engine, exported, prompt, seed=i, steps=steps) - originals[(adapter.name, i)]).mean())
@@ -83,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    adapters = list(load_collection([world_dir() / "loras"]).adapters.values())
+    collection = load_collection([world_dir() / "loras"])
+    files = {info.name: Path(info.path) for info in collection.infos}
+    adapters = list(collection.adapters.values())
     adapters = adapters[: args.adapters] if args.adapters else adapters
-    rows, anchor = measure(adapters, args.ks, args.images, args.steps)
+    rows, anchor = measure(adapters, [files[a.name] for a in adapters], args.ks, args.images, args.steps)
     print(f"\nworld zoo: {len(adapters)} adapters, {args.images} images each, {args.steps} DDIM steps, CPU")
     print(f"anchor: base without adapter vs original adapter, mean |pixel diff| = {anchor:.2f} / 255\n")
     print("| K | mean rel error | mean abs pixel diff (0-255) | max | diff / anchor |")

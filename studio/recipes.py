@@ -21,10 +21,9 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from studio.errors import ConfigError
-from studio.events import Event
 
 TRAIN_KEYS = ("adapter", "runs")  # a file with these at the top level is a train config
 
@@ -102,10 +101,3 @@ def _train_on_itself(path: Path) -> Job:
 
     verb = VERBS["train"]
     return Job(verb, verb.request_from({"config": str(path)}, str(path)), str(path))
-
-
-def run_recipe(path: str | Path) -> Iterator[Event]:
-    """Run a recipe file's jobs, yielding their events; ends with ``Done(RunResult)``."""
-    from studio.verbs.run import RunRequest, run
-
-    yield from run(RunRequest(str(path)))

@@ -19,8 +19,10 @@ def test_exported_images_track_reconstruction_error():
 
     from studio.collection import load_collection
 
-    adapters = list(load_collection([world_dir() / "loras"]).adapters.values())[:3]
-    rows, anchor = measure(adapters, ["2", "full"], images=1, steps=6)
+    collection = load_collection([world_dir() / "loras"])
+    files = {info.name: Path(info.path) for info in collection.infos}
+    adapters = list(collection.adapters.values())[:3]
+    rows, anchor = measure(adapters, [files[a.name] for a in adapters], ["2", "full"], images=1, steps=6)
     coarse, exact = rows
     assert exact.rel_error < 1e-5 and exact.pixel_diff < 0.5  # of 255: the same image
     assert coarse.rel_error > 0.1 and coarse.pixel_diff > exact.pixel_diff

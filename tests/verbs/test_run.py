@@ -9,9 +9,18 @@ import pytest
 from studio.cli import main
 from studio.errors import ConfigError
 from studio.events import run_to_end
-from studio.recipes import jobs_of, read_recipe, run_recipe
+from studio.recipes import jobs_of, read_recipe
+from studio.verbs.run import RunRequest, run as run_verb
+
 from studio.verbs import train as train_verb
 from tests.verbs.conftest import train_config
+
+
+
+def run_recipe_(path):
+    """What `studio run PATH` runs: the run verb over the recipe file."""
+    return run_verb(RunRequest(str(path)))
+
 
 PIPELINES = sorted((Path(__file__).resolve().parents[2] / "pipelines").glob("*.toml"))
 
@@ -36,15 +45,15 @@ def test_bad_recipes_name_the_file(tmp_path):
     bad_kind = tmp_path / "a.toml"
     bad_kind.write_text('[job]\nkind = "paint"\n')
     with pytest.raises(ConfigError, match=r"a\.toml.*kind must be one of"):
-        list(run_recipe(bad_kind))
+        list(run_recipe_(bad_kind))
     broken = tmp_path / "b.toml"
     broken.write_text("[job\n")
     with pytest.raises(ConfigError, match=r"b\.toml: invalid TOML"):
-        list(run_recipe(broken))
+        list(run_recipe_(broken))
     unknown = tmp_path / "c.toml"
     unknown.write_text('[job]\nkind = "benchmark"\n[benchmark]\nscript = "x.py"\nspeed = 3\n')
     with pytest.raises(ConfigError, match=r"unknown keys \['speed'\]"):
-        list(run_recipe(unknown))
+        list(run_recipe_(unknown))
 
 
 def test_benchmark_recipe_runs_script(tmp_path):
@@ -53,7 +62,7 @@ def test_benchmark_recipe_runs_script(tmp_path):
     script.write_text(f"import sys; open({str(marker)!r}, 'w').write(' '.join(sys.argv[1:]))\n")
     recipe = tmp_path / "d.toml"
     recipe.write_text(f'[job]\nkind = "benchmark"\n[benchmark]\nscript = {str(script)!r}\nargs = ["--quick"]\n')
-    result = run_to_end(run_recipe(recipe))
+    result = run_to_end(run_recipe_(recipe))
     assert [job.verb for job in result.jobs] == ["benchmark"] and result.jobs[0].result.returncode == 0
     assert marker.read_text() == "--quick"
 

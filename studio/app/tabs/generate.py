@@ -5,6 +5,7 @@ uncropped grids, "reuse parameters" from a PNG, and PNGs that carry their parame
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -21,53 +22,72 @@ REUSED = ["prompt", "negative_prompt", "adapters", "weights", "mode", "seed", "s
 
 
 def build(studio: Studio) -> Tab:
-    """Lay out the tab and wire it to `studio.generation`."""
+    """Lay out the tab (the form, the results, the gallery) and wire it to `studio.generation`."""
     generation = studio.generation
-    defaults = GenerateForm(prompt="")
     with gr.Tab("Generate", id="generate", elem_id="tab-generate") as tab:
         with gr.Row(equal_height=False):
-            with gr.Column(scale=2, min_width=320):
-                prompt = gr.Textbox(label="Prompt", value="a red circle on a white background", lines=2)
-                negative = gr.Textbox(value="", label="Negative prompt")
-                with gr.Row(equal_height=False):
-                    adapters = gr.Dropdown(["none"], value=[], multiselect=True, allow_custom_value=True, label="Adapters", elem_id="generate-adapters", min_width=200,
-                                           info="picking one merges it at once (instant switching)", scale=2)
-                    weights = gr.Textbox(value="", label="Weights", placeholder="1, 0.5", info="one per adapter", min_width=100, scale=1)
-                with gr.Row(equal_height=False):
-                    mode = gr.Radio(MODES, value="mix", label="Mode", scale=2, min_width=200)
-                    strength = gr.Slider(0.0, 2.0, value=defaults.strength, step=0.05, label="Strength", min_width=160, scale=1)
-                with gr.Row(equal_height=False):
-                    seed = gr.Number(value=defaults.seed, precision=0, label="Seed", info="-1: random", min_width=90)
-                    steps = gr.Number(value=defaults.steps, precision=0, label="Steps", info=f"1..{studio.config.limits.max_steps}", min_width=90)
-                    guidance = gr.Number(value=0, label="CFG scale", info="0: the base's usual", min_width=90)
-                    batch = gr.Number(value=defaults.batch, precision=0, label="Batch", info=f"1..{studio.config.limits.max_batch}", min_width=90)
-                with gr.Row(equal_height=False):
-                    width = gr.Number(value=0, precision=0, step=8, label="Width", info="0: native", min_width=90)
-                    height = gr.Number(value=0, precision=0, step=8, label="Height", info="0: native", min_width=90)
-                    scheduler = gr.Dropdown(["default", *SCHEDULERS], value="default", label="Scheduler", min_width=120)
-                with gr.Row():
-                    run = gr.Button("Generate", variant="primary", elem_id="generate-run")
-                    interrupt = gr.Button("Interrupt", variant="stop", elem_id="generate-interrupt")
-                status = gr.Markdown(elem_id="generate-status")
-                interrupt_note = gr.Markdown(elem_id="generate-interrupt-note")  # apart from the status: never overwrites the result
-                with gr.Accordion("Reuse parameters from a PNG", open=False):
-                    reuse_file = gr.File(label="A PNG the studio (or A1111) made", file_types=[".png"], type="filepath", height=100)
-            with gr.Column(scale=3, min_width=320):
-                images = gr.Gallery(label="Images", columns=2, height="auto", elem_id="generate-images", format="png", object_fit="contain",
-                                    preview=False, allow_preview=True)
-                infotext = gr.Textbox(label="Parameters (written into each PNG)", lines=3, elem_id="generate-infotext")
-                files = gr.File(label="Download PNGs", file_count="multiple", interactive=False)
-                summary = gr.JSON(label="Summary", visible=False)
-        history = gr.Gallery(label="Gallery (workspace outputs)", columns=8, height=220, format="png", object_fit="contain")
+            form = _form_column(studio)
+            out = _results_column()
+        out.history = gr.Gallery(label="Gallery (workspace outputs)", columns=8, height=220, format="png", object_fit="contain")
         refresh_gallery = gr.Button("Refresh gallery", size="sm")
+    _wire(studio, form, out)
+    refresh_gallery.click(lambda: [str(p) for p in generation.gallery()], None, out.history, api_name="gallery")
+    return Tab(tab, lambda: (gr.Dropdown(choices=["none", *studio.names()]), [str(p) for p in generation.gallery()]),
+               [form.adapters, out.history])
 
-    form_inputs = named(GenerateForm, prompt=prompt, negative_prompt=negative, adapters=adapters, weights=weights, mode=mode,
-                        strength=strength, seed=seed, steps=steps, guidance=guidance, batch=batch, width=width, height=height,
-                        scheduler=scheduler)
+
+def _form_column(studio: Studio) -> SimpleNamespace:
+    """Prompt, adapters and weights, mode, the sampling numbers (starting at the form's defaults), Generate / Interrupt."""
+    c, defaults, limits = SimpleNamespace(), GenerateForm(prompt=""), studio.config.limits
+    with gr.Column(scale=2, min_width=320):
+        c.prompt = gr.Textbox(label="Prompt", value="a red circle on a white background", lines=2)
+        c.negative = gr.Textbox(value=defaults.negative_prompt, label="Negative prompt")
+        with gr.Row(equal_height=False):
+            c.adapters = gr.Dropdown(["none"], value=[], multiselect=True, allow_custom_value=True, label="Adapters", elem_id="generate-adapters",
+                                     min_width=200, info="picking one merges it at once (instant switching)", scale=2)
+            c.weights = gr.Textbox(value="", label="Weights", placeholder="1, 0.5", info="one per adapter", min_width=100, scale=1)
+        with gr.Row(equal_height=False):
+            c.mode = gr.Radio(MODES, value=defaults.mode, label="Mode", scale=2, min_width=200)
+            c.strength = gr.Slider(0.0, 2.0, value=defaults.strength, step=0.05, label="Strength", min_width=160, scale=1)
+        with gr.Row(equal_height=False):
+            c.seed = gr.Number(value=defaults.seed, precision=0, label="Seed", info="-1: random", min_width=90)
+            c.steps = gr.Number(value=defaults.steps, precision=0, label="Steps", info=f"1..{limits.max_steps}", min_width=90)
+            c.guidance = gr.Number(value=defaults.guidance, label="CFG scale", info="0: the base's usual", min_width=90)
+            c.batch = gr.Number(value=defaults.batch, precision=0, label="Batch", info=f"1..{limits.max_batch}", min_width=90)
+        with gr.Row(equal_height=False):
+            c.width = gr.Number(value=defaults.width, precision=0, step=8, label="Width", info="0: native", min_width=90)
+            c.height = gr.Number(value=defaults.height, precision=0, step=8, label="Height", info="0: native", min_width=90)
+            c.scheduler = gr.Dropdown(["default", *SCHEDULERS], value=defaults.scheduler, label="Scheduler", min_width=120)
+        with gr.Row():
+            c.run = gr.Button("Generate", variant="primary", elem_id="generate-run")
+            c.interrupt = gr.Button("Interrupt", variant="stop", elem_id="generate-interrupt")
+        c.status = gr.Markdown(elem_id="generate-status")
+        c.interrupt_note = gr.Markdown(elem_id="generate-interrupt-note")  # apart from the status: never overwrites the result
+        with gr.Accordion("Reuse parameters from a PNG", open=False):
+            c.reuse_file = gr.File(label="A PNG the studio (or A1111) made", file_types=[".png"], type="filepath", height=100)
+    return c
+
+
+def _results_column() -> SimpleNamespace:
+    c = SimpleNamespace()
+    with gr.Column(scale=3, min_width=320):
+        c.images = gr.Gallery(label="Images", columns=2, height="auto", elem_id="generate-images", format="png", object_fit="contain",
+                              preview=False, allow_preview=True)
+        c.infotext = gr.Textbox(label="Parameters (written into each PNG)", lines=3, elem_id="generate-infotext")
+        c.files = gr.File(label="Download PNGs", file_count="multiple", interactive=False)
+        c.summary = gr.JSON(label="Summary", visible=False)
+    return c
+
+
+def _wire(studio: Studio, form: SimpleNamespace, out: SimpleNamespace) -> None:
+    """Generate (with progress and Interrupt), switch on picking an adapter, reuse a PNG's parameters."""
+    generation = studio.generation
+    inputs = named(GenerateForm, prompt=form.prompt, negative_prompt=form.negative, adapters=form.adapters, weights=form.weights,
+                   mode=form.mode, strength=form.strength, seed=form.seed, steps=form.steps, guidance=form.guidance, batch=form.batch,
+                   width=form.width, height=form.height, scheduler=form.scheduler)
 
     def make(request: gr.Request, progress=gr.Progress(), **values):
-        form = form_of(GenerateForm, values, "generate")
-        following = generation.start(form, _session(request))
+        following = generation.start(form_of(GenerateForm, values, "generate"), _session(request))
         while not following.future.done():
             time.sleep(POLL_SECONDS)
             if following.total:
@@ -86,24 +106,22 @@ def build(studio: Studio) -> Tab:
         yield note, list(zip(paths, done.labels)), "\n\n".join(done.infotexts), paths, summary_value, [str(p) for p in generation.gallery()]
 
     def switch_to(**values):
-        form = form_of(SwitchForm, values, "switch")
-        return switched(studio, form.adapters[0] if form.adapters else "none", form.strength)
+        picked = form_of(SwitchForm, values, "switch")
+        return switched(studio, picked.adapters[0] if picked.adapters else "none", picked.strength)
 
     def interrupt_mine(request: gr.Request) -> str:
         count = generation.interrupt(_session(request))
         return "interrupting at the next denoising step ..." if count else "nothing of yours is generating"
 
-    run.click(friendly(make), inputs_kwargs=form_inputs, outputs=[status, images, infotext, files, summary, history],
-              api_name="generate", concurrency_id="generate", concurrency_limit=16, show_progress_on=[status])
-    interrupt.click(interrupt_mine, None, interrupt_note, api_name="interrupt", queue=False)
-    run.click(lambda: "", None, interrupt_note, api_visibility="private", queue=False)
-    adapters.input(friendly(switch_to), inputs_kwargs=named(SwitchForm, adapters=adapters, strength=strength), outputs=status,
-                   api_name="switch_adapter", show_progress="hidden")
-    reuse_file.upload(friendly(lambda path: reused(studio, path)), reuse_file, [prompt, negative, adapters, weights, mode, seed, steps,
-                                                                              guidance, width, height, scheduler, status],
-                      api_name="reuse_parameters")
-    refresh_gallery.click(lambda: [str(p) for p in generation.gallery()], None, history, api_name="gallery")
-    return Tab(tab, lambda: (gr.Dropdown(choices=["none", *studio.names()]), [str(p) for p in generation.gallery()]), [adapters, history])
+    form.run.click(friendly(make), inputs_kwargs=inputs, outputs=[form.status, out.images, out.infotext, out.files, out.summary, out.history],
+                   api_name="generate", concurrency_id="generate", concurrency_limit=16, show_progress_on=[form.status])
+    form.interrupt.click(interrupt_mine, None, form.interrupt_note, api_name="interrupt", queue=False)
+    form.run.click(lambda: "", None, form.interrupt_note, api_visibility="private", queue=False)
+    form.adapters.input(friendly(switch_to), inputs_kwargs=named(SwitchForm, adapters=form.adapters, strength=form.strength),
+                        outputs=form.status, api_name="switch_adapter", show_progress="hidden")
+    reused_outputs = [form.prompt, form.negative, form.adapters, form.weights, form.mode, form.seed, form.steps, form.guidance, form.width,
+                      form.height, form.scheduler, form.status]
+    form.reuse_file.upload(friendly(lambda path: reused(studio, path)), form.reuse_file, reused_outputs, api_name="reuse_parameters")
 
 
 def interrupted_text(following) -> str:

@@ -5,6 +5,8 @@ samples); stop, resume from the run list, export a run's best checkpoint."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import gradio as gr
 
 from studio.adapters import registry
@@ -20,82 +22,116 @@ DEFAULT_FAMILY = "lora"
 
 
 def build(studio: Studio) -> Tab:
-    """Lay out the tab and wire it to `studio.training`."""
-    training = studio.training
-    collections = _collections(studio)
-    defaults = registry.family(DEFAULT_FAMILY).defaults
+    """Lay out the tab (dataset column, run column, progress, runs) and wire it to `studio.training`."""
     with gr.Tab("Train", id="train", elem_id="tab-train") as tab:
         with gr.Row(equal_height=False):
-            with gr.Column(min_width=320):
-                gr.Markdown("**Dataset**: images with same-named `.txt` captions; kohya `N_name/` folders repeat their images N times.")
-                with gr.Accordion("Upload a zip", open=False):
-                    archive = gr.File(label="Dataset zip", file_types=[".zip"], type="filepath", height=100, elem_id="train-archive")
-                    with gr.Row():
-                        dataset_name = gr.Textbox(label="Dataset name", value="my-dataset", min_width=140)
-                        repeats = gr.Number(value=1, precision=0, label="Repeats", info="of images not in an N_name folder", min_width=120)
-                        flat_trigger = gr.Textbox(value="", label="Folder trigger word", info="their N_trigger folder (empty: the name)", min_width=140)
-                    upload = gr.Button("Upload dataset")
-                with gr.Row(equal_height=False):
-                    style = gr.Dropdown(_styles(), value=(_styles() or [None])[0], allow_custom_value=True, label="World style", min_width=140)
-                    count = gr.Number(value=16, precision=0, label="Images", info="1..4096", min_width=100)
-                    make_style = gr.Button("Render style", min_width=120)
-                dataset = gr.Dropdown(training.datasets(), value=None, label="Dataset folder (in the workspace)", allow_custom_value=True, elem_id="train-dataset")
-                validation_split = gr.Slider(0.0, 0.9, value=0.1, step=0.05, label="Validation split", info=hint(TrainForm, "validation_split"))
-                dataset_text = gr.Markdown(elem_id="train-dataset-info")
-                preview = gr.Gallery(label="Dataset preview (captions below each image)", columns=6, height=220, object_fit="contain", elem_id="train-preview")
-                with gr.Row(equal_height=False):
-                    repeat_folder = gr.Dropdown([], value="", label="Folder", allow_custom_value=True, info="'' is the dataset's top", min_width=140)
-                    repeat_count = gr.Number(value=1, precision=0, label="Repeats per epoch", min_width=120)
-                    set_repeats = gr.Button("Set repeats", min_width=120)
-            with gr.Column(min_width=320):
-                family = gr.Dropdown(sorted(registry.families()), value=DEFAULT_FAMILY, label="Adapter family", info=_summary(DEFAULT_FAMILY))
-                groups, fields = {}, {}
-                for name, item in sorted(registry.families().items()):
-                    with gr.Group(visible=name == DEFAULT_FAMILY) as group:
-                        fields[name] = knob_fields(item.config_class, collections)
-                    groups[name] = group
-                knobs = gr.JSON(default_table(registry.family(DEFAULT_FAMILY).config_class, collections), label="[adapter] table of the run",
-                        elem_id="train-knobs")
-                with gr.Row(equal_height=False):
-                    name = gr.Textbox(value="my-adapter", label="Run name", min_width=140)
-                    steps = gr.Number(value=defaults.steps, precision=0, label="Steps", min_width=100)
-                    learning_rate = gr.Number(value=defaults.learning_rate, label="Learning rate", min_width=100)
-                    batch_size = gr.Number(value=defaults.batch_size, precision=0, label="Batch size", min_width=100)
-                gr.Markdown("Steps, learning rate and batch size start at the family's measured defaults (BENCHMARKS.md, training quality).")
-                with gr.Row(equal_height=False):
-                    trigger = gr.Textbox(value="", label="Trigger word", info=hint(TrainForm, "trigger_word"), min_width=140)
-                    sample_prompt = gr.Textbox(value="", label="Sample prompt", info=hint(TrainForm, "sample_prompt"), min_width=200)
-                with gr.Row(equal_height=False):
-                    sample_every = gr.Number(value=0, precision=0, label="Sample every", info=hint(TrainForm, "sample_every"), min_width=100)
-                    checkpoint_every = gr.Number(value=0, precision=0, label="Checkpoint every", info=hint(TrainForm, "checkpoint_every"), min_width=100)
-                    resolution = gr.Number(value=0, precision=0, label="Resolution", info=hint(TrainForm, "resolution"), min_width=100)
-                    seed = gr.Number(value=0, precision=0, label="Seed", min_width=100)
-                with gr.Row(equal_height=False):
-                    export_format = gr.Radio(["kohya", "diffusers", "none"], value="kohya", label="Export format", min_width=200)
-                    export_rank = gr.Number(value=0, precision=0, label="Export rank", info=hint(TrainForm, "export_rank"), min_width=140)
-                with gr.Row():
-                    start = gr.Button("Train", variant="primary")
-                    stop = gr.Button("Stop", variant="stop")
-                stop_note = gr.Markdown(elem_id="train-stop-note")  # apart from the status: the run's last word is never overwritten
-        status = gr.Markdown(elem_id="train-status")
-        with gr.Row(equal_height=False):
-            loss_plot = gr.LinePlot(views.loss_frame({}, {}), x="step", y="loss", color="curve", title="Loss (train and validation)",
-                                    height=280, min_width=300, elem_id="train-loss")
-            samples = gr.Gallery(label="Samples (the base without adapter first)", columns=4, height=280, object_fit="contain",
-                                 elem_id="train-samples", min_width=300)
-        result = gr.JSON(label="Result")
-        with gr.Row(equal_height=False):
-            run_pick = gr.Dropdown([], value=None, allow_custom_value=True, label="Runs in the workspace", elem_id="train-runs", min_width=240,
-                                   scale=2)
-            resume = gr.Button("Resume", min_width=100)
-            checkpoint = gr.Radio([("best (lowest validation loss)", "best"), ("final", "final")], value="best", label="Export", min_width=200)
-            export_layout = gr.Radio(["kohya", "diffusers"], value="kohya", label="Layout", min_width=160)
-            export = gr.Button("Export as LoRA", min_width=120)
-        run_text = gr.Markdown(elem_id="train-run-info")
-        exported = gr.File(label="Exported LoRA", interactive=False)
+            data = _dataset_column(studio)
+            run = _run_column(studio)
+        shown = _progress_area()
+    _wire_dataset(studio, data, run)
+    _wire_family(run.family, run.groups, run.fields, run.knobs, run.learning_rate, run.batch_size, run.steps, studio)
+    _wire_training(studio, data, run, shown)
 
-    train_outputs = [status, loss_plot, samples, result]
-    dataset_outputs = [dataset, dataset_text, preview, repeat_folder, trigger, sample_prompt]
+    def refreshed(picked_run: str | None = None):
+        return gr.Dropdown(choices=studio.training.datasets()), _runs_list(studio, picked_run), gr.Dropdown(choices=_collections(studio))
+
+    collection_field = run.fields["eigenlora"]["collection"]
+    return Tab(tab, refreshed, [data.dataset, shown.run_pick, collection_field], [shown.run_pick])
+
+
+def _dataset_column(studio: Studio) -> SimpleNamespace:
+    """Upload a zip, render a world style, pick a dataset folder; its preview and repeats."""
+    c = SimpleNamespace()
+    with gr.Column(min_width=320):
+        gr.Markdown("**Dataset**: images with same-named `.txt` captions; kohya `N_name/` folders repeat their images N times.")
+        with gr.Accordion("Upload a zip", open=False):
+            c.archive = gr.File(label="Dataset zip", file_types=[".zip"], type="filepath", height=100, elem_id="train-archive")
+            with gr.Row():
+                c.dataset_name = gr.Textbox(label="Dataset name", value="my-dataset", min_width=140)
+                c.repeats = gr.Number(value=1, precision=0, label="Repeats", info="of images not in an N_name folder", min_width=120)
+                c.flat_trigger = gr.Textbox(value="", label="Folder trigger word", info="their N_trigger folder (empty: the name)", min_width=140)
+            c.upload = gr.Button("Upload dataset")
+        with gr.Row(equal_height=False):
+            c.style = gr.Dropdown(_styles(), value=(_styles() or [None])[0], allow_custom_value=True, label="World style", min_width=140)
+            c.count = gr.Number(value=16, precision=0, label="Images", info="1..4096", min_width=100)
+            c.make_style = gr.Button("Render style", min_width=120)
+        c.dataset = gr.Dropdown(studio.training.datasets(), value=None, label="Dataset folder (in the workspace)", allow_custom_value=True,
+                                elem_id="train-dataset")
+        c.validation_split = gr.Slider(0.0, 0.9, value=0.1, step=0.05, label="Validation split", info=hint(TrainForm, "validation_split"))
+        c.dataset_text = gr.Markdown(elem_id="train-dataset-info")
+        c.preview = gr.Gallery(label="Dataset preview (captions below each image)", columns=6, height=220, object_fit="contain",
+                               elem_id="train-preview")
+        with gr.Row(equal_height=False):
+            c.repeat_folder = gr.Dropdown([], value="", label="Folder", allow_custom_value=True, info="'' is the dataset's top", min_width=140)
+            c.repeat_count = gr.Number(value=1, precision=0, label="Repeats per epoch", min_width=120)
+            c.set_repeats = gr.Button("Set repeats", min_width=120)
+    return c
+
+
+def _run_column(studio: Studio) -> SimpleNamespace:
+    """The family and its knobs, the run's settings, Train / Stop."""
+    c = SimpleNamespace()
+    collections = _collections(studio)
+    defaults = registry.family(DEFAULT_FAMILY).defaults
+    with gr.Column(min_width=320):
+        c.family = gr.Dropdown(sorted(registry.families()), value=DEFAULT_FAMILY, label="Adapter family", info=_summary(DEFAULT_FAMILY))
+        c.groups, c.fields = {}, {}
+        for name, item in sorted(registry.families().items()):
+            with gr.Group(visible=name == DEFAULT_FAMILY) as group:
+                c.fields[name] = knob_fields(item.config_class, collections)
+            c.groups[name] = group
+        c.knobs = gr.JSON(default_table(registry.family(DEFAULT_FAMILY).config_class, collections), label="[adapter] table of the run",
+                          elem_id="train-knobs")
+        with gr.Row(equal_height=False):
+            c.name = gr.Textbox(value="my-adapter", label="Run name", min_width=140)
+            c.steps = gr.Number(value=defaults.steps, precision=0, label="Steps", min_width=100)
+            c.learning_rate = gr.Number(value=defaults.learning_rate, label="Learning rate", min_width=100)
+            c.batch_size = gr.Number(value=defaults.batch_size, precision=0, label="Batch size", min_width=100)
+        gr.Markdown("Steps, learning rate and batch size start at the family's measured defaults (BENCHMARKS.md, training quality).")
+        with gr.Row(equal_height=False):
+            c.trigger = gr.Textbox(value="", label="Trigger word", info=hint(TrainForm, "trigger_word"), min_width=140)
+            c.sample_prompt = gr.Textbox(value="", label="Sample prompt", info=hint(TrainForm, "sample_prompt"), min_width=200)
+        with gr.Row(equal_height=False):
+            c.sample_every = gr.Number(value=0, precision=0, label="Sample every", info=hint(TrainForm, "sample_every"), min_width=100)
+            c.checkpoint_every = gr.Number(value=0, precision=0, label="Checkpoint every", info=hint(TrainForm, "checkpoint_every"), min_width=100)
+            c.resolution = gr.Number(value=0, precision=0, label="Resolution", info=hint(TrainForm, "resolution"), min_width=100)
+            c.seed = gr.Number(value=0, precision=0, label="Seed", min_width=100)
+        with gr.Row(equal_height=False):
+            c.export_format = gr.Radio(["kohya", "diffusers", "none"], value="kohya", label="Export format", min_width=200)
+            c.export_rank = gr.Number(value=0, precision=0, label="Export rank", info=hint(TrainForm, "export_rank"), min_width=140)
+        with gr.Row():
+            c.start = gr.Button("Train", variant="primary")
+            c.stop = gr.Button("Stop", variant="stop")
+        c.stop_note = gr.Markdown(elem_id="train-stop-note")  # apart from the status: the run's last word is never overwritten
+    return c
+
+
+def _progress_area() -> SimpleNamespace:
+    """Status, the loss plot, samples, the result; the workspace's runs with Resume and Export."""
+    c = SimpleNamespace()
+    c.status = gr.Markdown(elem_id="train-status")
+    with gr.Row(equal_height=False):
+        c.loss_plot = gr.LinePlot(views.loss_frame({}, {}), x="step", y="loss", color="curve", title="Loss (train and validation)",
+                                  height=280, min_width=300, elem_id="train-loss")
+        c.samples = gr.Gallery(label="Samples (the base without adapter first)", columns=4, height=280, object_fit="contain",
+                               elem_id="train-samples", min_width=300)
+    c.result = gr.JSON(label="Result")
+    with gr.Row(equal_height=False):
+        c.run_pick = gr.Dropdown([], value=None, allow_custom_value=True, label="Runs in the workspace", elem_id="train-runs", min_width=240,
+                                 scale=2)
+        c.resume = gr.Button("Resume", min_width=100)
+        c.checkpoint = gr.Radio([("best (lowest validation loss)", "best"), ("final", "final")], value="best", label="Export", min_width=200)
+        c.export_layout = gr.Radio(["kohya", "diffusers"], value="kohya", label="Layout", min_width=160)
+        c.export = gr.Button("Export as LoRA", min_width=120)
+    c.run_text = gr.Markdown(elem_id="train-run-info")
+    c.exported = gr.File(label="Exported LoRA", interactive=False)
+    return c
+
+
+def _wire_dataset(studio: Studio, data: SimpleNamespace, run: SimpleNamespace) -> None:
+    """Upload, render, pick and re-count a dataset: each shows the folder, its summary, preview, trigger and sample prompt."""
+    training = studio.training
+    outputs = [data.dataset, data.dataset_text, data.preview, data.repeat_folder, run.trigger, run.sample_prompt]
 
     def show_dataset(form: DatasetView):
         if not form.dataset.strip():  # the picker closed without a choice: say what to do, no error
@@ -109,25 +145,29 @@ def build(studio: Studio) -> Tab:
     def made(folder: str, split: float):
         return show_dataset(DatasetView(folder, split))
 
-    upload.click(takes(ArchiveForm, "upload dataset")(lambda form: made(training.upload_dataset(form), 0.1)),
-                 inputs_kwargs=named(ArchiveForm, archive=archive, name=dataset_name, repeats=repeats, trigger_word=flat_trigger),
-                 outputs=dataset_outputs, api_name="upload_dataset")
-    make_style.click(takes(StyleForm, "style dataset")(lambda form: made(training.style_dataset(form), 0.1)),
-                     inputs_kwargs=named(StyleForm, style=style, count=count), outputs=dataset_outputs, api_name="style_dataset")
-    view_inputs = named(DatasetView, dataset=dataset, validation_split=validation_split)
-    dataset.input(takes(DatasetView, "dataset")(show_dataset), inputs_kwargs=view_inputs, outputs=dataset_outputs, api_name="dataset_info")
-    validation_split.release(takes(DatasetView, "dataset")(show_dataset), inputs_kwargs=view_inputs, outputs=dataset_outputs,
-                             api_visibility="private")
-
     def repeated(form: RepeatsForm):
         training.set_repeats(form)
         return made(form.dataset, 0.1)
 
-    set_repeats.click(takes(RepeatsForm, "repeats")(repeated), inputs_kwargs=named(RepeatsForm, dataset=dataset, folder=repeat_folder,
-                                                                                   repeats=repeat_count),
-                      outputs=dataset_outputs, api_name="set_repeats")
+    data.upload.click(takes(ArchiveForm, "upload dataset")(lambda form: made(training.upload_dataset(form), 0.1)),
+                      inputs_kwargs=named(ArchiveForm, archive=data.archive, name=data.dataset_name, repeats=data.repeats,
+                                          trigger_word=data.flat_trigger),
+                      outputs=outputs, api_name="upload_dataset")
+    data.make_style.click(takes(StyleForm, "style dataset")(lambda form: made(training.style_dataset(form), 0.1)),
+                          inputs_kwargs=named(StyleForm, style=data.style, count=data.count), outputs=outputs, api_name="style_dataset")
+    view_inputs = named(DatasetView, dataset=data.dataset, validation_split=data.validation_split)
+    data.dataset.input(takes(DatasetView, "dataset")(show_dataset), inputs_kwargs=view_inputs, outputs=outputs, api_name="dataset_info")
+    data.validation_split.release(takes(DatasetView, "dataset")(show_dataset), inputs_kwargs=view_inputs, outputs=outputs,
+                                  api_visibility="private")
+    data.set_repeats.click(takes(RepeatsForm, "repeats")(repeated),
+                           inputs_kwargs=named(RepeatsForm, dataset=data.dataset, folder=data.repeat_folder, repeats=data.repeat_count),
+                           outputs=outputs, api_name="set_repeats")
 
-    _wire_family(family, groups, fields, knobs, learning_rate, batch_size, steps, studio)
+
+def _wire_training(studio: Studio, data: SimpleNamespace, run: SimpleNamespace, shown: SimpleNamespace) -> None:
+    """Train, resume, stop; the run list, a run's details and its export."""
+    training = studio.training
+    outputs = [shown.status, shown.loss_plot, shown.samples, shown.result]
 
     def train(progress=gr.Progress(), **values):
         yield from _stream(training.train(form_of(TrainForm, values, "train")), progress, views.TrainView())
@@ -139,31 +179,29 @@ def build(studio: Studio) -> Tab:
                                      samples=[(str(p), label) for p, label in view.samples])
         yield from _stream(training.resume(form.run), progress, start_view)
 
-    train_inputs = named(TrainForm, name=name, dataset=dataset, family=family, knobs=knobs, steps=steps, learning_rate=learning_rate,
-                         batch_size=batch_size, resolution=resolution, trigger_word=trigger, validation_split=validation_split,
-                         sample_every=sample_every, sample_prompt=sample_prompt, checkpoint_every=checkpoint_every,
-                         export_format=export_format, export_rank=export_rank, seed=seed)
-    trained = start.click(friendly(train), inputs_kwargs=train_inputs, outputs=train_outputs, api_name="train", concurrency_id="jobs",
-                          concurrency_limit=1, show_progress_on=[status])
-    resumed = resume.click(friendly(resume_run), inputs_kwargs=named(RunForm, run=run_pick), outputs=train_outputs,
-                           api_name="resume_training", concurrency_id="jobs", concurrency_limit=1, show_progress_on=[status])
-    stop.click(friendly(training.stop), None, stop_note, api_name="stop_training", queue=False)
-    for button in (start, resume):
-        button.click(lambda: "", None, stop_note, api_visibility="private", queue=False)
+    inputs = named(TrainForm, name=run.name, dataset=data.dataset, family=run.family, knobs=run.knobs, steps=run.steps,
+                   learning_rate=run.learning_rate, batch_size=run.batch_size, resolution=run.resolution, trigger_word=run.trigger,
+                   validation_split=data.validation_split, sample_every=run.sample_every, sample_prompt=run.sample_prompt,
+                   checkpoint_every=run.checkpoint_every, export_format=run.export_format, export_rank=run.export_rank, seed=run.seed)
+    trained = run.start.click(friendly(train), inputs_kwargs=inputs, outputs=outputs, api_name="train", concurrency_id="jobs",
+                              concurrency_limit=1, show_progress_on=[shown.status])
+    resumed = shown.resume.click(friendly(resume_run), inputs_kwargs=named(RunForm, run=shown.run_pick), outputs=outputs,
+                                 api_name="resume_training", concurrency_id="jobs", concurrency_limit=1, show_progress_on=[shown.status])
+    run.stop.click(friendly(training.stop), None, run.stop_note, api_name="stop_training", queue=False)
+    for button in (run.start, shown.resume):
+        button.click(lambda: "", None, run.stop_note, api_visibility="private", queue=False)
+    for event in (trained, resumed):
+        event.then(lambda: _runs_list(studio), None, shown.run_pick, api_visibility="private")
+    _wire_runs(studio, shown)
 
-    def runs_list(selected: str | None = None):
-        runs = training.runs()
-        choices = [views.run_choice(info) for info in runs]
-        value = selected if selected in [c[1] for c in choices] else (choices[0][1] if choices else None)
-        return gr.Dropdown(choices=choices, value=value)
+
+def _wire_runs(studio: Studio, shown: SimpleNamespace) -> None:
+    """Picking a run shows its details, loss history and samples; Export writes its best or final adapter."""
+    training = studio.training
 
     def show_run(form: RunForm):
         view = training.run(form.run)
         return views.run_text(view), views.loss_frame(view.losses, view.validation), [(str(p), label) for p, label in view.samples]
-
-    run_pick.input(takes(RunForm, "run")(show_run), inputs_kwargs=named(RunForm, run=run_pick), outputs=[run_text, loss_plot, samples], api_name="run_info")
-    for event in (trained, resumed):
-        event.then(lambda: runs_list(), None, run_pick, api_visibility="private")
 
     def export_run(form: ExportRunForm):
         path, done = training.export_run(form)
@@ -171,14 +209,18 @@ def build(studio: Studio) -> Tab:
         warnings = "".join(f"\n\n⚠ {w}" for w in done.warnings)
         return f"exported {form.run}'s {form.checkpoint} adapter as {path.name} ({done.layout}{error}); it joined the collection{warnings}", str(path)
 
-    export.click(takes(ExportRunForm, "export run")(export_run), inputs_kwargs=named(ExportRunForm, run=run_pick, checkpoint=checkpoint, format=export_layout),
-                 outputs=[run_text, exported], api_name="export_run")
+    shown.run_pick.input(takes(RunForm, "run")(show_run), inputs_kwargs=named(RunForm, run=shown.run_pick),
+                         outputs=[shown.run_text, shown.loss_plot, shown.samples], api_name="run_info")
+    shown.export.click(takes(ExportRunForm, "export run")(export_run),
+                       inputs_kwargs=named(ExportRunForm, run=shown.run_pick, checkpoint=shown.checkpoint, format=shown.export_layout),
+                       outputs=[shown.run_text, shown.exported], api_name="export_run")
 
-    def shown(picked_run: str | None = None):
-        return gr.Dropdown(choices=training.datasets()), runs_list(picked_run), gr.Dropdown(choices=_collections(studio))
 
-    collection_field = fields["eigenlora"]["collection"]
-    return Tab(tab, shown, [dataset, run_pick, collection_field], [run_pick])
+def _runs_list(studio: Studio, selected: str | None = None):
+    """The run picker's choices, the selected run kept when it is still there (else the newest)."""
+    choices = [views.run_choice(info) for info in studio.training.runs()]
+    value = selected if selected in [c[1] for c in choices] else (choices[0][1] if choices else None)
+    return gr.Dropdown(choices=choices, value=value)
 
 
 def _wire_family(family, groups, fields, knobs, learning_rate, batch_size, steps, studio: Studio) -> None:
