@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from studio.subspace.extract import RANK_TOLERANCE, batched_eigh, layer_seed
+from studio.subspace.extract import RANK_TOLERANCE, SubspaceSpec, batched_eigh, layer_seed
 from studio.subspace.statistics import FittedLayer
 
 Factors = dict[str, tuple[Tensor, Tensor]]
@@ -109,10 +109,16 @@ def layer_plans(fitted: dict[str, FittedLayer], loo_layers: set[str], seed: int,
     return plans
 
 
+def directions_needed(spec: SubspaceSpec) -> int | None:
+    """How many leading directions of each side the components and leave-one-out use at most (None:
+    all, for an energy target); `CollectionStatistics.fit` forms no more than these."""
+    return None if spec.k is None else max(spec.k, LOO_MIN_DIRECTIONS, 4 * spec.k)
+
+
 def _loo_basis(layer: FittedLayer, k: int, device: torch.device) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], bool]:
     basis, exact = [], True
     for directions in (layer.down, layer.up):
-        kept = directions.vectors.shape[1]
+        kept = directions.rank
         m = min(kept, max(LOO_MIN_DIRECTIONS, 4 * k))
         exact &= m == kept
         basis += [directions.vectors[:, :m].to(device, torch.float64), directions.energies[:m].to(device, torch.float64)]

@@ -17,6 +17,8 @@ Both routes give the same directions (eigenvectors of the same sums) up to float
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -53,7 +55,7 @@ def canonical_layers(layers: Sequence[LoraLayer], device: torch.device | str = "
     of small tensors cost more than the whole decomposition)."""
     groups: dict[tuple, list[int]] = {}
     for index, layer in enumerate(layers):
-        groups.setdefault((layer.rank, layer.down[0].numel(), layer.out_features, layer.down.dtype, layer.up.dtype), []).append(index)
+        groups.setdefault((layer.rank, math.prod(layer.down.shape[1:]), int(layer.up.shape[0]), layer.down.dtype, layer.up.dtype), []).append(index)
     result: list = [None] * len(layers)
     for (rank, in_size, out_features, _, _), members in groups.items():
         for part in chunks(len(members), 2 * rank * (in_size + out_features)):
@@ -187,15 +189,16 @@ class CollectionStatistics:
                 stats.members = sorted(i for rank_members in members for i in rank_members.get(name, []))
         self.layers = {name: self.layers[name] for name in self.shapes}
 
-    def fit(self, spec: SubspaceSpec) -> dict[str, FittedLayer]:
+    def fit(self, spec: SubspaceSpec, limit: int | None = None) -> dict[str, FittedLayer]:
         """Components of every layer (sorted by name) with their directions; K clamping is left to
         the caller to report. Gram layers of equal (M, in, out) and covariances of equal size go
         through batched eighs (in chunks of `BATCH_ELEMENTS`). The sums are released; kept factors
-        stay for the second pass (`kept`, then `release`)."""
+        stay for the second pass (`kept`, then `release`). ``limit``: the leading directions per side
+        the caller uses (`evaluate.directions_needed`); fewer are formed, the same numbers."""
         names = sorted(self.layers)
         found: dict[str, tuple[Directions, Directions, Tensor | None]] = {}
-        found.update(self._fit_grams([n for n in names if self.layers[n].route == "gram"]))
-        found.update(self._fit_covariances([n for n in names if self.layers[n].route == "covariance"]))
+        found.update(self._fit_grams([n for n in names if self.layers[n].route == "gram"], limit))
+        found.update(self._fit_covariances([n for n in names if self.layers[n].route == "covariance"], limit))
         fitted = {}
         for name in names:
             down, up, products = found[name]
@@ -205,7 +208,7 @@ class CollectionStatistics:
             stats.down_covariance, stats.up_covariance = None, None
         return fitted
 
-    def _fit_grams(self, names: list[str]) -> dict[str, tuple[Directions, Directions, Tensor]]:
+    def _fit_grams(self, names: list[str], limit: int | None = None) -> dict[str, tuple[Directions, Directions, Tensor]]:
         groups: dict[tuple[int, int, int, tuple[int, ...]], list[str]] = {}
         for name in names:
             stats, shape = self.layers[name], self.shapes[name]
@@ -219,16 +222,16 @@ class CollectionStatistics:
                 ups = torch.stack([torch.cat(self.layers[n].ups, dim=1).T for n in batch]).double()  # (L, M, out)
                 down_grams, up_grams = downs @ downs.mT, ups @ ups.mT
                 products = owner.T @ (down_grams * up_grams) @ owner  # (L, n, n): <dW_i, dW_j>
-                for name, d, u, p in zip(batch, directions_from_grams(downs, down_grams), directions_from_grams(ups, up_grams), products):
+                for name, d, u, p in zip(batch, directions_from_grams(downs, down_grams, limit), directions_from_grams(ups, up_grams, limit), products):
                     result[name] = (d, u, p)
         return result
 
-    def _fit_covariances(self, names: list[str]) -> dict[str, tuple[Directions, Directions, None]]:
-        down = self._directions(names, lambda s: s.down_covariance)
-        up = self._directions(names, lambda s: s.up_covariance)
+    def _fit_covariances(self, names: list[str], limit: int | None = None) -> dict[str, tuple[Directions, Directions, None]]:
+        down = self._directions(names, lambda s: s.down_covariance, limit)
+        up = self._directions(names, lambda s: s.up_covariance, limit)
         return {name: (down[name], up[name], None) for name in names}
 
-    def _directions(self, names: list[str], side) -> dict[str, Directions]:
+    def _directions(self, names: list[str], side, limit: int | None = None) -> dict[str, Directions]:
         """Directions of one side (``side(stats)`` is its covariance) of every named layer."""
         groups: dict[int, list[str]] = {}
         for name in names:
@@ -238,7 +241,7 @@ class CollectionStatistics:
             for part in chunks(len(members), dim * dim):
                 batch = [members[j] for j in part]
                 stacked = torch.stack([side(self.layers[n]) for n in batch])
-                for name, found in zip(batch, directions_from_covariances(stacked, [self.layers[n].count for n in batch])):
+                for name, found in zip(batch, directions_from_covariances(stacked, [self.layers[n].count for n in batch], limit)):
                     result[name] = found
         return result
 
