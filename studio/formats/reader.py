@@ -109,10 +109,28 @@ def _shaped(layer: RawLayer) -> RawLayer:
     return layer
 
 
+RESOLVED_CACHE = 64  # (format, tree, stems) placements remembered: a collection's files share their keys
+_resolved: dict[tuple, tuple[ModuleTree, dict[str, str]]] = {}
+
+
+def _resolve_stems(fmt: str, stems: list[str], tree: ModuleTree) -> dict[str, str]:
+    """`keys.resolve_stems`, remembered per (format, tree, stems): building a tree's name tables
+    costs more than parsing a small file, and the files of one collection repeat the same keys."""
+    key = (fmt, id(tree), len(tree.modules), tuple(stems))
+    found = _resolved.get(key)
+    if found is not None and found[0] is tree:  # the same tree object, not a new one at a reused id
+        return found[1]
+    resolved = keyschemes.resolve_stems(fmt, stems, tree)
+    if len(_resolved) >= RESOLVED_CACHE:
+        _resolved.clear()
+    _resolved[key] = (tree, resolved)
+    return resolved
+
+
 def fit(fmt: str, layers: dict[str, RawLayer], tree: ModuleTree) -> Fit:
     """Place each layer on a module of ``tree``, checking shapes."""
     result = Fit(tree)
-    resolved = keyschemes.resolve_stems(fmt, list(layers), tree)
+    resolved = _resolve_stems(fmt, list(layers), tree)
     for stem, layer in layers.items():
         module = resolved.get(stem)
         if module is None:

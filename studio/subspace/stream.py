@@ -33,7 +33,7 @@ from studio.subspace.distributed import all_gather_json, all_reduce_sum, barrier
 from studio.subspace.evaluate import SKETCH_SIDE, AdapterNumbers, LayerPlan, blocks, directions_needed, evaluate, layer_plans, loo_plan
 from studio.subspace.extract import LayerSubspace, SubspaceSpec, warn_clamped
 from studio.subspace.report import AdapterQuality, CollectionReport, build_report, mean_baseline, relative, similar_pairs, svd_baseline
-from studio.subspace.sources import AdapterSource, check_bases, check_names, file_sources, prefetched
+from studio.subspace.sources import AdapterSource, Digests, check_bases, check_names, file_sources, prefetched
 from studio.subspace.spool import SpoolEntry, TensorSpool, write_spools
 from studio.subspace.statistics import CollectionStatistics, FittedLayer, canonical_layers, check_shape
 from studio.subspace.store import DEFAULT_BUDGET, FactorStore
@@ -222,13 +222,15 @@ def compress_events(
         remove_stale(output)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.{os.getpid()}.", suffix=".spool", dir=output.parent))
     device, threads = torch.device(device), torch.get_num_threads()
-    run = _Run(sources, spec, device, group, FactorStore(work, held_bytes), shard=_shard(len(sources), rank, world))
+    shard = _shard(len(sources), rank, world)
+    run = _Run(sources, spec, device, group, FactorStore(work, held_bytes), shard=shard, digests=Digests(sources, shard))
     statistics = CollectionStatistics(len(sources), device, statistics_dtype, gram=world == 1)
     if device.type == "cpu":
         torch.set_num_threads(CPU_THREADS)
     try:
         result = yield from _compress(run, statistics, output, base_id, work)
     finally:
+        run.digests.close()
         torch.set_num_threads(threads)
         shutil.rmtree(work, ignore_errors=True)
     yield Done(result)
@@ -245,6 +247,7 @@ class _Run:
     store: FactorStore
     records: dict[int, AdapterRecord] = field(default_factory=dict)
     shard: range = range(0)
+    digests: Digests | None = None  # sha256 of the shard's sources, hashed beside the passes
 
 
 def _compress(run: _Run, statistics: CollectionStatistics, output: Path, base_id: str, work: Path) -> Generator[Event, None, CompressResult]:
@@ -300,7 +303,7 @@ def _first_pass(run: _Run, statistics: CollectionStatistics) -> Generator[Progre
             check_shape(statistics.shapes, layer_name, LayerShape.of(layer), name)
         canonicals = dict(zip(adapter.lora_layers, canonical_layers(list(adapter.lora_layers.values()), run.device)))
         run.store.add(statistics.add(loaded.index, canonicals))  # gram-route layers stay in the statistics
-        run.records[loaded.index] = _record(adapter, name, loaded.sha256, loaded.nbytes)
+        run.records[loaded.index] = _record(adapter, name, "", loaded.nbytes)  # sha256: `Digests`, before it is written
         del adapter, canonicals, loaded
         yield Progress(step, len(run.shard), stage="statistics")
 
@@ -339,6 +342,7 @@ def _second_pass(
         items = [(run.shard[j], {**statistics.kept(run.shard[j]), **run.store.get(j)}) for j in block]
         for numbers in evaluate(items, plans, loo_adapters, run.device):
             record = run.records[numbers.index]
+            record.sha256 = run.digests.result(numbers.index)
             residual, total = (sum(p[i] for p in numbers.parts.values()) for i in (0, 1))
             record.rel_error, record.norm = relative(residual, total), total**0.5
             loadings_spool.add(f"adapter.{numbers.index}.loadings", pack_loadings(numbers.loadings, order))
