@@ -120,29 +120,45 @@ class CollectionStatistics:
         self.gram = gram
         self.layers: dict[str, LayerStatistics] = {}
         self.shapes: dict[str, LayerShape] = {}
+        self._blocks: dict[tuple[str, str], tuple[Tensor, int]] = {}  # (side, layer) -> (block of sums, place in it)
+
+    def _route(self, name: str, rank: int) -> Route:
+        shape = self.shapes[name]
+        rows = self.expected * rank
+        return "gram" if self.gram and rows <= min(max(shape.in_features, shape.out_features), GRAM_MAX_ROWS) else "covariance"
 
     def _layer(self, name: str, rank: int) -> LayerStatistics:
         if name not in self.layers:
-            shape = self.shapes[name]
-            rows = self.expected * rank
-            if self.gram and rows <= min(max(shape.in_features, shape.out_features), GRAM_MAX_ROWS):
-                self.layers[name] = LayerStatistics("gram")
-            else:
-                self.layers[name] = LayerStatistics(
-                    "covariance", down_covariance=self._zeros(shape.in_features), up_covariance=self._zeros(shape.out_features)
-                )
+            self.layers[name] = LayerStatistics(self._route(name, rank))
+            if self.layers[name].route == "covariance":
+                self._allocate([name])
         return self.layers[name]
 
-    def _zeros(self, dim: int) -> Tensor:
-        return torch.zeros(dim, dim, dtype=self.dtype, device=self.device)
+    def _allocate(self, names: list[str]) -> None:
+        """Zero sums for new covariance-route layers: per side, one (L, d, d) block for the layers
+        of one size, each layer's sum a view of it (`add` sums an adapter's layers of a block with
+        one batched product instead of a few small operations per layer)."""
+        for side, size in (("down", lambda shape: shape.in_features), ("up", lambda shape: shape.out_features)):
+            groups: dict[int, list[str]] = {}
+            for name in names:
+                groups.setdefault(size(self.shapes[name]), []).append(name)
+            for dim, members in groups.items():
+                block = torch.zeros(len(members), dim, dim, dtype=self.dtype, device=self.device)
+                for j, name in enumerate(members):
+                    setattr(self.layers[name], f"{side}_covariance", block[j])
+                    self._blocks[(side, name)] = (block, j)
 
     def add(self, index: int, factors: Factors) -> Factors:
         """Accumulate adapter ``index``'s canonical factors (float32, on the device); the gram
         route keeps references to them (`kept`), the covariance route only their sums. Returns the
         factors of the covariance-route layers (the caller keeps those for the second pass)."""
+        new = [name for name in factors if name not in self.layers]
+        for name in new:
+            self.layers[name] = LayerStatistics(self._route(name, factors[name][0].shape[0]))
+        self._allocate([name for name in new if self.layers[name].route == "covariance"])
         summed = {}
         for name, (down, up) in factors.items():
-            stats = self._layer(name, down.shape[0])
+            stats = self.layers[name]
             stats.position[index] = len(stats.members)
             stats.members.append(index)
             stats.ranks.append(down.shape[0])
@@ -151,10 +167,25 @@ class CollectionStatistics:
                 stats.downs.append(down)
                 stats.ups.append(up)
             else:
-                stats.down_covariance.addmm_(down.T.to(self.dtype), down.to(self.dtype))
-                stats.up_covariance.addmm_(up.to(self.dtype), up.T.to(self.dtype))
                 summed[name] = (down, up)
+        self._accumulate("down", {name: pair[0].T for name, pair in summed.items()})
+        self._accumulate("up", {name: pair[1] for name, pair in summed.items()})
         return summed
+
+    def _accumulate(self, side: str, columns: dict[str, Tensor]) -> None:
+        """Add C C^T to each named layer's ``side`` sum (C: (d, r) columns): layers at consecutive
+        places of one block with one rank take one batched product (baddbmm) together."""
+        runs: list[tuple[Tensor, int, list[Tensor]]] = []
+        for name, matrix in sorted(columns.items(), key=lambda item: (id(self._blocks[(side, item[0])][0]), self._blocks[(side, item[0])][1])):
+            block, place = self._blocks[(side, name)]
+            last = runs[-1] if runs else None
+            if last is not None and last[0] is block and last[1] + len(last[2]) == place and last[2][0].shape == matrix.shape:
+                last[2].append(matrix)
+            else:
+                runs.append((block, place, [matrix]))
+        for block, start, matrices in runs:
+            stacked = torch.stack(matrices).to(self.dtype)
+            block[start : start + len(matrices)].baddbmm_(stacked, stacked.mT)
 
     def kept(self, index: int) -> Factors:
         """Adapter ``index``'s factors on the gram-route layers (device tensors, as added)."""
@@ -170,6 +201,7 @@ class CollectionStatistics:
         """Drop the kept factors and the sums (after the second pass)."""
         for stats in self.layers.values():
             stats.downs, stats.ups, stats.down_covariance, stats.up_covariance = [], [], None, None
+        self._blocks = {}
 
     def all_reduce(self, group=None) -> None:
         """Sum the statistics of every rank (layers seen by any rank), layers in sorted order.
@@ -206,6 +238,7 @@ class CollectionStatistics:
             subspace = build_subspace(down, up, spec, layer_seed(spec.seed, name), shape.in_features, shape.out_features)
             fitted[name] = FittedLayer(subspace, down, up, stats.route, list(stats.members), products)
             stats.down_covariance, stats.up_covariance = None, None
+        self._blocks = {}  # the sums' blocks go with their last views
         return fitted
 
     def _fit_grams(self, names: list[str], limit: int | None = None) -> dict[str, tuple[Directions, Directions, Tensor]]:
