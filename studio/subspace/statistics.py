@@ -35,8 +35,9 @@ from studio.subspace.extract import (
 )
 
 GRAM_MAX_ROWS = 4096  # stacked rows above which a layer sums d x d covariances instead (Gram eigh cost ~ M^3)
-# Numbers per float64 stack when fitting gram layers (stacked factors, Grams and directions are each
-# about this size): 128 MiB on a CPU, where peak memory is the target; 512 MiB on a GPU.
+# Numbers per float64 stack when fitting (gram layers: stacked factors, Grams and directions are each
+# about this size; covariance layers: the stacked sums, their eigenvectors and the flipped copy):
+# 128 MiB on a CPU, where peak memory is the target; 512 MiB on a GPU.
 GRAM_BATCH = {"cpu": 1 << 24, "cuda": 1 << 26}
 Route = Literal["gram", "covariance"]
 Factors = dict[str, tuple[Tensor, Tensor]]
@@ -271,7 +272,7 @@ class CollectionStatistics:
             groups.setdefault(side(self.layers[name]).shape[0], []).append(name)
         result = {}
         for dim, members in groups.items():
-            for part in chunks(len(members), dim * dim):
+            for part in chunks(len(members), dim * dim, GRAM_BATCH.get(self.device.type, 1 << 24)):
                 batch = [members[j] for j in part]
                 stacked = torch.stack([side(self.layers[n]) for n in batch])
                 for name, found in zip(batch, directions_from_covariances(stacked, [self.layers[n].count for n in batch], limit)):
