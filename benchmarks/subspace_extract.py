@@ -8,6 +8,7 @@ timed as a whole subprocess under /usr/bin/time -v (wall, CPU, peak RSS of the p
   python benchmarks/subspace_extract.py --files locon --n 2 --rank 16            # SD1.5 LoCon (3x3 convs, in up to 11,520)
   python benchmarks/subspace_extract.py --device cuda --files sdxl --n 20 --rank 32    # GPU target: <= 10 s
   python benchmarks/subspace_extract.py --device cuda --files sd15 --n 1000 --rank 16  # GPU target: >= 30 files/s, bounded RSS
+  python benchmarks/subspace_extract.py --device cuda --files sdxl --n 20 --rank 32 --profile  # where the command's time goes
 
 In-memory kernel rows (NOT what the command runs: adapters already in memory, the test oracle's
 Gram path vs the reference procedure, no file reading, no second pass, no report):
@@ -284,9 +285,12 @@ def _time_v(stderr: str) -> dict:
     return found
 
 
-def time_compress(folder: Path, output: Path, k: int, device: str, extra: list[str]) -> dict:
-    """Run `python -m studio compress FOLDER -o OUTPUT --k K --device D --json` as a whole process."""
+def time_compress(folder: Path, output: Path, k: int, device: str, extra: list[str], profile: Path | None = None) -> dict:
+    """Run `python -m studio compress FOLDER -o OUTPUT --k K --device D --json` as a whole process
+    (under cProfile, writing ``profile``, when given: the numbers then include its overhead)."""
     command = [sys.executable, "-m", "studio", "compress", str(folder), "-o", str(output), "--k", str(k), "--device", device, "--json", *extra]
+    if profile is not None:
+        command[1:1] = ["-m", "cProfile", "-o", str(profile)]
     timed = ["/usr/bin/time", "-v", *command] if Path("/usr/bin/time").exists() else command
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     output.unlink(missing_ok=True)
@@ -314,13 +318,27 @@ def files_table(args) -> None:
     header = f"{'run':>4}{'wall s':>9}{'files/s':>9}{'MB/s':>8}{'CPU s':>8}{'peak RSS GB':>13}{'mean err':>10}  verdict"
     print(f"{header}\n{'-' * len(header)}")
     for run in range(1, args.repeat + 1):
-        found = time_compress(run_folder, output, args.k, args.device, args.extra.split() if args.extra else [])
+        profile = output.with_suffix(f".run{run}.prof") if args.profile else None
+        found = time_compress(run_folder, output, args.k, args.device, args.extra.split() if args.extra else [], profile)
         result = found["result"]
         errors = [a["rel_error"] for a in result["adapters"]]
         verdict = (result.get("report") or {}).get("verdict", "")
         print(f"{run:>4}{found['wall']:>9.2f}{args.n / found['wall']:>9.1f}{size / 1e6 / found['wall']:>8.1f}{found['user'] + found['sys']:>8.1f}"
               f"{found['rss_kb'] / 2**20:>13.2f}{sum(errors) / len(errors):>10.3e}  {verdict}", flush=True)
     print(f"command: {found['command']}")
+    if args.profile:
+        print_profile(profile)
+
+
+def print_profile(path: Path, count: int = 30) -> None:
+    """The main thread's heaviest functions of the last profiled run (loader / hash threads are not
+    in a cProfile profile), by cumulative and by own time."""
+    import pstats
+
+    print(f"\nprofile of the last run (main thread): {path}")
+    for key in ("cumulative", "tottime"):
+        print(f"-- by {key}")
+        pstats.Stats(str(path)).sort_stats(key).print_stats(count)
 
 
 def main() -> None:
@@ -333,7 +351,8 @@ def main() -> None:
     parser.add_argument("--max-layers", type=int, default=24, help="layers both methods are timed on (0: all)")
     parser.add_argument("--zoo", type=Path, help="folder of LoRA files: quality table at K = 2, 4, 8, 14, 24")
     parser.add_argument("--make-zoo", type=Path, help="write synthetic SD1.5 LoRA files there and exit")
-    parser.add_argument("--profile", action="store_true", help="per-phase times: canonical / gram+eigh / projection / file")
+    parser.add_argument("--profile", action="store_true", help="--kernel: per-phase times (canonical / gram+eigh / projection / file); "
+                        "--files: run the command under cProfile and print its heaviest functions")
     parser.add_argument("--shapes", help="synthetic layers instead of SDXL's, e.g. 20x640x640,20x1280x2048 (count x out x in)")
     parser.add_argument("--skip-speed", action="store_true", help="only the zoo table")
     parser.add_argument("--files", choices=sorted(ARCH_OF), help="write files of this kind and time `studio compress` on them (the default: sd15)")

@@ -14,14 +14,15 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from studio.adapters.lora import LoraAdapter
 from studio.bases import ARCH_LABELS, ModuleTree, module_tree
 from studio.errors import StudioError
-from studio.formats import load_adapter, shown_metadata
-from studio.formats.reader import check_lycoris_rank
-from studio.formats.safe import PICKLE_SUFFIXES
-from studio.subspace.collection import CompressedCollection, is_collection_file
+from studio.formats.reader import check_lycoris_rank, load_adapter
+from studio.formats.safe import PICKLE_SUFFIXES, shown_metadata
+
+if TYPE_CHECKING:  # torch-bound: imported where adapters are built (`studio inspect` reads headers without torch)
+    from studio.adapters.lora import LoraAdapter
 
 ADAPTER_SUFFIXES = {".safetensors"} | PICKLE_SUFFIXES  # pickles are listed so that they are refused by name
 RECONSTRUCTION_FAITHFUL = 0.01  # a reconstruction's relative error above this is a warning
@@ -155,6 +156,8 @@ def load_collection(paths: list[str | Path], base: str | None = None, lycoris_ra
     the one most adapters fit, and adapters for another base are refused with a clear message.
     One file that cannot be read never hides the others: it becomes an error row.
     """
+    from studio.subspace.collection import is_collection_file
+
     check_lycoris_rank(lycoris_rank)
     tree: ModuleTree | None = module_tree(base) if base else None
     adapters: dict[str, LoraAdapter] = {}
@@ -189,6 +192,8 @@ def load_collection(paths: list[str | Path], base: str | None = None, lycoris_ra
 
 def _collection_row(path: Path) -> AdapterInfo:
     """A compressed collection is reported as what it is: its members, its K, its verdict."""
+    from studio.subspace.collection import CompressedCollection
+
     try:
         collection = CompressedCollection.load(path)
     except StudioError as error:

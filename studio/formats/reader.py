@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
-from studio.adapters.lora import LoraAdapter, LoraLayer
 from studio.bases import ARCHITECTURES, ModuleTree, architecture_tree, module_tree
 from studio.errors import BaseNotFoundError, FormatError, KeyMismatchError, StudioError, UnsupportedVariantError
 from studio.formats import keys as keyschemes
-from studio.formats import lycoris, transformer_files
+from studio.formats import transformer_files
 from studio.formats.configs import AdapterConfig, component_configs
 from studio.formats.safe import non_finite, safe_load
+
+if TYPE_CHECKING:  # torch-bound modules are imported where tensors are built, not with this module
+    from torch import Tensor
+
+    from studio.adapters.lora import LoraAdapter, LoraLayer
 
 FORMAT_ONLY_METADATA = ("format", "lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
 LYCORIS_TARGET = 0.01  # LoHa / LoKr -> LoRA: smallest rank whose relative error is at most 1% ...
@@ -61,6 +64,8 @@ class Fit:
 
 
 def _raw_layers(path: Path, fmt: str, tensors: dict[str, Tensor]) -> dict[str, RawLayer]:
+    from studio.formats import lycoris
+
     layers = {}
     for stem, parts in keyschemes.group_keys(fmt, list(tensors)).items():
         unknown = [tensors_key for part, tensors_key in parts.items() if part.startswith("unknown")]
@@ -92,6 +97,8 @@ def _shaped(layer: RawLayer) -> RawLayer:
     parts = layer.parts
     _check_alpha(parts)
     if layer.variant != "lora":
+        from studio.formats import lycoris
+
         layer.out_features, layer.in_features = lycoris.dense_shape(layer.variant, parts)
         return layer
     if "down" not in parts or "up" not in parts:
@@ -109,17 +116,35 @@ def _shaped(layer: RawLayer) -> RawLayer:
     return layer
 
 
+RESOLVED_CACHE = 64  # (format, tree, stems) placements remembered: a collection's files share their keys
+_resolved: dict[tuple, tuple[ModuleTree, dict[str, str]]] = {}
+
+
+def _resolve_stems(fmt: str, stems: list[str], tree: ModuleTree) -> dict[str, str]:
+    """`keys.resolve_stems`, remembered per (format, tree, stems): building a tree's name tables
+    costs more than parsing a small file, and the files of one collection repeat the same keys."""
+    key = (fmt, id(tree), len(tree.modules), tuple(stems))
+    found = _resolved.get(key)
+    if found is not None and found[0] is tree:  # the same tree object, not a new one at a reused id
+        return found[1]
+    resolved = keyschemes.resolve_stems(fmt, stems, tree)
+    if len(_resolved) >= RESOLVED_CACHE:
+        _resolved.clear()
+    _resolved[key] = (tree, resolved)
+    return resolved
+
+
 def fit(fmt: str, layers: dict[str, RawLayer], tree: ModuleTree) -> Fit:
     """Place each layer on a module of ``tree``, checking shapes."""
     result = Fit(tree)
-    resolved = keyschemes.resolve_stems(fmt, list(layers), tree)
+    resolved = _resolve_stems(fmt, list(layers), tree)
     for stem, layer in layers.items():
         module = resolved.get(stem)
         if module is None:
             result.unplaced.append(stem)
             continue
         shape = tree.modules[module].weight_shape
-        if (shape[0], int(torch.Size(shape[1:]).numel())) == (layer.out_features, layer.in_features):
+        if (shape[0], math.prod(shape[1:])) == (layer.out_features, layer.in_features):
             result.placed[stem] = module
         else:
             result.wrong_shape.append(stem)
@@ -165,16 +190,24 @@ def _kohya_alpha(layer: RawLayer, rank: int) -> tuple[float, str]:
     return alpha, "file"
 
 
+def _lora_alpha(layer: RawLayer, module: str, configs: dict[str, AdapterConfig]) -> tuple[float, str]:
+    """A plain LoRA layer's alpha and where it came from: the component's peft / diffusers config
+    (when the file has no alpha for the layer), else the kohya rule."""
+    rank = int(layer.parts["down"].shape[0])
+    config = configs.get(module.partition(".")[0])
+    if config is not None and "alpha" not in layer.parts:
+        return config.alpha_for(module, rank), "file"
+    return _kohya_alpha(layer, rank)
+
+
 def _build_layer(layer: RawLayer, module: str, tree: ModuleTree, configs: dict[str, AdapterConfig],
                  lycoris_rank: int | None) -> tuple[LoraLayer, float | None]:
     """The in-memory layer of one placed file layer, and the truncation error of a LyCORIS one."""
+    from studio.adapters.lora import LoraLayer
+    from studio.formats import lycoris
+
     if layer.variant == "lora":
-        rank = int(layer.parts["down"].shape[0])
-        config = configs.get(module.partition(".")[0])
-        if config is not None and "alpha" not in layer.parts:
-            alpha, source = config.alpha_for(module, rank), "file"
-        else:
-            alpha, source = _kohya_alpha(layer, rank)
+        alpha, source = _lora_alpha(layer, module, configs)
         down, up = _conv_shaped(layer.parts["down"], layer.parts["up"], tree.modules[module].weight_shape)
         return LoraLayer(down, up, alpha, source), None
     factors = lycoris.materialise(layer.variant, layer.parts)
@@ -244,6 +277,8 @@ def _studio_file(studio_format: str, path: Path, base: str | ModuleTree | None, 
 
 def _assemble(path: Path, fmt: str, layers: dict[str, RawLayer], chosen: Fit, metadata: dict[str, str], name: str | None,
               lycoris_rank: int | None) -> LoraAdapter:
+    from studio.adapters.lora import LoraAdapter
+
     configs, config_notes = component_configs(path, fmt, metadata)
     lora_layers: dict[str, LoraLayer] = {}
     errors: dict[str, float] = {}
@@ -298,3 +333,174 @@ def lycoris_note(errors: dict[str, float], lora_layers: dict[str, LoraLayer], ly
     if worst > LYCORIS_TARGET:
         return f"warning: {text}; above {LYCORIS_TARGET:.0%}: the LoRA differs from the LyCORIS file (raise the rank)"
     return text
+
+
+# ---------------------------------------------------------------- header-only view (studio inspect)
+
+HEADER_PARTS = {"down", "up", "alpha"}  # a layer of only these parts is a plain LoRA layer (no LyCORIS math)
+# Float dtypes checked for NaN / inf from the bytes: (item size, (byte, mask), (byte, mask) or None); a
+# value is not finite when its exponent bits are all ones, i.e. both bytes have every bit of their mask.
+# F64 scalars are checked by value; other F64 tensors go to the full reader (which checks them as float32).
+HEADER_FLOATS = {"F16": (2, (1, 0x7C), None), "BF16": (2, (1, 0x7F), (0, 0x80)), "F32": (4, (3, 0x7F), (2, 0x80))}
+SCALARS = {"F16": "<e", "F32": "<f", "F64": "<d", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
+
+
+@dataclass
+class HeaderTensor:
+    """A tensor as the file's header describes it (shape and dtype, no data), with what `_shaped`,
+    `fit` and the alpha rules ask of a tensor; a scalar's value (an alpha) is read from the bytes."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    value: float | None = None
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def is_floating_point(self) -> bool:
+        return self.dtype in HEADER_FLOATS or self.dtype == "F64"
+
+    def __getitem__(self, index: int) -> "HeaderTensor":
+        if index != 0 or not self.shape:
+            raise IndexError(index)
+        return HeaderTensor(self.shape[1:], self.dtype)
+
+    def double(self) -> float:
+        if self.value is None:
+            raise FormatError(f"a {self.dtype} alpha cannot be read from the header")
+        return self.value
+
+
+@dataclass
+class HeaderLayer:
+    """One placed layer of a header view: its rank and alpha (with the alpha's source)."""
+
+    rank: int
+    alpha: float
+    alpha_source: str
+
+
+@dataclass
+class HeaderAdapter:
+    """What `studio inspect` shows of a plain LoRA file, read from its header and scalar values:
+    the same fields as the `LoraAdapter` `load_adapter` would build, without its tensors."""
+
+    name: str
+    lora_layers: dict[str, HeaderLayer]
+    metadata: dict[str, str]
+    source_format: str
+    base_arch: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({layer.rank for layer in self.lora_layers.values()})
+
+    @property
+    def alphas(self) -> list[float]:
+        return sorted({layer.alpha for layer in self.lora_layers.values()})
+
+
+def header_adapter(path: str | Path) -> HeaderAdapter | None:
+    """`load_adapter(path)`'s layers, ranks, alphas, base and notes from the header alone (no torch),
+    or None when the file needs the full reader: a studio file, a FLUX.1 / SD3 layout, a LyCORIS or
+    unknown part, a dtype other than F16 / F32 / F64 / BF16, NaN / inf values, or anything the
+    reader would refuse (the full reader then gives its exact error). Files whose peft / diffusers
+    config sets the alphas import peft (and so torch) for its pattern rules."""
+    path = Path(path)
+    try:
+        return _header_adapter(path)
+    except (StudioError, ValueError, TypeError, IndexError, KeyError, OSError, OverflowError):
+        return None
+
+
+def _header_adapter(path: Path) -> HeaderAdapter | None:
+    from studio.formats.safe import read_header
+
+    entries, metadata = read_header(path)
+    if metadata.get("studio.format") or transformer_files.detect_layout(list(entries)) is not None:
+        return None
+    if transformer_files._normalise_prefixes(entries) is not None:
+        return None
+    tensors = _header_tensors(path, entries)
+    if tensors is None:
+        return None
+    fmt = keyschemes.detect_format(list(tensors), str(path))
+    layers = {}
+    for stem, parts in keyschemes.group_keys(fmt, list(tensors)).items():
+        if not set(parts) <= HEADER_PARTS:
+            return None
+        layers[stem] = _shaped(RawLayer(stem, "lora", {part: tensors[key] for part, key in parts.items()}))
+    chosen = best_fit(fmt, layers)
+    _check_fit(path, fmt, layers, chosen, explicit_base=False)
+    configs, config_notes = component_configs(path, fmt, metadata)
+    placed = {}
+    for stem, module in chosen.placed.items():
+        alpha, source = _lora_alpha(layers[stem], module, configs)
+        placed[module] = HeaderLayer(int(layers[stem].parts["down"].shape[0]), alpha, source)
+    adapter = HeaderAdapter(path.stem, placed, {k: v for k, v in metadata.items() if k not in FORMAT_ONLY_METADATA}, fmt, chosen.tree.arch)
+    adapter.notes.extend(config_notes)
+    adapter.notes.extend(_notes(fmt, layers, chosen, placed, {}, None))
+    return adapter
+
+
+def _header_tensors(path: Path, entries: dict[str, dict]) -> dict[str, HeaderTensor] | None:
+    """Header tensors with scalar values filled in; None if a float tensor is not finite or of a
+    dtype this view does not check."""
+    import struct
+
+    raw = path.read_bytes()
+    start = 8 + struct.unpack("<Q", raw[:8])[0]
+    tensors = {}
+    for key, entry in entries.items():
+        dtype, shape = entry["dtype"], tuple(entry["shape"])
+        begin, end = (start + offset for offset in entry["data_offsets"])
+        scalar = math.prod(shape) == 1
+        if dtype.startswith("F8") or dtype == "F64" and not scalar or dtype in HEADER_FLOATS and not _finite(raw, begin, end, *HEADER_FLOATS[dtype]):
+            return None
+        value = _scalar(raw[begin:end], dtype) if scalar and (dtype in SCALARS or dtype == "BF16") else None
+        if dtype == "F64" and not _float32_finite(value):
+            return None
+        tensors[key] = HeaderTensor(shape, dtype, value)
+    return tensors
+
+
+def _finite(raw: bytes, begin: int, end: int, size: int, high: tuple[int, int], low: tuple[int, int] | None) -> bool:
+    """Whether every value in raw[begin:end] is finite, from the exponent bytes alone (strided
+    slices and a byte table run at C speed; no numpy or torch import)."""
+    marked = raw[begin + high[0] : end : size].translate(_ALL_SET[high[1]])
+    if b"\x01" not in marked:
+        return True
+    if low is None:
+        return False
+    lows = raw[begin + low[0] : end : size]
+    position = marked.find(b"\x01")
+    while position >= 0:
+        if lows[position] & low[1] == low[1]:
+            return False
+        position = marked.find(b"\x01", position + 1)
+    return True
+
+
+def _float32_finite(value: float) -> bool:
+    """Whether a float64 value stays finite as float32 (the full reader checks values as float32)."""
+    import struct
+
+    try:
+        return math.isfinite(value) and math.isfinite(struct.unpack("<f", struct.pack("<f", value))[0])
+    except OverflowError:
+        return False
+
+
+_ALL_SET = {mask: bytes(1 if byte & mask == mask else 0 for byte in range(256)) for mask in (0x7C, 0x7F)}
+
+
+def _scalar(data: bytes, dtype: str) -> float:
+    import struct
+
+    if dtype == "BF16":
+        return struct.unpack("<f", b"\x00\x00" + data)[0]
+    return float(struct.unpack(SCALARS[dtype], data)[0])

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import math
+import functools
 import struct
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from studio.errors import FormatError, UnsafeFileError
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_TENSORS = 50_000
@@ -120,12 +123,17 @@ def _check_entries(path: Path, header: dict, data_bytes: int) -> None:
             raise FormatError(f"{path}: tensor {key!r} byte range {offsets} does not fit its shape or the file (truncated?)")
 
 
-TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-}
+@functools.cache
+def torch_dtypes() -> dict:
+    """safetensors dtype name -> torch dtype (torch is imported here, not with the header reader)."""
+    import torch
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+        "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+        "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    }
 
 
 def safe_load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -134,6 +142,8 @@ def safe_load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     Tensors are cut from the data section by the byte ranges already checked in the header
     (safetensors is little-endian, like every machine torch runs on here).
     """
+    import torch
+
     path = Path(path)
     header, metadata, data_start = _parse_header(path)
     with path.open("rb") as handle:
@@ -142,7 +152,7 @@ def safe_load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     tensors = {}
     for key, entry in header.items():
         begin, end = entry["data_offsets"]
-        dtype = TORCH_DTYPES[entry["dtype"]]
+        dtype = torch_dtypes()[entry["dtype"]]
         if begin == end:
             tensors[key] = torch.empty(entry["shape"], dtype=dtype)
             continue
@@ -151,8 +161,19 @@ def safe_load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 
 def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Keys of floating tensors holding NaN or inf (fp16 overflow shows up as inf)."""
-    return [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value.float()).all()]
+    """Keys of floating tensors holding NaN or inf (fp16 overflow shows up as inf).
+
+    Screened by one float64 sum per tensor (NaN and inf propagate through a sum; one stack and
+    check for all of them) instead of a float32 copy and a check per tensor; a tensor whose sum is
+    not finite (a non-finite value, or float64 overflow of huge finite ones) is checked exactly."""
+    import torch
+
+    floating = [key for key, value in tensors.items() if value.is_floating_point() and value.numel()]
+    if not floating:
+        return []
+    sums = torch.stack([tensors[key].sum(dtype=torch.float64) for key in floating])
+    suspects = [key for key, finite in zip(floating, torch.isfinite(sums).tolist()) if not finite]
+    return [key for key in suspects if not torch.isfinite(tensors[key].float()).all()]
 
 
 def shown_metadata(metadata: dict[str, str], limit: int = MAX_METADATA_VALUE_CHARS) -> dict[str, str]:

@@ -20,13 +20,14 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from studio.errors import FormatError, UnsupportedVariantError
-from studio.formats import flux_keys, sd3_keys, fused
+from studio.formats import flux_keys, sd3_keys
 from studio.formats.original_names import Group, NameScheme
+
+if TYPE_CHECKING:  # torch and the fused-layer math are imported where a transformer file is translated
+    from torch import Tensor
 
 SCHEMES: dict[str, NameScheme] = {"flux1": flux_keys.SCHEME, "sd3": sd3_keys.SCHEME}
 TRANSFORMER_ROOTS = (
@@ -169,6 +170,8 @@ class _Translator:
         self.counts: dict[str, int] = defaultdict(int)
 
     def add(self, stem: str, parts: dict[str, Tensor]) -> None:
+        from studio.formats import fused
+
         if "down" not in parts or "up" not in parts:
             missing = "up" if "down" in parts else "down"
             raise FormatError(f"{self.path}: layer {stem!r} has no {missing} weight")
@@ -214,6 +217,8 @@ class _Translator:
         return file_names(self.tree).get(f"{component}.{match.group(2)}")
 
     def _add_group(self, stem: str, group: Group, down: Tensor, up: Tensor, alpha: float | None) -> None:
+        from studio.formats import fused
+
         try:
             dims = group.dims(int(up.shape[0]), int(down[0].numel()))
             pieces = fused.split(down, up, alpha, dims) if len(dims) > 1 else [fused.Piece(down, up, alpha)]
@@ -228,6 +233,8 @@ class _Translator:
             self._emit(f"transformer.{piece_path}", piece)
 
     def _emit(self, module: str, piece: fused.Piece) -> None:
+        import torch
+
         if f"{module}.lora_A.weight" in self.out:
             raise FormatError(f"{self.path}: two layers of the file map onto {module}")
         self.out[f"{module}.lora_A.weight"] = piece.down
@@ -271,6 +278,8 @@ def _dims(group: Group, pieces: list[fused.Piece | None]) -> list[int]:
 
 
 def _grouped_layers(adapter, scheme: NameScheme) -> tuple[dict[str, tuple[Group, list]], dict[str, str]]:
+    from studio.formats import fused
+
     groups: dict[str, tuple[Group, list]] = {}
     encoders: dict[str, str] = {}
     for module, layer in adapter.lora_layers.items():
@@ -290,6 +299,7 @@ def _grouped_layers(adapter, scheme: NameScheme) -> tuple[dict[str, tuple[Group,
 def kohya_state_dict(adapter, family: str) -> dict[str, Tensor]:
     """kohya sd-scripts keys for a FLUX.1 / SD3 adapter: BFL / SAI names, fused layers merged back."""
     from studio.bases import BASES
+    from studio.formats import fused
     from studio.formats.keys import file_module_name
 
     scheme = SCHEMES[family]
@@ -311,6 +321,8 @@ def kohya_state_dict(adapter, family: str) -> dict[str, Tensor]:
 
 
 def _put(tensors: dict[str, Tensor], stem: str, down: Tensor, up: Tensor, alpha: float | None) -> None:
+    import torch
+
     tensors[f"{stem}.lora_down.weight"] = down
     tensors[f"{stem}.lora_up.weight"] = up
     tensors[f"{stem}.alpha"] = torch.tensor(float(alpha if alpha is not None else down.shape[0]), dtype=torch.float32)

@@ -17,6 +17,8 @@ every expected key, dtype and shape against the metadata, and orthonormal compon
 
 from __future__ import annotations
 
+import math
+
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +50,8 @@ class LayerShape:
 
     @classmethod
     def of(cls, layer: LoraLayer) -> "LayerShape":
-        return cls(layer.in_features, layer.out_features, tuple(layer.down.shape[1:]), tuple(layer.up.shape[2:]))
+        down_tail = tuple(layer.down.shape[1:])  # from shapes alone: indexing a tensor costs a view per layer
+        return cls(math.prod(down_tail), int(layer.up.shape[0]), down_tail, tuple(layer.up.shape[2:]))
 
     def weight_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (rank, *self.down_tail), (self.out_features, rank, *self.up_tail)

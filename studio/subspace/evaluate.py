@@ -19,12 +19,14 @@ float64-orthonormal leave-one-out and random ones, as tr((B^T B - beta^T beta) A
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from studio.subspace.extract import RANK_TOLERANCE, batched_eigh, layer_seed
+from studio.subspace.extract import RANK_TOLERANCE, SubspaceSpec, batched_eigh, layer_seed
 from studio.subspace.statistics import FittedLayer
 
 Factors = dict[str, tuple[Tensor, Tensor]]
@@ -38,6 +40,7 @@ BLOCK_BYTES = 64 << 20  # float64 factor bytes evaluated in one batch ...
 BLOCK_ADAPTERS = 8  # ... and at most this many adapters (memory stays flat from a few adapters on)
 RANDOM_SEED = 0x5EED  # offsets of the per-layer seeds of the random baseline and the sketch hashes
 SKETCH_SEED = 0xC0DE
+RANDOM_THREADS = max(1, min(8, os.cpu_count() or 1))  # threads drawing the random baseline's bases (one seed per layer)
 
 
 @dataclass
@@ -90,13 +93,13 @@ class LayerPlan:
 def layer_plans(fitted: dict[str, FittedLayer], loo_layers: set[str], seed: int, device: torch.device) -> dict[str, LayerPlan]:
     """The second pass's view of every fitted layer."""
     plans = {}
+    with ThreadPoolExecutor(max_workers=RANDOM_THREADS, thread_name_prefix="studio-random") as pool:  # torch releases the GIL
+        randoms = dict(zip(fitted, pool.map(lambda item: _random_basis(item[0], item[1].subspace, seed), fitted.items())))
     for name, layer in fitted.items():
         sub = layer.subspace
-        generator = torch.Generator().manual_seed(layer_seed(seed + RANDOM_SEED, name))
         k = sub.principal_k
         n_in, n_out = sub.down_components.shape[1], sub.up_components.shape[0]
-        random_down = torch.linalg.qr(torch.randn(n_in, k, generator=generator, dtype=torch.float64))[0].T
-        random_up = torch.linalg.qr(torch.randn(n_out, k, generator=generator, dtype=torch.float64))[0]
+        random_down, random_up = randoms[name]
         plan = LayerPlan(
             name, sub.down_components.to(device, torch.float64), sub.up_components.to(device, torch.float64),
             random_down.to(device), random_up.to(device), len(layer.members),
@@ -109,10 +112,25 @@ def layer_plans(fitted: dict[str, FittedLayer], loo_layers: set[str], seed: int,
     return plans
 
 
+def _random_basis(name: str, sub, seed: int) -> tuple[Tensor, Tensor]:
+    """The random-subspace baseline's seeded orthonormal (k, in) and (out, k) of one layer (CPU float64)."""
+    generator = torch.Generator().manual_seed(layer_seed(seed + RANDOM_SEED, name))
+    k, n_in, n_out = sub.principal_k, sub.down_components.shape[1], sub.up_components.shape[0]
+    random_down = torch.linalg.qr(torch.randn(n_in, k, generator=generator, dtype=torch.float64))[0].T
+    random_up = torch.linalg.qr(torch.randn(n_out, k, generator=generator, dtype=torch.float64))[0]
+    return random_down, random_up
+
+
+def directions_needed(spec: SubspaceSpec) -> int | None:
+    """How many leading directions of each side the components and leave-one-out use at most (None:
+    all, for an energy target); `CollectionStatistics.fit` forms no more than these."""
+    return None if spec.k is None else max(spec.k, LOO_MIN_DIRECTIONS, 4 * spec.k)
+
+
 def _loo_basis(layer: FittedLayer, k: int, device: torch.device) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], bool]:
     basis, exact = [], True
     for directions in (layer.down, layer.up):
-        kept = directions.vectors.shape[1]
+        kept = directions.rank
         m = min(kept, max(LOO_MIN_DIRECTIONS, 4 * k))
         exact &= m == kept
         basis += [directions.vectors[:, :m].to(device, torch.float64), directions.energies[:m].to(device, torch.float64)]

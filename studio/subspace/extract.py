@@ -60,11 +60,18 @@ class SubspaceSpec:
 @dataclass
 class Directions:
     """Principal directions of a set of vectors: ``vectors`` (d, m) orthonormal columns above the
-    rank tolerance, ``energies`` every eigenvalue (descending, float64) of the Gram matrix."""
+    rank tolerance (the leading ``limit`` of them when the caller needs no more), ``energies`` every
+    eigenvalue (descending, float64) of the Gram matrix, ``kept`` how many lie above the tolerance."""
 
     vectors: Tensor
     energies: Tensor
     count: int  # how many vectors were stacked (sum of ranks)
+    kept: int | None = None  # directions above the tolerance (None: all of ``vectors``)
+
+    @property
+    def rank(self) -> int:
+        """How many directions lie above the rank tolerance (``vectors`` may hold fewer)."""
+        return self.vectors.shape[1] if self.kept is None else self.kept
 
 
 @dataclass
@@ -184,16 +191,23 @@ def directions_batch(rows: Tensor) -> list[Directions]:
     return directions_from_grams(rows64, rows64 @ rows64.mT)
 
 
-def directions_from_grams(rows64: Tensor, grams: Tensor) -> list[Directions]:
+def directions_from_grams(rows64: Tensor, grams: Tensor, limit: int | None = None) -> list[Directions]:
     """Directions of row sets (L, M, d) from their Gram matrices (L, M, M) = rows @ rows^T:
-    eigenvectors E of the Gram give the directions rows^T E / sqrt(lambda) (one batched eigh)."""
+    eigenvectors E of the Gram give the directions rows^T E / sqrt(lambda) (one batched eigh).
+    Only the leading ``limit`` directions are formed (each column is computed on its own, so
+    they are the same numbers as without a limit); every energy and the kept count stay."""
     count = rows64.shape[-2]
     energies, mixing = _sorted_eigh(grams)  # (L, M, M)
     kept = _kept_counts(energies)
-    widest = max(kept, default=0)
+    widest = _widest(kept, limit)
     roots = energies[:, :widest].clamp_min(torch.finfo(torch.float64).tiny).sqrt()
     vectors, _ = fix_signs((rows64.mT @ mixing[:, :, :widest]) / roots.unsqueeze(1), dim=0)  # (L, d, widest)
-    return [Directions(vectors[i, :, : kept[i]], energies[i], count) for i in range(len(kept))]
+    return [Directions(vectors[i, :, : min(kept[i], widest)], energies[i], count, kept[i]) for i in range(len(kept))]
+
+
+def _widest(kept: list[int], limit: int | None) -> int:
+    widest = max(kept, default=0)
+    return widest if limit is None else min(widest, limit)
 
 
 def directions_from_covariance(covariance: Tensor, count: int) -> Directions:
@@ -201,14 +215,15 @@ def directions_from_covariance(covariance: Tensor, count: int) -> Directions:
     return directions_from_covariances(covariance.unsqueeze(0), [count])[0]
 
 
-def directions_from_covariances(covariances: Tensor, counts: list[int]) -> list[Directions]:
-    """`directions_from_covariance` of a stack (L, d, d): one batched eigh."""
+def directions_from_covariances(covariances: Tensor, counts: list[int], limit: int | None = None) -> list[Directions]:
+    """`directions_from_covariance` of a stack (L, d, d): one batched eigh (the leading ``limit``
+    directions kept, as in `directions_from_grams`)."""
     energies, vectors = _sorted_eigh(covariances.double())
     kept = _kept_counts(energies, counts)
     energies = [energies[i, : min(c, energies.shape[-1])] for i, c in enumerate(counts)]
-    widest = max(kept, default=0)
+    widest = _widest(kept, limit)
     vectors, _ = fix_signs(vectors[:, :, :widest], dim=0)
-    return [Directions(vectors[i, :, : kept[i]], energies[i], counts[i]) for i in range(len(counts))]
+    return [Directions(vectors[i, :, : min(kept[i], widest)], energies[i], counts[i], kept[i]) for i in range(len(counts))]
 
 
 def explained_curve(energies: Tensor) -> Tensor:
@@ -251,7 +266,7 @@ def _choose_k(down: Directions, up: Directions, spec: SubspaceSpec, in_features:
         requested = spec.k
     else:
         requested = max(components_for_energy(down.energies, spec.energy), components_for_energy(up.energies, spec.energy))
-    spanned = max(down.vectors.shape[1], up.vectors.shape[1])
+    spanned = max(down.rank, up.rank)
     return requested, min(requested, spanned, in_features, out_features)
 
 

@@ -2,7 +2,8 @@
 
 A source loads one adapter on demand; `compress_events` loads each source once (the second pass
 works from the kept canonical factors). `prefetched` loads the next sources on a worker thread
-(parsing, and hashing a file's bytes for the collection record), so reading overlaps the math.
+(reading and parsing), so reading overlaps the math; `Digests` hashes the files for the
+collection records on threads of their own.
 """
 
 from __future__ import annotations
@@ -118,22 +119,42 @@ def file_sources(paths: Iterable[str | Path], loader: Callable[[Path], LoraAdapt
 
 @dataclass
 class Loaded:
-    """One source's adapter with the record numbers read alongside it."""
+    """One source's adapter with the record numbers read alongside it (its sha256 comes from
+    `Digests`, computed beside the passes)."""
 
     index: int
     adapter: LoraAdapter
-    sha256: str
     nbytes: int
 
 
 def _load(index: int, source: AdapterSource) -> Loaded:
-    return Loaded(index, source.load(), source.sha256(), source.nbytes())
+    return Loaded(index, source.load(), source.nbytes())
+
+
+class Digests:
+    """The sources' sha256, computed on their own worker threads while the passes run.
+
+    A compress needs a source's digest only when its record is written (second pass), so hashing
+    (1-2 GB of files at a few hundred MB/s per core) stays off the critical path; hashlib and file
+    reads release the GIL."""
+
+    def __init__(self, sources: Sequence[AdapterSource], indices: Iterable[int], workers: int = LOADERS) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="studio-hash")
+        self._found: dict[int, Future] = {index: self._pool.submit(sources[index].sha256) for index in indices}
+
+    def result(self, index: int) -> str:
+        """Source ``index``'s sha256 (waits for it; a read error is raised here)."""
+        return self._found[index].result()
+
+    def close(self) -> None:
+        """Stop hashing (digests not yet asked for are dropped)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def prefetched(sources: Sequence[AdapterSource], indices: Iterable[int], ahead: int = PREFETCH) -> Iterator[Loaded]:
     """`Loaded` of ``sources[i]`` for each index in order, loading up to ``ahead`` sources in
-    advance on `LOADERS` worker threads (file reading, tensor checks and hashing release the GIL
-    for most of their time). A source's error is raised when its turn comes."""
+    advance on `LOADERS` worker threads (file reading and tensor checks release the GIL for
+    much of their time). A source's error is raised when its turn comes."""
     order = list(indices)
     with ThreadPoolExecutor(max_workers=LOADERS, thread_name_prefix="studio-load") as pool:
         if order:  # the first load alone: it builds the readers' caches (module trees) once

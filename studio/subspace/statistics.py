@@ -17,6 +17,8 @@ Both routes give the same directions (eigenvectors of the same sums) up to float
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -33,8 +35,9 @@ from studio.subspace.extract import (
 )
 
 GRAM_MAX_ROWS = 4096  # stacked rows above which a layer sums d x d covariances instead (Gram eigh cost ~ M^3)
-# Numbers per float64 stack when fitting gram layers (stacked factors, Grams and directions are each
-# about this size): 128 MiB on a CPU, where peak memory is the target; 512 MiB on a GPU.
+# Numbers per float64 stack when fitting (gram layers: stacked factors, Grams and directions are each
+# about this size; covariance layers: the stacked sums, their eigenvectors and the flipped copy):
+# 128 MiB on a CPU, where peak memory is the target; 512 MiB on a GPU.
 GRAM_BATCH = {"cpu": 1 << 24, "cuda": 1 << 26}
 Route = Literal["gram", "covariance"]
 Factors = dict[str, tuple[Tensor, Tensor]]
@@ -53,7 +56,7 @@ def canonical_layers(layers: Sequence[LoraLayer], device: torch.device | str = "
     of small tensors cost more than the whole decomposition)."""
     groups: dict[tuple, list[int]] = {}
     for index, layer in enumerate(layers):
-        groups.setdefault((layer.rank, layer.down[0].numel(), layer.out_features, layer.down.dtype, layer.up.dtype), []).append(index)
+        groups.setdefault((layer.rank, math.prod(layer.down.shape[1:]), int(layer.up.shape[0]), layer.down.dtype, layer.up.dtype), []).append(index)
     result: list = [None] * len(layers)
     for (rank, in_size, out_features, _, _), members in groups.items():
         for part in chunks(len(members), 2 * rank * (in_size + out_features)):
@@ -118,29 +121,45 @@ class CollectionStatistics:
         self.gram = gram
         self.layers: dict[str, LayerStatistics] = {}
         self.shapes: dict[str, LayerShape] = {}
+        self._blocks: dict[tuple[str, str], tuple[Tensor, int]] = {}  # (side, layer) -> (block of sums, place in it)
+
+    def _route(self, name: str, rank: int) -> Route:
+        shape = self.shapes[name]
+        rows = self.expected * rank
+        return "gram" if self.gram and rows <= min(max(shape.in_features, shape.out_features), GRAM_MAX_ROWS) else "covariance"
 
     def _layer(self, name: str, rank: int) -> LayerStatistics:
         if name not in self.layers:
-            shape = self.shapes[name]
-            rows = self.expected * rank
-            if self.gram and rows <= min(max(shape.in_features, shape.out_features), GRAM_MAX_ROWS):
-                self.layers[name] = LayerStatistics("gram")
-            else:
-                self.layers[name] = LayerStatistics(
-                    "covariance", down_covariance=self._zeros(shape.in_features), up_covariance=self._zeros(shape.out_features)
-                )
+            self.layers[name] = LayerStatistics(self._route(name, rank))
+            if self.layers[name].route == "covariance":
+                self._allocate([name])
         return self.layers[name]
 
-    def _zeros(self, dim: int) -> Tensor:
-        return torch.zeros(dim, dim, dtype=self.dtype, device=self.device)
+    def _allocate(self, names: list[str]) -> None:
+        """Zero sums for new covariance-route layers: per side, one (L, d, d) block for the layers
+        of one size, each layer's sum a view of it (`add` sums an adapter's layers of a block with
+        one batched product instead of a few small operations per layer)."""
+        for side, size in (("down", lambda shape: shape.in_features), ("up", lambda shape: shape.out_features)):
+            groups: dict[int, list[str]] = {}
+            for name in names:
+                groups.setdefault(size(self.shapes[name]), []).append(name)
+            for dim, members in groups.items():
+                block = torch.zeros(len(members), dim, dim, dtype=self.dtype, device=self.device)
+                for j, name in enumerate(members):
+                    setattr(self.layers[name], f"{side}_covariance", block[j])
+                    self._blocks[(side, name)] = (block, j)
 
     def add(self, index: int, factors: Factors) -> Factors:
         """Accumulate adapter ``index``'s canonical factors (float32, on the device); the gram
         route keeps references to them (`kept`), the covariance route only their sums. Returns the
         factors of the covariance-route layers (the caller keeps those for the second pass)."""
+        new = [name for name in factors if name not in self.layers]
+        for name in new:
+            self.layers[name] = LayerStatistics(self._route(name, factors[name][0].shape[0]))
+        self._allocate([name for name in new if self.layers[name].route == "covariance"])
         summed = {}
         for name, (down, up) in factors.items():
-            stats = self._layer(name, down.shape[0])
+            stats = self.layers[name]
             stats.position[index] = len(stats.members)
             stats.members.append(index)
             stats.ranks.append(down.shape[0])
@@ -149,10 +168,25 @@ class CollectionStatistics:
                 stats.downs.append(down)
                 stats.ups.append(up)
             else:
-                stats.down_covariance.addmm_(down.T.to(self.dtype), down.to(self.dtype))
-                stats.up_covariance.addmm_(up.to(self.dtype), up.T.to(self.dtype))
                 summed[name] = (down, up)
+        self._accumulate("down", {name: pair[0].T for name, pair in summed.items()})
+        self._accumulate("up", {name: pair[1] for name, pair in summed.items()})
         return summed
+
+    def _accumulate(self, side: str, columns: dict[str, Tensor]) -> None:
+        """Add C C^T to each named layer's ``side`` sum (C: (d, r) columns): layers at consecutive
+        places of one block with one rank take one batched product (baddbmm) together."""
+        runs: list[tuple[Tensor, int, list[Tensor]]] = []
+        for name, matrix in sorted(columns.items(), key=lambda item: (id(self._blocks[(side, item[0])][0]), self._blocks[(side, item[0])][1])):
+            block, place = self._blocks[(side, name)]
+            last = runs[-1] if runs else None
+            if last is not None and last[0] is block and last[1] + len(last[2]) == place and last[2][0].shape == matrix.shape:
+                last[2].append(matrix)
+            else:
+                runs.append((block, place, [matrix]))
+        for block, start, matrices in runs:
+            stacked = torch.stack(matrices).to(self.dtype)
+            block[start : start + len(matrices)].baddbmm_(stacked, stacked.mT)
 
     def kept(self, index: int) -> Factors:
         """Adapter ``index``'s factors on the gram-route layers (device tensors, as added)."""
@@ -168,6 +202,7 @@ class CollectionStatistics:
         """Drop the kept factors and the sums (after the second pass)."""
         for stats in self.layers.values():
             stats.downs, stats.ups, stats.down_covariance, stats.up_covariance = [], [], None, None
+        self._blocks = {}
 
     def all_reduce(self, group=None) -> None:
         """Sum the statistics of every rank (layers seen by any rank), layers in sorted order.
@@ -187,15 +222,16 @@ class CollectionStatistics:
                 stats.members = sorted(i for rank_members in members for i in rank_members.get(name, []))
         self.layers = {name: self.layers[name] for name in self.shapes}
 
-    def fit(self, spec: SubspaceSpec) -> dict[str, FittedLayer]:
+    def fit(self, spec: SubspaceSpec, limit: int | None = None) -> dict[str, FittedLayer]:
         """Components of every layer (sorted by name) with their directions; K clamping is left to
         the caller to report. Gram layers of equal (M, in, out) and covariances of equal size go
         through batched eighs (in chunks of `BATCH_ELEMENTS`). The sums are released; kept factors
-        stay for the second pass (`kept`, then `release`)."""
+        stay for the second pass (`kept`, then `release`). ``limit``: the leading directions per side
+        the caller uses (`evaluate.directions_needed`); fewer are formed, the same numbers."""
         names = sorted(self.layers)
         found: dict[str, tuple[Directions, Directions, Tensor | None]] = {}
-        found.update(self._fit_grams([n for n in names if self.layers[n].route == "gram"]))
-        found.update(self._fit_covariances([n for n in names if self.layers[n].route == "covariance"]))
+        found.update(self._fit_grams([n for n in names if self.layers[n].route == "gram"], limit))
+        found.update(self._fit_covariances([n for n in names if self.layers[n].route == "covariance"], limit))
         fitted = {}
         for name in names:
             down, up, products = found[name]
@@ -203,9 +239,10 @@ class CollectionStatistics:
             subspace = build_subspace(down, up, spec, layer_seed(spec.seed, name), shape.in_features, shape.out_features)
             fitted[name] = FittedLayer(subspace, down, up, stats.route, list(stats.members), products)
             stats.down_covariance, stats.up_covariance = None, None
+        self._blocks = {}  # the sums' blocks go with their last views
         return fitted
 
-    def _fit_grams(self, names: list[str]) -> dict[str, tuple[Directions, Directions, Tensor]]:
+    def _fit_grams(self, names: list[str], limit: int | None = None) -> dict[str, tuple[Directions, Directions, Tensor]]:
         groups: dict[tuple[int, int, int, tuple[int, ...]], list[str]] = {}
         for name in names:
             stats, shape = self.layers[name], self.shapes[name]
@@ -219,26 +256,26 @@ class CollectionStatistics:
                 ups = torch.stack([torch.cat(self.layers[n].ups, dim=1).T for n in batch]).double()  # (L, M, out)
                 down_grams, up_grams = downs @ downs.mT, ups @ ups.mT
                 products = owner.T @ (down_grams * up_grams) @ owner  # (L, n, n): <dW_i, dW_j>
-                for name, d, u, p in zip(batch, directions_from_grams(downs, down_grams), directions_from_grams(ups, up_grams), products):
+                for name, d, u, p in zip(batch, directions_from_grams(downs, down_grams, limit), directions_from_grams(ups, up_grams, limit), products):
                     result[name] = (d, u, p)
         return result
 
-    def _fit_covariances(self, names: list[str]) -> dict[str, tuple[Directions, Directions, None]]:
-        down = self._directions(names, lambda s: s.down_covariance)
-        up = self._directions(names, lambda s: s.up_covariance)
+    def _fit_covariances(self, names: list[str], limit: int | None = None) -> dict[str, tuple[Directions, Directions, None]]:
+        down = self._directions(names, lambda s: s.down_covariance, limit)
+        up = self._directions(names, lambda s: s.up_covariance, limit)
         return {name: (down[name], up[name], None) for name in names}
 
-    def _directions(self, names: list[str], side) -> dict[str, Directions]:
+    def _directions(self, names: list[str], side, limit: int | None = None) -> dict[str, Directions]:
         """Directions of one side (``side(stats)`` is its covariance) of every named layer."""
         groups: dict[int, list[str]] = {}
         for name in names:
             groups.setdefault(side(self.layers[name]).shape[0], []).append(name)
         result = {}
         for dim, members in groups.items():
-            for part in chunks(len(members), dim * dim):
+            for part in chunks(len(members), dim * dim, GRAM_BATCH.get(self.device.type, 1 << 24)):
                 batch = [members[j] for j in part]
                 stacked = torch.stack([side(self.layers[n]) for n in batch])
-                for name, found in zip(batch, directions_from_covariances(stacked, [self.layers[n].count for n in batch])):
+                for name, found in zip(batch, directions_from_covariances(stacked, [self.layers[n].count for n in batch], limit)):
                     result[name] = found
         return result
 

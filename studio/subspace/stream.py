@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
 
@@ -30,10 +30,10 @@ from studio.errors import StudioError
 from studio.events import Done, Event, Message, Progress, Saved, run_to_end
 from studio.subspace.collection import AdapterRecord, CompressedCollection, LayerShape, collection_metadata, info_tensor, is_collection_file, layer_tensors, pack_loadings
 from studio.subspace.distributed import all_gather_json, all_reduce_sum, barrier, broadcast_json, broadcast_tensor, rank_and_world
-from studio.subspace.evaluate import SKETCH_SIDE, AdapterNumbers, LayerPlan, blocks, evaluate, layer_plans, loo_plan
+from studio.subspace.evaluate import SKETCH_SIDE, AdapterNumbers, LayerPlan, blocks, directions_needed, evaluate, layer_plans, loo_plan
 from studio.subspace.extract import LayerSubspace, SubspaceSpec, warn_clamped
 from studio.subspace.report import AdapterQuality, CollectionReport, build_report, mean_baseline, relative, similar_pairs, svd_baseline
-from studio.subspace.sources import AdapterSource, check_bases, check_names, file_sources, prefetched
+from studio.subspace.sources import AdapterSource, Digests, check_bases, check_names, file_sources, prefetched
 from studio.subspace.spool import SpoolEntry, TensorSpool, write_spools
 from studio.subspace.statistics import CollectionStatistics, FittedLayer, canonical_layers, check_shape
 from studio.subspace.store import DEFAULT_BUDGET, FactorStore
@@ -93,16 +93,17 @@ class CompressResult:
         beyond, so the mean is cumulative and non-decreasing (averaging only the layers whose
         curve is still running made the app's curve dip where short curves dropped out)."""
         result = {}
-        for side, index in (("down", 0), ("up", 1)):
-            curves = [curve[index] for curve in self.explained.values() if curve[index]]
-            longest = max((len(c) for c in curves), default=0)
-            result[side] = [sum(c[min(j, len(c) - 1)] for c in curves) / len(curves) for j in range(longest)]
+        for side in ("down", "up"):
+            curves = [c for c in (getattr(sub, f"{side}_explained") for sub in self.layers.values()) if c.numel()]
+            longest = max((c.numel() for c in curves), default=0)
+            padded = torch.stack([torch.cat([c.double(), c[-1:].double().expand(longest - c.numel())]) for c in curves]) if curves else None
+            result[side] = (padded.sum(0) / len(curves)).tolist() if padded is not None else []
         return result
 
     def as_json(self) -> dict:
         ks = list(self.k.values())
         return {
-            "adapters": [{key: value for key, value in asdict(a).items() if key != "layer_errors"} for a in self.adapters],
+            "adapters": [{f.name: getattr(a, f.name) for f in fields(a) if f.name != "layer_errors"} for a in self.adapters],
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "ratio": self.bytes_out / self.bytes_in if self.bytes_in else None,
@@ -221,13 +222,15 @@ def compress_events(
         remove_stale(output)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.{os.getpid()}.", suffix=".spool", dir=output.parent))
     device, threads = torch.device(device), torch.get_num_threads()
-    run = _Run(sources, spec, device, group, FactorStore(work, held_bytes), shard=_shard(len(sources), rank, world))
+    shard = _shard(len(sources), rank, world)
+    run = _Run(sources, spec, device, group, FactorStore(work, held_bytes), shard=shard, digests=Digests(sources, shard))
     statistics = CollectionStatistics(len(sources), device, statistics_dtype, gram=world == 1)
     if device.type == "cpu":
         torch.set_num_threads(CPU_THREADS)
     try:
         result = yield from _compress(run, statistics, output, base_id, work)
     finally:
+        run.digests.close()
         torch.set_num_threads(threads)
         shutil.rmtree(work, ignore_errors=True)
     yield Done(result)
@@ -244,6 +247,7 @@ class _Run:
     store: FactorStore
     records: dict[int, AdapterRecord] = field(default_factory=dict)
     shard: range = range(0)
+    digests: Digests | None = None  # sha256 of the shard's sources, hashed beside the passes
 
 
 def _compress(run: _Run, statistics: CollectionStatistics, output: Path, base_id: str, work: Path) -> Generator[Event, None, CompressResult]:
@@ -253,7 +257,7 @@ def _compress(run: _Run, statistics: CollectionStatistics, output: Path, base_id
     yield from _first_pass(run, statistics)
     base_id = base_id or check_bases(a for rank_arches in all_gather_json([r.base_arch for r in run.records.values()], group) for a in rank_arches)
     statistics.all_reduce(group)
-    fitted = statistics.fit(spec)
+    fitted = statistics.fit(spec, directions_needed(spec))
     if rank == 0:
         warn_clamped({n: f.subspace for n, f in fitted.items()}, spec.augment)
     _broadcast_subspaces(fitted, group)
@@ -299,7 +303,7 @@ def _first_pass(run: _Run, statistics: CollectionStatistics) -> Generator[Progre
             check_shape(statistics.shapes, layer_name, LayerShape.of(layer), name)
         canonicals = dict(zip(adapter.lora_layers, canonical_layers(list(adapter.lora_layers.values()), run.device)))
         run.store.add(statistics.add(loaded.index, canonicals))  # gram-route layers stay in the statistics
-        run.records[loaded.index] = _record(adapter, name, loaded.sha256, loaded.nbytes)
+        run.records[loaded.index] = _record(adapter, name, "", loaded.nbytes)  # sha256: `Digests`, before it is written
         del adapter, canonicals, loaded
         yield Progress(step, len(run.shard), stage="statistics")
 
@@ -338,6 +342,7 @@ def _second_pass(
         items = [(run.shard[j], {**statistics.kept(run.shard[j]), **run.store.get(j)}) for j in block]
         for numbers in evaluate(items, plans, loo_adapters, run.device):
             record = run.records[numbers.index]
+            record.sha256 = run.digests.result(numbers.index)
             residual, total = (sum(p[i] for p in numbers.parts.values()) for i in (0, 1))
             record.rel_error, record.norm = relative(residual, total), total**0.5
             loadings_spool.add(f"adapter.{numbers.index}.loadings", pack_loadings(numbers.loadings, order))

@@ -76,6 +76,23 @@ def run(request: InspectRequest) -> InspectResult:
     from studio.collection import load_collection
 
     check(request)
-    collection = load_collection(request.paths, base=request.base, lycoris_rank=request.lycoris_rank)
-    warnings = [f"{info.name}: {note[len('warning: '):]}" for info in collection.infos for note in info.notes if note.startswith("warning: ")]
-    return InspectResult(collection.infos, warnings)
+    infos = _from_header(request)
+    if infos is None:
+        infos = load_collection(request.paths, base=request.base, lycoris_rank=request.lycoris_rank).infos
+    warnings = [f"{info.name}: {note[len('warning: '):]}" for info in infos for note in info.notes if note.startswith("warning: ")]
+    return InspectResult(infos, warnings)
+
+
+def _from_header(request: InspectRequest) -> list[Any] | None:
+    """One plain LoRA file without a base: its row from the header alone (`formats.reader.header_adapter`,
+    no torch import; the same row `load_collection` gives). None: read it with the full reader."""
+    from pathlib import Path
+
+    from studio.collection import describe
+    from studio.formats.reader import header_adapter
+
+    path = Path(request.paths[0])
+    if len(request.paths) != 1 or request.base or not path.is_file() or path.suffix.lower() != ".safetensors":
+        return None
+    adapter = header_adapter(path)
+    return None if adapter is None else [describe(path, adapter)]
