@@ -29,6 +29,8 @@ from studio.formats.original_names import Group, NameScheme
 if TYPE_CHECKING:  # torch and the fused-layer math are imported where a transformer file is translated
     from torch import Tensor
 
+    from studio.formats import fused
+
 SCHEMES: dict[str, NameScheme] = {"flux1": flux_keys.SCHEME, "sd3": sd3_keys.SCHEME}
 TRANSFORMER_ROOTS = (
     "transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.", "time_text_embed.",
