@@ -174,8 +174,12 @@ def remove_stale(output: Path) -> list[Path]:
 
 
 def compress_sources(sources: Sequence[AdapterSource], output: str | Path, **options: Any) -> CompressResult:
-    """`compress_events` drained: the `CompressResult` (same options: k or energy, augment, ...)."""
-    return run_to_end(compress_events(sources, output, **options))
+    """`compress_events` drained: the `CompressResult`. ``options``: the `SubspaceSpec` fields (k or energy,
+    augment, seed) and the `CompressSettings` fields (base_id, device, group, statistics_dtype, held_bytes)."""
+    spec_names = {item.name for item in fields(SubspaceSpec)}
+    spec = SubspaceSpec(**{name: value for name, value in options.items() if name in spec_names})
+    settings = CompressSettings(**{name: value for name, value in options.items() if name not in spec_names})
+    return run_to_end(compress_events(sources, output, spec, settings))
 
 
 def compress_files(
@@ -185,30 +189,30 @@ def compress_files(
     return compress_sources(file_sources(paths, loader), output, **options)
 
 
-def compress_events(
-    sources: Sequence[AdapterSource],
-    output: str | Path,
-    k: int | None = None,
-    energy: float | None = None,
-    augment: int = 0,
-    base_id: str = "",
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    group=None,
-    statistics_dtype: torch.dtype = torch.float64,
-    held_bytes: int = DEFAULT_BUDGET,
-) -> Iterator[Event]:
+@dataclass(frozen=True)
+class CompressSettings:
+    """Where and how a compress runs, not what it computes: ``base_id`` recorded in the file, the
+    ``device`` of the math, the torch.distributed ``group`` sharding the sources (None: one process),
+    the precision of summed covariances and the bytes of canonical factors kept in memory between
+    the passes (the rest goes to a spool file)."""
+
+    base_id: str = ""
+    device: torch.device | str = "cpu"
+    group: Any = None
+    statistics_dtype: torch.dtype = torch.float64
+    held_bytes: int = DEFAULT_BUDGET
+
+
+def compress_events(sources: Sequence[AdapterSource], output: str | Path, spec: SubspaceSpec,
+                    settings: CompressSettings = CompressSettings()) -> Iterator[Event]:
     """Compress ``sources`` into the collection file ``output``, as events.
 
-    Exactly one of ``k`` (components per layer) or ``energy`` (explained fraction) is given;
-    ``augment`` adds P seeded random components per layer. Yields `Message` per skipped file,
-    `Progress` per adapter of this rank's shard in each pass (stages "statistics", "projection"),
-    `Saved` for the file (rank 0) and `Done` with the `CompressResult`. ``held_bytes`` bounds the
-    canonical factors kept in memory between the passes (the rest goes to a spool file);
-    ``statistics_dtype`` is the precision of summed covariances. Temporary files live in one folder
-    next to the output, removed at the end (and, if a kill left one, by the next run).
+    ``spec``: exactly one of k (components per layer) or energy (explained fraction), augment P
+    seeded random components per layer. Yields `Message` per skipped file, `Progress` per adapter
+    of this rank's shard in each pass (stages "statistics", "projection"), `Saved` for the file
+    (rank 0) and `Done` with the `CompressResult`. Temporary files live in one folder next to the
+    output, removed at the end (and, if a kill left one, by the next run).
     """
-    spec = SubspaceSpec(k=k, energy=energy, augment=augment, seed=seed)
     output = Path(output)
     sources, skipped = usable_sources(sources, output)
     for text in skipped:
@@ -217,18 +221,18 @@ def compress_events(
         raise StudioError("compress needs at least one adapter")
     check_names([s.name for s in sources])
     output.parent.mkdir(parents=True, exist_ok=True)
-    rank, world = rank_and_world(group)
+    rank, world = rank_and_world(settings.group)
     if rank == 0:
         remove_stale(output)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.{os.getpid()}.", suffix=".spool", dir=output.parent))
-    device, threads = torch.device(device), torch.get_num_threads()
+    device, threads = torch.device(settings.device), torch.get_num_threads()
     shard = _shard(len(sources), rank, world)
-    run = _Run(sources, spec, device, group, FactorStore(work, held_bytes), shard=shard, digests=Digests(sources, shard))
-    statistics = CollectionStatistics(len(sources), device, statistics_dtype, gram=world == 1)
+    run = _Run(sources, spec, device, settings.group, FactorStore(work, settings.held_bytes), shard=shard, digests=Digests(sources, shard))
+    statistics = CollectionStatistics(len(sources), device, settings.statistics_dtype, gram=world == 1)
     if device.type == "cpu":
         torch.set_num_threads(CPU_THREADS)
     try:
-        result = yield from _compress(run, statistics, output, base_id, work)
+        result = yield from _compress(run, statistics, output, settings.base_id, work)
     finally:
         run.digests.close()
         torch.set_num_threads(threads)

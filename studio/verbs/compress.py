@@ -151,14 +151,15 @@ def run(request: CompressRequest, sources: Sequence[Any] | None = None) -> Itera
     events: both passes' progress, the saved file, exports, then ``Done(CompressOutcome)``."""
     import torch
 
-    from studio.subspace import compress_events, file_sources
+    from studio.subspace import SubspaceSpec, compress_events, file_sources
+    from studio.subspace.stream import CompressSettings
 
     inputs = check(request, sources)
     sources = file_sources(inputs, _loader(request.base)) if sources is None else sources
     with distributed.joined(request.device) as device:
-        events = compress_events(sources, request.output, k=request.k, energy=request.energy, augment=request.augment,
-                                 base_id=base_label(request.base), seed=request.seed, device=device,
-                                 statistics_dtype=getattr(torch, request.stats_dtype))
+        spec = SubspaceSpec(k=request.k, energy=request.energy, augment=request.augment, seed=request.seed)
+        settings = CompressSettings(base_id=base_label(request.base), device=device, statistics_dtype=getattr(torch, request.stats_dtype))
+        events = compress_events(sources, request.output, spec, settings)
         result = None
         for event in events:
             if isinstance(event, Done):

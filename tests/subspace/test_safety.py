@@ -11,7 +11,7 @@ import pytest
 
 from studio.errors import StudioError
 from studio.events import Message
-from studio.subspace import CompressedCollection, compress_events, compress_files, file_sources
+from studio.subspace import CompressedCollection, SubspaceSpec, compress_events, compress_files, file_sources
 from studio.subspace.stream import remove_stale
 from tests.subspace.streaming_helpers import load_plain, save_plain
 from tests.subspace.synthetic import shared_collection
@@ -51,7 +51,7 @@ def test_output_naming_an_input_is_refused_before_anything_is_written(zoo, tmp_p
 def test_rerun_into_the_folder_it_reads_skips_the_old_collection(zoo):
     output = zoo / "collection.safetensors"
     first = compress_files([zoo], output, k=6, loader=load_plain)
-    events = list(compress_events(file_sources([zoo], load_plain), output, k=6))
+    events = list(compress_events(file_sources([zoo], load_plain), output, SubspaceSpec(k=6)))
     messages = [e.text for e in events if isinstance(e, Message)]
     assert messages == [f"{output}: a compressed collection, not a LoRA; skipped"]
     second = events[-1].result

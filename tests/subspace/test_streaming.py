@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from studio.events import Done, Progress, Saved
-from studio.subspace import CompressedCollection, HeldSource, compress_events, compress_files, compress_sources
+from studio.subspace import CompressedCollection, HeldSource, SubspaceSpec, compress_events, compress_files, compress_sources
 from studio.subspace.oracle import gram_compress
 from studio.subspace.sources import content_sha256
 from tests.ports import free_port
@@ -46,7 +46,7 @@ def test_streaming_equals_in_memory(tmp_path, spec):
 def test_compress_events_report_both_passes_per_adapter(tmp_path):
     adapters = shared_collection(5, rank=4, true_k=6)
     output = tmp_path / "c.safetensors"
-    events = list(compress_events([HeldSource(a) for a in adapters], output, k=6))
+    events = list(compress_events([HeldSource(a) for a in adapters], output, SubspaceSpec(k=6)))
     progress = [(e.stage, e.step, e.total) for e in events if isinstance(e, Progress)]
     assert progress == [("statistics", i, 5) for i in range(1, 6)] + [("projection", i, 5) for i in range(1, 6)]
     assert [e.path for e in events if isinstance(e, Saved)] == [output]
