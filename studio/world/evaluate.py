@@ -67,10 +67,12 @@ def caption_accuracy(pipe, n: int = 64, seed: int = 2024, steps: int = 25, guida
 
 
 @torch.no_grad()
-def style_improvement(unet, text_encoder, vae, tokenizer, adapter: LoraAdapter, images: Tensor, captions: list[str], alphas_cumprod: Tensor, repeats: int = 4) -> tuple[float, float]:
-    """(loss without, loss with) the adapter on held-out styled images (uint8) and captions."""
+def style_improvement(pipe, adapter: LoraAdapter, images: Tensor, captions: list[str], alphas_cumprod: Tensor, repeats: int = 4) -> tuple[float, float]:
+    """(loss without, loss with) the adapter on held-out styled images (uint8) and captions; ``pipe``
+    holds the world's unet, text_encoder, vae and tokenizer."""
     from studio.world.data import tokenize
 
+    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     device = unet.device
     latents = encode_latents(vae, images.to(device)) * vae.config.scaling_factor
     states = text_encoder(tokenize(tokenizer, captions).long().to(device))[0]

@@ -90,7 +90,7 @@ def test_zoo_lora_lowers_heldout_loss_by_20_percent(pipe, name):
     images, captions = style_split(styles[index], index, 32, seed=7, heldout=True, size=64)  # unseen seed
     adapter = load_adapter(WORLD / "loras" / f"{name}.safetensors", base=str(WORLD))
     alphas = make_scheduler().alphas_cumprod
-    without, with_lora = style_improvement(pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer, adapter, images, captions, alphas, repeats=2)
+    without, with_lora = style_improvement(pipe, adapter, images, captions, alphas, repeats=2)
     assert 1 - with_lora / without >= 0.20, (name, without, with_lora)
 
 
@@ -150,7 +150,7 @@ def test_held_out_losses_reproduce_the_old_loop_and_the_build_report(pipe):
     index = next(i for i, s in enumerate(styles) if s.name == "noir")
     images, captions = style_split(styles[index], index, 64, seed=0, heldout=True, size=64)  # the build's held-out images
     adapter = load_adapter(WORLD / "loras" / "noir.safetensors", base=str(WORLD))
-    without, with_lora = style_improvement(pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer, adapter, images, captions, make_scheduler().alphas_cumprod)
+    without, with_lora = style_improvement(pipe, adapter, images, captions, make_scheduler().alphas_cumprod)
     assert without == pytest.approx(NOIR_CPU_BEFORE["without"], rel=1e-4)
     assert with_lora == pytest.approx(NOIR_CPU_BEFORE["with"], rel=1e-4)
     report = json.loads((WORLD / "report.json").read_text())["styles"]["noir"]
