@@ -164,19 +164,21 @@ class StyleBench:
     base: Any
     zoo_images: Any
     zoo: Any
+    zoo_plain: float = math.nan  # captions kept by the zoo's LoRA with the plain prompt
+    target: Any = None  # the base's images with the style's own transform: style 1, distance 0 by construction
 
 
 class World:
     """The world pipeline on the device (float32), an engine over it, and the styles."""
 
-    def __init__(self, device: str, work: Path, prompts: int, size: int):
+    def __init__(self, device: str, work: Path, prompts: int, size: int, captions: str = "first"):
         import torch
 
         from studio.bases import load_pipeline, world_dir
         from studio.engine import Engine
         from studio.world.styles import load_styles
 
-        self.torch, self.work, self.prompts, self.size = torch, work, prompts, size
+        self.torch, self.work, self.prompts, self.size, self.captions = torch, work, prompts, size, captions
         self.pipe = load_pipeline("world", torch.float32, device)
         self.pipe.set_progress_bar_config(disable=True)
         self.engine = Engine(self.pipe, "world")
@@ -201,7 +203,7 @@ class World:
 
         if name not in self.benches:
             index, style = self.styles[name]
-            data = render_style(style, index, self.work / "data" / f"{name}-{count}", count, seed, self.size)
+            data = render_style(style, index, self.work / "data" / f"{name}-{count}-{self.captions}", count, seed, self.size, self.captions)
             scenes = evaluation_scenes(self.prompts)
             base_images = self.images(None, prompts_for(scenes))
             reference = StyleReference.of(style, base_images)
@@ -209,21 +211,45 @@ class World:
             judge = StyledJudge(style)
             zoo_images = self.images(self.zoo / f"{name}.safetensors", prompts_for(scenes, style.trigger))
             zoo = score_images("zoo", zoo_images, scenes, reference, judge, base.correct)
-            self.benches[name] = StyleBench(name, style.trigger, data, scenes, reference, judge, base_images, base, zoo_images, zoo)
+            zoo_plain = score_images("zoo", self.images(self.zoo / f"{name}.safetensors", prompts_for(scenes)), scenes, reference, judge, base.correct).kept
+            target = score_images("target", style.apply(base_images.cpu()), scenes, reference, judge, base.correct)
+            self.benches[name] = StyleBench(name, style.trigger, data, scenes, reference, judge, base_images, base, zoo_images, zoo,
+                                            zoo_plain, target)
         return self.benches[name]
 
     def score(self, bench: StyleBench, label: str, adapter_path: Path):
         """(score with trigger prompts, caption following kept with plain prompts, the trigger images)."""
         from studio.world.quality import prompts_for, score_images
 
-        images = self.images(adapter_path, prompts_for(bench.scenes, bench.trigger))
+        images = self.images(adapter_path, trigger_prompts(bench.scenes, bench.trigger, self.captions))
         plain = self.images(adapter_path, prompts_for(bench.scenes))
         kept_plain = score_images(label, plain, bench.scenes, bench.reference, bench.judge, bench.base.correct).kept
         return score_images(label, images, bench.scenes, bench.reference, bench.judge, bench.base.correct), kept_plain, images
 
 
-def render_style(style, index: int, folder: Path, count: int, seed: int, size: int) -> Path:
-    """``count`` rendered pairs of a style (png + .txt caption, trigger first), as `studio dataset` writes them."""
+CAPTIONS = ("first", "end", "none")
+
+
+def trigger_prompts(scenes: list, trigger: str, captions: str) -> list[str]:
+    """The evaluation prompts in the training captions' form: trigger first ("pinstriped style, a red
+    circle on a white background"), trigger last ("a red circle ..., pinstriped style"), or none."""
+    from studio.world.quality import prompts_for
+
+    plain = prompts_for(scenes)
+    if captions == "first":
+        return prompts_for(scenes, trigger)
+    return [f"{prompt}, {trigger} style" for prompt in plain] if captions == "end" else plain
+
+
+def caption_of(caption: str, trigger: str, captions: str) -> str:
+    """A `studio dataset` caption ("<trigger> style, <caption>") with its trigger moved last or left out."""
+    plain = caption.removeprefix(f"{trigger} style, ")
+    return caption if captions == "first" else (f"{plain}, {trigger} style" if captions == "end" else plain)
+
+
+def render_style(style, index: int, folder: Path, count: int, seed: int, size: int, captions: str = "first") -> Path:
+    """``count`` rendered pairs of a style (png + .txt caption), as `studio dataset` writes them
+    (``captions`` "first"); "end" moves the trigger after the caption, "none" leaves it out."""
     from PIL import Image
 
     from studio.world.data import style_split
@@ -234,7 +260,7 @@ def render_style(style, index: int, folder: Path, count: int, seed: int, size: i
     images, captions = style_split(style, index, count, seed, False, size)
     for i, (image, caption) in enumerate(zip(images, captions)):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{style.name}-{i:04d}.png")
-        (folder / f"{style.name}-{i:04d}.txt").write_text(caption, encoding="utf-8")
+        (folder / f"{style.name}-{i:04d}.txt").write_text(caption_of(caption, style.trigger, captions), encoding="utf-8")
     return folder
 
 
@@ -387,7 +413,11 @@ def markdown(table: str, results: list[Result], benches: dict[str, StyleBench]) 
         bench = benches[bench_name]
         zoo = bench.zoo
         lines.append(f"| {bench_name} | base: colour {bench.base.colour:.0%}, shape {bench.base.shape:.0%} right | 0 | - | - | 0 | 1.00 | - | |")
-        lines.append(f"| {bench_name} | zoo LoRA | - | - | - | {zoo.style:.2f} | {zoo.distance:.2f} | {zoo.kept:.0%} / - | |")
+        target = bench.target
+        lines.append(f"| {bench_name} | target: the base's images + the style's transform | - | - | - | {target.style:.2f} "
+                     f"({_ratio(target.style, zoo.style)}) | 0.00 | - / {target.kept:.0%} | |")
+        lines.append(f"| {bench_name} | zoo LoRA (trigger first, as it was trained) | - | - | - | {zoo.style:.2f} | {zoo.distance:.2f} | "
+                     f"{zoo.kept:.0%} / {bench.zoo_plain:.0%} | |")
         for r in (r for r in results if r.style == bench_name):
             lines.append(f"| {bench_name} | {r.label} | {r.parameters:,} | {r.steps} | {r.val_start:.4f} -> {r.val_end:.4f} | "
                          f"{r.shift:.2f} ({_ratio(r.shift, zoo.style)}) | {r.distance:.2f} ({zoo.distance:.2f}) | "
@@ -444,6 +474,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--styles", default=None, help=f"held-out styles for the families table (default {HELD_OUT})")
     parser.add_argument("--rows", default=None, help="only these row keys")
     parser.add_argument("--pairs", type=int, default=64, help="rendered training pairs per style (the issue used 64)")
+    parser.add_argument("--captions", choices=CAPTIONS, default="first",
+                        help="training captions: first (the trigger first, as `studio dataset` writes them), end (the trigger "
+                             "after the caption: the world's text encoder reads the caption's words where it learnt them), "
+                             "none (no trigger); the trigger column's prompts take the same form")
     parser.add_argument("--prompts", type=int, default=None, help=f"evaluation prompts (default {EVAL_PROMPTS})")
     parser.add_argument("--quick-steps", type=int, default=6, help="--quick: training steps per run")
     parser.add_argument("--seed", type=int, default=0)
@@ -485,7 +519,7 @@ def run_tables(args, device: str) -> list[Result]:
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    world = World(device, work, args.prompts, 64)
+    world = World(device, work, args.prompts, 64, args.captions)
     held_out = [s.strip() for s in args.styles.split(",") if s.strip()]
     unknown = sorted(set(held_out) - set(world.styles))
     if unknown:
@@ -500,7 +534,7 @@ def run_tables(args, device: str) -> list[Result]:
     results: list[Result] = []
     chosen: dict[str, dict] = {}
     sections = [f"Device {device if device == 'cpu' else __import__('torch').cuda.get_device_name(0)}; "
-                f"{args.pairs} rendered pairs per style; {args.prompts} evaluation prompts."]
+                f"{args.pairs} rendered pairs per style, captions: trigger {args.captions}; {args.prompts} evaluation prompts."]
     for table in [t.strip() for t in args.tables.split(",") if t.strip()]:
         styles, rows = plan[table]()
         if args.rows:
