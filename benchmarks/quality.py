@@ -30,6 +30,15 @@ the zoo LoRA's, caption following >= 90% of the base's. Loss columns: validation
 ``studio.engine.Engine.applied`` with the exported LoRA file, as a user would.
 Grids (one PNG per table and style: the base, the zoo LoRA and every row, same prompts and seeds)
 are written beside the markdown.
+
+Captions (``--captions``, ``--reg``): the world's text encoder learnt its captions' words at fixed
+positions and never saw a trigger word, so a trigger *first* ("pinstriped style, a red circle ...",
+what `studio dataset` writes and what the zoo trained on) moves every word and the base reads such
+prompts right 15% of the time; the trigger *last* keeps them where it learnt them (71%). ``--reg N``
+adds N plain renders with plain captions (kohya's regularisation images). Each table also shows the
+styled target itself (the base's images with the style's transform): the zoo's LoRA scores a style
+above it (it moves colours as well as drawing the pattern), so ``style >= 0.9x the zoo's`` can be
+out of reach of the ground truth itself.
 """
 
 from __future__ import annotations
@@ -164,19 +173,21 @@ class StyleBench:
     base: Any
     zoo_images: Any
     zoo: Any
+    zoo_plain: float = math.nan  # captions kept by the zoo's LoRA with the plain prompt
+    target: Any = None  # the base's images with the style's own transform: style 1, distance 0 by construction
 
 
 class World:
     """The world pipeline on the device (float32), an engine over it, and the styles."""
 
-    def __init__(self, device: str, work: Path, prompts: int, size: int):
+    def __init__(self, device: str, work: Path, prompts: int, size: int, captions: str = "first", reg: int = 0):
         import torch
 
         from studio.bases import load_pipeline, world_dir
         from studio.engine import Engine
         from studio.world.styles import load_styles
 
-        self.torch, self.work, self.prompts, self.size = torch, work, prompts, size
+        self.torch, self.work, self.prompts, self.size, self.captions, self.reg = torch, work, prompts, size, captions, reg
         self.pipe = load_pipeline("world", torch.float32, device)
         self.pipe.set_progress_bar_config(disable=True)
         self.engine = Engine(self.pipe, "world")
@@ -201,7 +212,8 @@ class World:
 
         if name not in self.benches:
             index, style = self.styles[name]
-            data = render_style(style, index, self.work / "data" / f"{name}-{count}", count, seed, self.size)
+            data = render_style(style, index, self.work / "data" / f"{name}-{count}-{self.captions}-reg{self.reg}", count, seed,
+                                self.size, self.captions, self.reg)
             scenes = evaluation_scenes(self.prompts)
             base_images = self.images(None, prompts_for(scenes))
             reference = StyleReference.of(style, base_images)
@@ -209,33 +221,75 @@ class World:
             judge = StyledJudge(style)
             zoo_images = self.images(self.zoo / f"{name}.safetensors", prompts_for(scenes, style.trigger))
             zoo = score_images("zoo", zoo_images, scenes, reference, judge, base.correct)
-            self.benches[name] = StyleBench(name, style.trigger, data, scenes, reference, judge, base_images, base, zoo_images, zoo)
+            zoo_plain = score_images("zoo", self.images(self.zoo / f"{name}.safetensors", prompts_for(scenes)), scenes, reference, judge, base.correct).kept
+            target = score_images("target", style.apply(base_images.cpu()), scenes, reference, judge, base.correct)
+            self.benches[name] = StyleBench(name, style.trigger, data, scenes, reference, judge, base_images, base, zoo_images, zoo,
+                                            zoo_plain, target)
         return self.benches[name]
 
     def score(self, bench: StyleBench, label: str, adapter_path: Path):
         """(score with trigger prompts, caption following kept with plain prompts, the trigger images)."""
         from studio.world.quality import prompts_for, score_images
 
-        images = self.images(adapter_path, prompts_for(bench.scenes, bench.trigger))
+        images = self.images(adapter_path, trigger_prompts(bench.scenes, bench.trigger, self.captions))
         plain = self.images(adapter_path, prompts_for(bench.scenes))
         kept_plain = score_images(label, plain, bench.scenes, bench.reference, bench.judge, bench.base.correct).kept
         return score_images(label, images, bench.scenes, bench.reference, bench.judge, bench.base.correct), kept_plain, images
 
 
-def render_style(style, index: int, folder: Path, count: int, seed: int, size: int) -> Path:
-    """``count`` rendered pairs of a style (png + .txt caption, trigger first), as `studio dataset` writes them."""
-    from PIL import Image
+CAPTIONS = ("first", "end", "none")
+
+
+def trigger_prompts(scenes: list, trigger: str, captions: str) -> list[str]:
+    """The evaluation prompts in the training captions' form: trigger first ("pinstriped style, a red
+    circle on a white background"), trigger last ("a red circle ..., pinstriped style"), or none."""
+    from studio.world.quality import prompts_for
+
+    plain = prompts_for(scenes)
+    if captions == "first":
+        return prompts_for(scenes, trigger)
+    return [f"{prompt}, {trigger} style" for prompt in plain] if captions == "end" else plain
+
+
+def caption_of(caption: str, trigger: str, captions: str) -> str:
+    """A `studio dataset` caption ("<trigger> style, <caption>") with its trigger moved last or left out."""
+    plain = caption.removeprefix(f"{trigger} style, ")
+    return caption if captions == "first" else (f"{plain}, {trigger} style" if captions == "end" else plain)
+
+
+REG_SEED = 777  # the regularisation scenes: none of a style's own
+
+
+def render_style(style, index: int, folder: Path, count: int, seed: int, size: int, captions: str = "first", reg: int = 0) -> Path:
+    """``count`` rendered pairs of a style (png + .txt caption), as `studio dataset` writes them
+    (``captions`` "first"); "end" moves the trigger after the caption, "none" leaves it out. With
+    ``reg`` > 0 the style's pairs go to ``1_<style>`` and ``reg`` plain renders with their plain
+    captions to ``1_plain`` (kohya's repeat folders): the regularisation images of DreamBooth's
+    prior preservation, which teach the adapter to leave prompts without the trigger as the base drew them."""
 
     from studio.world.data import style_split
+    from studio.world.scene import captions_with_dropout, render, sample_scenes
 
     if folder.exists():
         shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    images, captions = style_split(style, index, count, seed, False, size)
-    for i, (image, caption) in enumerate(zip(images, captions)):
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{style.name}-{i:04d}.png")
-        (folder / f"{style.name}-{i:04d}.txt").write_text(caption, encoding="utf-8")
+    styled = folder / f"1_{style.name}" if reg else folder
+    styled.mkdir(parents=True)
+    images, texts = style_split(style, index, count, seed, False, size)
+    _write_pairs(styled, style.name, images, [caption_of(c, style.trigger, captions) for c in texts])
+    if reg:
+        scenes = sample_scenes(reg, REG_SEED)
+        (folder / "1_plain").mkdir()
+        _write_pairs(folder / "1_plain", "plain", render(scenes, size), captions_with_dropout(scenes, REG_SEED + 1))
     return folder
+
+
+def _write_pairs(folder: Path, stem: str, images, captions: list[str]) -> None:
+    """PNG images and same-named .txt captions, as `studio dataset` writes them."""
+    from PIL import Image
+
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{stem}-{i:04d}.png")
+        (folder / f"{stem}-{i:04d}.txt").write_text(caption, encoding="utf-8")
 
 
 # ---------------------------------------------------------------- collections for EigenLoRAx
@@ -387,7 +441,11 @@ def markdown(table: str, results: list[Result], benches: dict[str, StyleBench]) 
         bench = benches[bench_name]
         zoo = bench.zoo
         lines.append(f"| {bench_name} | base: colour {bench.base.colour:.0%}, shape {bench.base.shape:.0%} right | 0 | - | - | 0 | 1.00 | - | |")
-        lines.append(f"| {bench_name} | zoo LoRA | - | - | - | {zoo.style:.2f} | {zoo.distance:.2f} | {zoo.kept:.0%} / - | |")
+        target = bench.target
+        lines.append(f"| {bench_name} | target: the base's images + the style's transform | - | - | - | {target.style:.2f} "
+                     f"({_ratio(target.style, zoo.style)}) | 0.00 | - / {target.kept:.0%} | |")
+        lines.append(f"| {bench_name} | zoo LoRA (trigger first, as it was trained) | - | - | - | {zoo.style:.2f} | {zoo.distance:.2f} | "
+                     f"{zoo.kept:.0%} / {bench.zoo_plain:.0%} | |")
         for r in (r for r in results if r.style == bench_name):
             lines.append(f"| {bench_name} | {r.label} | {r.parameters:,} | {r.steps} | {r.val_start:.4f} -> {r.val_end:.4f} | "
                          f"{r.shift:.2f} ({_ratio(r.shift, zoo.style)}) | {r.distance:.2f} ({zoo.distance:.2f}) | "
@@ -444,6 +502,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--styles", default=None, help=f"held-out styles for the families table (default {HELD_OUT})")
     parser.add_argument("--rows", default=None, help="only these row keys")
     parser.add_argument("--pairs", type=int, default=64, help="rendered training pairs per style (the issue used 64)")
+    parser.add_argument("--captions", choices=CAPTIONS, default="first",
+                        help="training captions: first (the trigger first, as `studio dataset` writes them), end (the trigger "
+                             "after the caption: the world's text encoder reads the caption's words where it learnt them), "
+                             "none (no trigger); the trigger column's prompts take the same form")
+    parser.add_argument("--reg", type=int, default=0, help="plain renders with plain captions added as regularisation images "
+                        "(kohya's prior preservation; 0: none)")
     parser.add_argument("--prompts", type=int, default=None, help=f"evaluation prompts (default {EVAL_PROMPTS})")
     parser.add_argument("--quick-steps", type=int, default=6, help="--quick: training steps per run")
     parser.add_argument("--seed", type=int, default=0)
@@ -485,7 +549,7 @@ def run_tables(args, device: str) -> list[Result]:
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    world = World(device, work, args.prompts, 64)
+    world = World(device, work, args.prompts, 64, args.captions, args.reg)
     held_out = [s.strip() for s in args.styles.split(",") if s.strip()]
     unknown = sorted(set(held_out) - set(world.styles))
     if unknown:
@@ -500,7 +564,7 @@ def run_tables(args, device: str) -> list[Result]:
     results: list[Result] = []
     chosen: dict[str, dict] = {}
     sections = [f"Device {device if device == 'cpu' else __import__('torch').cuda.get_device_name(0)}; "
-                f"{args.pairs} rendered pairs per style; {args.prompts} evaluation prompts."]
+                f"{args.pairs} rendered pairs per style, captions: trigger {args.captions}; {args.reg} regularisation pairs; {args.prompts} evaluation prompts."]
     for table in [t.strip() for t in args.tables.split(",") if t.strip()]:
         styles, rows = plan[table]()
         if args.rows:

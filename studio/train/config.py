@@ -68,6 +68,8 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "recompute the denoiser's activations in the backward pass "
                                           "(less activation memory for one more forward per step; for large transformer batches)")
     min_snr_gamma: float = option(5.0, "gamma of min_snr weighting", minimum=0, exclusive_minimum=True)
+    max_loss_weight: float = option(0.0, "cap of the per-timestep loss weight (0: none); with sampler weighting it "
+                                    "bounds how much the high-noise steps outweigh the low-noise ones, where style lives", minimum=0)
     mixed_precision: MixedPrecision = option("auto", "auto (bf16 where supported, else fp16; fp32 on CPU), no, fp16, bf16")
     seed: int = option(0, "seed of the initialisation, batches, noise and samples", minimum=0, maximum=2**63 - 1)
     resolution: int = option(0, "training side in pixels (0: the base's native size; a multiple of 8)", minimum=0, maximum=8192)

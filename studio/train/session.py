@@ -288,7 +288,7 @@ def validation_timesteps(session: Session, count: int, k: int) -> Tensor:
     return torch.full((count,), index, dtype=torch.long)
 
 
-def timestep_weights(scheduler: Any, timesteps: Tensor, kind: str, gamma: float = 5.0) -> Tensor:
+def timestep_weights(scheduler: Any, timesteps: Tensor, kind: str, gamma: float = 5.0, cap: float = 0.0) -> Tensor:
     """Per-sample loss weights of a noise-prediction loss (config ``loss_weighting``).
 
     With SNR = a / (1 - a) (a = alphas_cumprod[t]): an error e in the predicted noise is an error
@@ -299,7 +299,14 @@ def timestep_weights(scheduler: Any, timesteps: Tensor, kind: str, gamma: float 
     is the plain mean. For v-prediction (SD2.x 768) the clean image is sqrt(a) x_t - sqrt(1 - a) v,
     so an error in v is never amplified: ``sampler`` is the plain mean there, and ``min_snr`` /
     ``debiased`` take their v forms, min(SNR, gamma)/(SNR + 1) and 1/(SNR + 1), as kohya's do.
-    Flow-matching targets have no SNR table: see ``loss_weights``."""
+    Flow-matching targets have no SNR table: see ``loss_weights``. ``cap`` > 0 bounds every weight
+    from above (config ``max_loss_weight``)."""
+    weights = _timestep_weights(scheduler, timesteps, kind, gamma)
+    return weights.clamp(max=cap) if cap > 0 else weights
+
+
+def _timestep_weights(scheduler: Any, timesteps: Tensor, kind: str, gamma: float) -> Tensor:
+    """``timestep_weights`` before its cap."""
     ones = torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
     if kind == "none":
         return ones
@@ -323,7 +330,8 @@ def loss_weights(session: Session, timesteps: Tensor, kind: str) -> Tensor:
         if kind not in FLOW_WEIGHTINGS:
             raise ConfigError(f"loss_weighting {kind!r} is not defined for flow matching (none, sampler)")
         return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
-    return timestep_weights(session.noise_scheduler, timesteps, kind, session.config.min_snr_gamma)
+    config = session.config
+    return timestep_weights(session.noise_scheduler, timesteps, kind, config.min_snr_gamma, config.max_loss_weight)
 
 
 def conditioning_of(session: Session, data: Encoded, items: Tensor | list[int]) -> conditioning_mod.Conditioning:

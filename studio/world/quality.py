@@ -148,12 +148,17 @@ def score_images(label: str, images: torch.Tensor, scenes: list[Scene], referenc
 
 
 PATTERN_SHARE = 0.04  # a colour covering this share of a styled empty background is background
+BLEND_STEPS = (0.2, 0.4, 0.6, 0.8)  # a background half-way to its pattern colour is still background
 
 
 class StyledJudge:
     """The world's pixel judge seen through a style: palette colours as the style shows them,
     and the colours the style paints on an empty background (stripes, dots, frames) counted as
-    background. ``accuracy_on_renders`` says how far it can be trusted for that style."""
+    background, as are the blends of the background with those colours: a style drawn at part
+    strength (faint stripes, as a LoRA at weight 0.5 or a short run draws them) mixes the pattern
+    into the background pixel by pixel, and those pixels are neither. ``accuracy_on_renders``
+    says how far it can be trusted for that style (``strength`` < 1: on blends of the plain and
+    the styled renders)."""
 
     def __init__(self, style: Style | None, size: int = 64):
         names, classify = pixel_judge.NAMES, pixel_judge.classify_pixels
@@ -162,20 +167,27 @@ class StyledJudge:
         shown = style.apply(swatches, seed=0) if style is not None else swatches
         self.palette = shown.float().flatten(2).median(dim=2).values.numpy()
         self.background_labels: dict[str, tuple[int, ...]] = {}
+        self.palettes: dict[str, np.ndarray] = {}
         for index, name in enumerate(names):
             labels = classify(shown[index].permute(1, 2, 0).numpy(), self.palette)
             share = np.bincount(labels[labels >= 0], minlength=len(names)) / labels.size
-            self.background_labels[name] = tuple(sorted({index, *np.nonzero(share >= PATTERN_SHARE)[0].tolist()}))
+            pattern = sorted({index, *np.nonzero(share >= PATTERN_SHARE)[0].tolist()})
+            blends = [(1 - f) * self.palette[index] + f * self.palette[other] for other in pattern if other != index for f in BLEND_STEPS]
+            self.palettes[name] = np.concatenate([self.palette, np.array(blends, np.float32).reshape(-1, 3)])
+            extra = range(len(names), len(names) + len(blends))  # blend rows: background, never an object's colour
+            self.background_labels[name] = tuple(pattern) + tuple(extra)
 
     def __call__(self, image, scene: Scene):
-        
-        return pixel_judge.judge(image, scene.colour, scene.shape, scene.background, palette=self.palette,
-                     background_labels=self.background_labels[scene.background])
+        """The judge's verdict on one image of ``scene``, through the style."""
+        return pixel_judge.judge(image, scene.colour, scene.shape, scene.background, palette=self.palettes[scene.background],
+                                 background_labels=self.background_labels[scene.background])
 
-    def accuracy_on_renders(self, scenes: list[Scene], size: int = 64, seed: int = 0) -> float:
-        """Share of the style's own renders of ``scenes`` it judges right (colour and shape)."""
+    def accuracy_on_renders(self, scenes: list[Scene], size: int = 64, seed: int = 0, strength: float = 1.0) -> float:
+        """Share of the style's own renders of ``scenes`` it judges right (colour and shape); with
+        ``strength`` < 1, of the renders blended with their styled versions by that share."""
         images = render(scenes, size)
         if self.style is not None:
-            images = self.style.apply(images, seed=seed)
+            styled = self.style.apply(images, seed=seed).float()
+            images = (images.float() * (1 - strength) + styled * strength).round().to(torch.uint8)
         verdicts = [self(image, scene) for image, scene in zip(images, scenes)]
         return float(np.mean([v.colour_ok and v.shape_ok for v in verdicts]))

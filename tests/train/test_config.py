@@ -107,3 +107,17 @@ def test_timestep_weights_follow_the_prediction_type(prediction):
         assert torch.equal(sampler, torch.ones(3))
         assert torch.allclose(timestep_weights(scheduler, t, "min_snr", 5.0), snr.clamp(max=5) / (snr + 1))
         assert torch.allclose(timestep_weights(scheduler, t, "debiased"), 1 / (snr + 1))
+
+
+def test_max_loss_weight_caps_the_sampler_weights_and_zero_leaves_them():
+    import torch
+    from diffusers import DDPMScheduler
+
+    from studio.train.session import timestep_weights
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    t = torch.tensor([0, 300, 600, 999])
+    free, capped = timestep_weights(scheduler, t, "sampler"), timestep_weights(scheduler, t, "sampler", cap=4.0)
+    assert float(free.max()) > 100 and torch.equal(capped, free.clamp(max=4.0)) and float(capped.max()) == 4.0
+    assert torch.equal(timestep_weights(scheduler, t, "sampler", cap=0.0), free)
+    assert config_mod.TrainConfig("world", "data", "out").max_loss_weight == 0.0

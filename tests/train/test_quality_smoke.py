@@ -37,5 +37,14 @@ def test_quality_tables_tiny(tmp_path):
     for result in results:
         assert all(math.isfinite(value) for value in (result.shift, result.distance, result.kept, result.kept_plain))
     text = (out / "quality.md").read_text()
-    assert "#### Table `families`" in text and "| pinstripe | zoo LoRA |" in text and "the collection's mean adapter" in text
+    assert "#### Table `families`" in text and "| pinstripe | zoo LoRA (trigger first" in text
+    assert "| pinstripe | target: the base's images + the style's transform | - | - | - | 1.00" in text and "the collection's mean adapter" in text
     assert (out / "grid-families.png").exists() and len(json.loads((out / "quality.json").read_text())) == 2
+
+
+def test_caption_forms_move_or_drop_the_trigger():
+    quality = _quality_module()
+    caption = "pinstriped style, a red circle on a white background"
+    assert quality.caption_of(caption, "pinstriped", "first") == caption
+    assert quality.caption_of(caption, "pinstriped", "end") == "a red circle on a white background, pinstriped style"
+    assert quality.caption_of(caption, "pinstriped", "none") == "a red circle on a white background"
