@@ -223,12 +223,12 @@ class _Runner:
             with run.accelerator.accumulate(run.model), session_mod.training_attention(run.accelerator.device):
                 loss = loss_of(run, step * config.grad_accumulation + micro)
                 mean = run.accelerator.gather(loss.detach()[None]).mean()
+                run.accelerator.backward(loss)  # queued before the loss is read, so the host never idles the device
                 losses.append(float(mean))
-                if not math.isfinite(losses[-1]):
+                if not math.isfinite(losses[-1]):  # no optimizer step on a non-finite loss: its gradients are dropped
                     run.optimizer.zero_grad(set_to_none=True)
                     run.attached.clear()
                     return losses[-1]
-                run.accelerator.backward(loss)
                 if run.accelerator.sync_gradients and config.max_grad_norm > 0:
                     run.accelerator.clip_grad_norm_(trainable_parameters(run.adapter), config.max_grad_norm)
                 run.optimizer.step()

@@ -371,7 +371,6 @@ def step_loss(session: Session, micro_step: int) -> Tensor:
     return _mse(session, session.model, latents, conditioning, noise, timesteps, config.loss_weighting)
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def training_attention(device: torch.device):
     """Forward and backward of a training step inside: on CUDA, attention without the cuDNN backend
@@ -383,6 +382,7 @@ def training_attention(device: torch.device):
         yield
 
 
+@torch.no_grad()
 def validation_loss(session: Session) -> float:
     """MSE on the held-out pairs at fixed noise and evenly spread timesteps (comparable across steps)."""
     val, count = session.validation, len(session.validation.latents)

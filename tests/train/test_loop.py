@@ -177,3 +177,18 @@ def test_training_steps_leave_cudnn_attention_out_on_cuda(device, cudnn_inside):
         assert torch.backends.cuda.cudnn_sdp_enabled() is (cudnn_inside and before)
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled() is before
+
+
+def test_validation_runs_without_autograd(tiny_pipeline_dir, style_data, tmp_path, family_cases, monkeypatch):
+    """The validation loss is measured, not trained on: no autograd graph is kept for it (memory on a big base)."""
+    from studio.train import validation as validation_mod
+
+    real, modes = validation_mod.fixed_draws_loss, []
+
+    def recording(*args, **kwargs):
+        modes.append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(validation_mod, "fixed_draws_loss", recording)
+    result = run_to_end(train(_config(tiny_pipeline_dir, style_data, tmp_path / "run", "lora", family_cases, steps=2)))
+    assert result.status == "done" and modes and not any(modes)
