@@ -48,7 +48,7 @@ VALIDATION_ITEMS = 8
 SNR_CAP = 1000.0  # as kohya's debiased estimation: the weights of the last few low-noise steps stay bounded
 COSINE_FLOOR = 0.05  # cosine schedules end at 5% of the peak learning rate
 # torch 2.11's cuDNN attention fails in backward with "an illegal memory access" on FLUX.1 at 1024 px on an
-# H200 (BENCHMARKS.md, "FLUX.1 training"); flash, memory-efficient and math attention train the same model
+# H200 (BENCHMARKS.md, "FLUX.1 and SDXL training"); flash, memory-efficient and math attention train the same model
 # cleanly, so training on CUDA leaves cuDNN out (generation keeps torch's own choice).
 TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
