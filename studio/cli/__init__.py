@@ -22,6 +22,7 @@ from typing import Any
 from studio.cli import arguments, render
 from studio.errors import StudioError
 from studio.verbs import VERBS, Verb, distributed
+from studio.verbs.result import exit_code_of
 
 USAGE_EXIT = 2
 INTERRUPTED_EXIT = 130
@@ -68,7 +69,7 @@ def _main(argv: list[str] | None) -> int:
     with _stop_on_interrupt(verb) as stop:
         result = render.drive(verb.events(request, stop), quiet=options["cli__quiet"], silent=not main_process)
     if not main_process:
-        return int(getattr(result, "exit_code", 0))
+        return exit_code_of(result)
     return render.show_result(result, options["cli__json"])
 
 

@@ -12,6 +12,7 @@ import sys
 from typing import Any, Iterable
 
 from studio.events import Done, Message, Progress, Saved
+from studio.verbs.result import exit_code_of, result_json, result_text
 
 SHOWN_METRICS = ("val_loss", "lr")
 
@@ -90,9 +91,9 @@ def show_result(result: Any, as_json: bool) -> int:
     for warning in getattr(result, "warnings", None) or []:
         print(f"warning: {one_line(warning)}", file=sys.stderr)
     if as_json:
-        print(json.dumps(result.as_json() if hasattr(result, "as_json") else result, indent=2, default=str))
+        print(json.dumps(result_json(result), indent=2, default=str))
     elif result is not None:
-        text = result.as_text() if hasattr(result, "as_text") else str(result)
+        text = result_text(result)
         if text:
             print(text)
-    return int(getattr(result, "exit_code", 0))
+    return exit_code_of(result)

@@ -11,6 +11,7 @@ from studio.errors import StudioError
 from studio.options import check as check_fields
 from studio.options import Cli, option
 from studio.verbs import checks
+from studio.verbs.result import VerbResult
 
 
 @dataclass
@@ -22,7 +23,7 @@ class BenchmarkRequest:
 
 
 @dataclass
-class BenchmarkResult:
+class BenchmarkResult(VerbResult):
     """The script that ran and its exit code (0)."""
 
     script: str

@@ -21,6 +21,7 @@ from studio.events import Done, Event, Progress
 from studio.options import check as check_fields
 from studio.options import Cli, option
 from studio.verbs import checks, distributed
+from studio.verbs.result import VerbResult
 from studio.verbs.text import listing, number, table
 
 MAX_K = 4096
@@ -56,7 +57,7 @@ class CompressRequest:
 
 
 @dataclass
-class CompressOutcome:
+class CompressOutcome(VerbResult):
     """The subspace's `CompressResult` (report included), the exported LoRAs and the warnings."""
 
     result: Any  # studio.subspace.CompressResult

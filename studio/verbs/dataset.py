@@ -18,6 +18,7 @@ from studio.errors import ConfigError, LimitError, PathError
 from studio.options import check as check_fields
 from studio.options import Cli, option
 from studio.verbs import checks
+from studio.verbs.result import VerbResult
 
 MARKER = ".studio-dataset.json"  # written into every dataset folder the studio renders (hidden: the trainer skips it)
 MAX_COUNT = 4096
@@ -39,7 +40,7 @@ class DatasetRequest:
 
 
 @dataclass
-class DatasetResult:
+class DatasetResult(VerbResult):
     """The written folder and its pairs."""
 
     folder: Path

@@ -17,6 +17,7 @@ from studio.errors import ConfigError
 from studio.options import check as check_fields
 from studio.options import Cli, option
 from studio.verbs import checks
+from studio.verbs.result import VerbResult
 
 FAITHFUL = 0.01  # relative dW error above which an export is a warning, with its number (the project's rule)
 MAX_RANK = 4096
@@ -42,7 +43,7 @@ class ExportRequest:
 
 
 @dataclass
-class ExportResult:
+class ExportResult(VerbResult):
     """The written file, its layout, and what the export cost."""
 
     path: Path

@@ -22,6 +22,7 @@ from studio.errors import ConfigError, Interrupted, LimitError
 from studio.options import check as check_fields
 from studio.options import Cli, option
 from studio.verbs import checks
+from studio.verbs.result import VerbResult
 
 DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
 DEFAULT_GUIDANCE = {"world": 4.0}
@@ -104,7 +105,7 @@ class GenerateRequest:
 
 
 @dataclass
-class GenerateResult:
+class GenerateResult(VerbResult):
     """The images (`studio.engine.GeneratedImage`), where they were saved, the estimate, the time."""
 
     images: list[Any]

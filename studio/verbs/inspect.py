@@ -14,6 +14,7 @@ from studio.errors import ConfigError
 from studio.options import check as check_fields
 from studio.options import Cli, option
 from studio.verbs import checks
+from studio.verbs.result import VerbResult
 from studio.verbs.text import table
 
 MAX_RANK = 4096  # largest LoHa/LoKr conversion rank accepted
@@ -31,7 +32,7 @@ class InspectRequest:
 
 
 @dataclass
-class InspectResult:
+class InspectResult(VerbResult):
     """One `studio.collection.AdapterInfo` per file."""
 
     infos: list[Any]

@@ -10,6 +10,7 @@ from studio.errors import ConfigError
 from studio.options import check as check_fields
 from studio.options import Cli, option
 from studio.verbs import checks
+from studio.verbs.result import VerbResult
 from studio.verbs.text import listing, table
 
 MAX_RANK = 4096
@@ -28,7 +29,7 @@ class ProjectRequest:
 
 
 @dataclass
-class ProjectOutcome:
+class ProjectOutcome(VerbResult):
     """The subspace's `ProjectResult` and its warnings."""
 
     result: Any  # studio.subspace.ProjectResult

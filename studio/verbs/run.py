@@ -10,6 +10,7 @@ from studio.events import Done, Event, Message
 from studio.options import check as check_fields
 from studio.options import Cli, option
 from studio.verbs import checks
+from studio.verbs.result import VerbResult, exit_code_of, result_json, result_text
 
 
 @dataclass
@@ -28,7 +29,7 @@ class JobOutcome:
 
 
 @dataclass
-class RunResult:
+class RunResult(VerbResult):
     """Every job's result, in order."""
 
     jobs: list[JobOutcome]
@@ -39,7 +40,7 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        return max((getattr(job.result, "exit_code", 0) for job in self.jobs), default=0)
+        return max((exit_code_of(job.result) for job in self.jobs), default=0)
 
     def as_json(self) -> list[dict]:
         return [{"verb": job.verb, "result": _json(job.result)} for job in self.jobs]
@@ -49,11 +50,11 @@ class RunResult:
 
 
 def _json(result: Any) -> Any:
-    return result.as_json() if hasattr(result, "as_json") else result
+    return result_json(result)
 
 
 def _text(result: Any) -> str:
-    return result.as_text() if hasattr(result, "as_text") else str(result)
+    return result_text(result)
 
 
 def check(request: RunRequest) -> list:

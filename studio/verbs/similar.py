@@ -14,6 +14,7 @@ from studio.errors import ConfigError
 from studio.options import check as check_fields
 from studio.options import Cli, option
 from studio.verbs import checks
+from studio.verbs.result import VerbResult
 from studio.verbs.text import number, table
 
 DEFAULT_TOP = 20
@@ -34,7 +35,7 @@ class SimilarRequest:
 
 
 @dataclass
-class SimilarOutcome:
+class SimilarOutcome(VerbResult):
     """The ranked rows (`studio.subspace.SimilarResult`), cut to ``top``."""
 
     result: Any

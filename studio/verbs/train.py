@@ -23,6 +23,7 @@ from studio.options import check as check_fields
 from studio.options import Cli, option
 from studio.train.config import TrainConfig
 from studio.verbs import checks
+from studio.verbs.result import VerbResult
 
 MAX_THREADS = 1024
 FAITHFUL = 0.01  # an export error above this is a warning with its number (the project's rule)
@@ -51,7 +52,7 @@ class RunOutcome:
 
 
 @dataclass
-class TrainOutcome:
+class TrainOutcome(VerbResult):
     """Every run of the config (one, or one per ``[[runs]]``)."""
 
     runs: list[RunOutcome]

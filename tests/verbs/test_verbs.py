@@ -306,3 +306,18 @@ def test_compress_under_torchrun_shards_and_prints_once(zoo, tiny_pipeline_dir, 
     assert done.returncode == 0, done.stderr[-3000:]
     together = json.loads(done.stdout)  # one JSON document: only rank 0 printed
     assert [a["rel_error"] for a in together["adapters"]] == pytest.approx([a["rel_error"] for a in alone["adapters"]], rel=1e-4)
+
+
+def test_every_verb_result_declares_how_it_renders():
+    """Results declare JSON, text and exit code (studio.verbs.result.VerbResult), no probing with hasattr."""
+    import inspect as pyinspect
+
+    from studio.verbs import VERBS
+    from studio.verbs.result import VerbResult
+
+    rendered = [cls for verb in VERBS.values() for _, cls in pyinspect.getmembers(verb.module, pyinspect.isclass)
+                if cls.__module__ == verb.module.__name__ and "as_text" in vars(cls)]
+    assert len(rendered) >= 10
+    assert all(issubclass(cls, VerbResult) for cls in rendered), [c.__name__ for c in rendered if not issubclass(c, VerbResult)]
+    with pytest.raises(TypeError):
+        type("Half", (VerbResult,), {"as_text": lambda self: ""})()  # as_json missing: refused at construction
