@@ -418,14 +418,14 @@ def header_adapter(path: str | Path) -> HeaderAdapter | None:
 
 
 def _header_adapter(path: Path) -> HeaderAdapter | None:
-    from studio.formats.safe import read_header
+    from studio.formats.safe import read_header_layout
 
-    entries, metadata = read_header(path)
+    entries, metadata, data_start = read_header_layout(path)
     if metadata.get("studio.format") or transformer_files.detect_layout(list(entries)) is not None:
         return None
     if transformer_files._normalise_prefixes(entries) is not None:
         return None
-    tensors = _header_tensors(path, entries)
+    tensors = _header_tensors(path, entries, data_start)
     if tensors is None:
         return None
     fmt = keyschemes.detect_format(list(tensors), str(path))
@@ -447,13 +447,10 @@ def _header_adapter(path: Path) -> HeaderAdapter | None:
     return adapter
 
 
-def _header_tensors(path: Path, entries: dict[str, dict]) -> dict[str, HeaderTensor] | None:
-    """Header tensors with scalar values filled in; None if a float tensor is not finite or of a
-    dtype this view does not check."""
-    import struct
-
+def _header_tensors(path: Path, entries: dict[str, dict], start: int) -> dict[str, HeaderTensor] | None:
+    """Header tensors with scalar values filled in (``start``: where the data begins); None if a float
+    tensor is not finite or of a dtype this view does not check."""
     raw = path.read_bytes()
-    start = 8 + struct.unpack("<Q", raw[:8])[0]
     tensors = {}
     for key, entry in entries.items():
         dtype, shape = entry["dtype"], tuple(entry["shape"])

@@ -49,6 +49,11 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
     return header, metadata
 
 
+def read_header_layout(path: str | Path) -> tuple[dict[str, dict], dict[str, str], int]:
+    """`read_header` plus the byte offset where the tensor data starts (entries' offsets count from it)."""
+    return _parse_header(Path(path))
+
+
 def _parse_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
     if not path.is_file():
         raise FormatError(f"{path}: no such file")
