@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import statistics
 import sys
@@ -121,23 +122,33 @@ class Run:
     label: str = ""
 
 
+def optimizer_state_mib(optimizer) -> float:
+    """MiB of an optimizer's state tensors (AdamW: two moments per trainable number)."""
+    return sum(t.numel() * t.element_size() for entry in optimizer.state.values() for t in entry.values() if torch.is_tensor(t)) / 2**20
+
+
 def _optimizer_mib(sessions: list) -> float | None:
-    if not sessions:
-        return None
-    state = sessions[-1].optimizer.state
-    return sum(t.numel() * t.element_size() for entry in state.values() for t in entry.values() if torch.is_tensor(t)) / 2**20
+    return optimizer_state_mib(sessions[-1].optimizer) if sessions else None
+
+
+def bench_config(base: str, data: Path, out: Path, spec: Run, steps: int, size: int, device: torch.device) -> TrainConfig:
+    """The loop's config every training benchmark runs: ``steps`` at lr 1e-4 (constant), bf16 on CUDA,
+    validation at the first and last step, nothing exported."""
+    knobs = spec.knobs if spec.knobs is not None else {}
+    return TrainConfig(base=base, data=str(data), output_dir=str(out), family=spec.family, adapter=knobs, steps=steps,
+                       batch_size=spec.batch, learning_rate=1e-4, validation_split=0.15, validation_every=steps,
+                       mixed_precision="bf16" if device.type == "cuda" else "no", gradient_checkpointing=spec.checkpointing,
+                       resolution=size, export_format="none", tensorboard=False, lr_schedule="constant")
 
 
 def studio_row(pipe: Any, base: str, data: Path, out: Path, args, spec: Run) -> TrainRow:
     """One `studio.train` run on the handed pipeline: median step time after warm-up, peak memory."""
     denoiser = session_mod.base_of(pipe).denoiser
     device = getattr(pipe, denoiser).device
-    knobs = spec.knobs if spec.knobs is not None else {"rank": args.rank, "alpha": args.rank}
+    if spec.knobs is None:
+        spec = dataclasses.replace(spec, knobs={"rank": args.rank, "alpha": args.rank})
     what = f"studio.train(config) [{spec.label or spec.family}]"
-    config = TrainConfig(base=base, data=str(data), output_dir=str(out), family=spec.family, adapter=knobs, steps=args.steps,
-                         batch_size=spec.batch, learning_rate=1e-4, validation_split=0.15, validation_every=args.steps,
-                         mixed_precision="bf16" if device.type == "cuda" else "no", gradient_checkpointing=spec.checkpointing,
-                         resolution=args.size, export_format="none", tensorboard=False, lr_schedule="constant")
+    config = bench_config(base, data, out, spec, args.steps, args.size, device)
     stamps: list[float] = []
     trainable, status, optimizer = 0, "?", None
     _reset_peak(device)
@@ -211,8 +222,7 @@ def peft_row(pipe: Any, args, batch: int, checkpointing: bool, device: torch.dev
         return TrainRow("peft LoRA minimal loop (anchor)", batch, checkpointing, None, None, note="out of memory")
     finally:
         peak = _peak_gib(device)
-        optimizer_mib = sum(t.numel() * t.element_size() for entry in optimizer.state.values() for t in entry.values()
-                            if torch.is_tensor(t)) / 2**20
+        optimizer_mib = optimizer_state_mib(optimizer)
         denoiser.disable_gradient_checkpointing()
         del optimizer
         gc.collect()

@@ -22,11 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_models import build_pipeline  # noqa: E402
-from flux_train import handed_pipeline, random_dataset  # noqa: E402
+from flux_train import Run, bench_config, handed_pipeline, random_dataset  # noqa: E402
 
 from studio.events import Progress  # noqa: E402
 from studio.train import train  # noqa: E402
-from studio.train.config import TrainConfig  # noqa: E402
 
 KNOBS = {"lora": {"rank": 32, "alpha": 32}, "superlora": {"groups": 16, "rank": 32, "alpha": 32},
          "unilora": {"d": 65536, "rank": 32, "alpha": 32}}
@@ -34,10 +33,7 @@ KNOBS = {"lora": {"rank": 32, "alpha": 32}, "superlora": {"groups": 16, "rank": 
 
 def profile_family(pipe, data: Path, out: Path, family: str, args) -> None:
     device = pipe.unet.device
-    config = TrainConfig(base="sd15", data=str(data), output_dir=str(out), family=family, adapter=KNOBS[family], steps=8,
-                         batch_size=args.batch, learning_rate=1e-4, validation_split=0.15, validation_every=8,
-                         mixed_precision="bf16" if device.type == "cuda" else "no", resolution=args.size, export_format="none",
-                         tensorboard=False, lr_schedule="constant")
+    config = bench_config("sd15", data, out, Run(args.batch, family=family, knobs=KNOBS[family]), 8, args.size, device)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     profiler = torch.profiler.profile(activities=activities)
     stamps = []
