@@ -160,12 +160,17 @@ def test_subspace_tab(page, target):
     shoot(page, "subspace")
 
 
-def test_train_tab(page):
-    panel = open_tab(page, "Train")
+def render_noir_dataset(panel) -> None:
+    """From the Train tab: render 8 images of the world's first style (noir) and wait for its summary."""
     panel.get_by_label("Images", exact=True).fill("8")
     panel.get_by_role("button", name="Render style").click()
     expect(panel.locator("#train-dataset input").first).to_have_value("datasets/world-noir", timeout=SLOW)
     expect(panel.locator("#train-dataset-info")).to_contain_text("8 images", timeout=SLOW)
+
+
+def test_train_tab(page):
+    panel = open_tab(page, "Train")
+    render_noir_dataset(panel)
     panel.get_by_label("Run name").fill("browser-lora")
     panel.get_by_label("Steps", exact=True).fill("3")
     panel.get_by_label("Batch size", exact=True).fill("2")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.test_browser import DOCS, REPO, SLOW, browser_page, expect, open_tab, wait_until_up
+from tests.app.test_browser import DOCS, REPO, SLOW, browser_page, expect, open_tab, render_noir_dataset, wait_until_up
 from tests.app.test_trust import kohya_zip
 from tests.ports import free_port
 
@@ -168,10 +168,7 @@ def test_compress(page):
 
 def test_render_a_dataset_and_train_three_steps(page):
     panel = open_tab(page, "Train")
-    panel.get_by_label("Images", exact=True).fill("8")
-    panel.get_by_role("button", name="Render style").click()
-    expect(panel.locator("#train-dataset input").first).to_have_value("datasets/world-noir", timeout=SLOW)
-    expect(panel.locator("#train-dataset-info")).to_contain_text("8 images", timeout=SLOW)
+    render_noir_dataset(panel)
     panel.get_by_label("Run name").fill(RUN)
     panel.get_by_label("Steps", exact=True).fill("3")
     panel.get_by_label("Batch size", exact=True).fill("2")
