@@ -12,7 +12,7 @@ from studio.errors import BaseNotFoundError, FormatError, KeyMismatchError, Stud
 from studio.formats import keys as keyschemes
 from studio.formats import transformer_files
 from studio.formats.configs import AdapterConfig, component_configs
-from studio.formats.safe import non_finite, safe_load
+from studio.formats.safe import FINITE_BYTES, finite_bytes, safe_load_screened
 
 if TYPE_CHECKING:  # torch-bound modules are imported where tensors are built, not with this module
     from torch import Tensor
@@ -250,11 +250,10 @@ def load_adapter(
     """
     check_lycoris_rank(lycoris_rank)
     path = Path(path)
-    tensors, metadata = safe_load(path)
+    tensors, metadata, flagged = safe_load_screened(path)
     studio_format = metadata.get("studio.format", "")
     if studio_format in STUDIO_FILES:
         return _studio_file(studio_format, path, base, name)
-    flagged = non_finite(tensors)
     if flagged:
         raise FormatError(f"{path}: {len(flagged)} tensors hold NaN or inf (fp16 overflow?), e.g. {flagged[:3]}")
     tree = module_tree(base) if isinstance(base, str) else base
@@ -338,10 +337,9 @@ def lycoris_note(errors: dict[str, float], lora_layers: dict[str, LoraLayer], ly
 # ---------------------------------------------------------------- header-only view (studio inspect)
 
 HEADER_PARTS = {"down", "up", "alpha"}  # a layer of only these parts is a plain LoRA layer (no LyCORIS math)
-# Float dtypes checked for NaN / inf from the bytes: (item size, (byte, mask), (byte, mask) or None); a
-# value is not finite when its exponent bits are all ones, i.e. both bytes have every bit of their mask.
-# F64 scalars are checked by value; other F64 tensors go to the full reader (which checks them as float32).
-HEADER_FLOATS = {"F16": (2, (1, 0x7C), None), "BF16": (2, (1, 0x7F), (0, 0x80)), "F32": (4, (3, 0x7F), (2, 0x80))}
+# Float dtypes the header view checks for NaN / inf from the bytes (`safe.finite_bytes`); F64 scalars are
+# checked by value; F8 and other F64 tensors go to the full reader.
+HEADER_FLOATS = {name: FINITE_BYTES[name] for name in ("F16", "BF16", "F32")}
 SCALARS = {"F16": "<e", "F32": "<f", "F64": "<d", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
 
 
@@ -456,30 +454,13 @@ def _header_tensors(path: Path, entries: dict[str, dict], start: int) -> dict[st
         dtype, shape = entry["dtype"], tuple(entry["shape"])
         begin, end = (start + offset for offset in entry["data_offsets"])
         scalar = math.prod(shape) == 1
-        if dtype.startswith("F8") or dtype == "F64" and not scalar or dtype in HEADER_FLOATS and not _finite(raw, begin, end, *HEADER_FLOATS[dtype]):
+        if dtype.startswith("F8") or dtype == "F64" and not scalar or dtype in HEADER_FLOATS and not finite_bytes(raw, begin, end, *HEADER_FLOATS[dtype]):
             return None
         value = _scalar(raw[begin:end], dtype) if scalar and (dtype in SCALARS or dtype == "BF16") else None
         if dtype == "F64" and not _float32_finite(value):
             return None
         tensors[key] = HeaderTensor(shape, dtype, value)
     return tensors
-
-
-def _finite(raw: bytes, begin: int, end: int, size: int, high: tuple[int, int], low: tuple[int, int] | None) -> bool:
-    """Whether every value in raw[begin:end] is finite, from the exponent bytes alone (strided
-    slices and a byte table run at C speed; no numpy or torch import)."""
-    marked = raw[begin + high[0] : end : size].translate(_ALL_SET[high[1]])
-    if b"\x01" not in marked:
-        return True
-    if low is None:
-        return False
-    lows = raw[begin + low[0] : end : size]
-    position = marked.find(b"\x01")
-    while position >= 0:
-        if lows[position] & low[1] == low[1]:
-            return False
-        position = marked.find(b"\x01", position + 1)
-    return True
 
 
 def _float32_finite(value: float) -> bool:
@@ -492,7 +473,6 @@ def _float32_finite(value: float) -> bool:
         return False
 
 
-_ALL_SET = {mask: bytes(1 if byte & mask == mask else 0 for byte in range(256)) for mask in (0x7C, 0x7F)}
 
 
 def _scalar(data: bytes, dtype: str) -> float:

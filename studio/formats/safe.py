@@ -145,40 +145,90 @@ def safe_load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     """Read every tensor of a checked safetensors file: ``(tensors, metadata)``.
 
     Tensors are cut from the data section by the byte ranges already checked in the header
-    (safetensors is little-endian, like every machine torch runs on here).
-    """
+    (safetensors is little-endian, like every machine torch runs on here)."""
+    tensors, metadata, _ = _read_tensors(Path(path), screen=False)
+    return tensors, metadata
+
+
+def safe_load_screened(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """`safe_load` plus the keys of floating tensors holding NaN or inf (fp16 overflow shows up as
+    inf), found from the bytes (`finite_bytes`) before any tensor is looked at."""
+    return _read_tensors(Path(path), screen=True)
+
+
+def _read_tensors(path: Path, screen: bool) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """The file's tensors as views of one buffer read in a single call (a tensor whose offset is
+    not a multiple of its item size is copied out instead). Few Python-level torch calls per
+    tensor: loader threads beside a busy main thread otherwise queue for the GIL at every call."""
+    import numpy
     import torch
 
-    path = Path(path)
     header, metadata, data_start = _parse_header(path)
     with path.open("rb") as handle:
         handle.seek(data_start)
         data = bytearray(handle.read())
-    tensors = {}
+    tensors, flagged = {}, []
     for key, entry in header.items():
         begin, end = entry["data_offsets"]
-        dtype = torch_dtypes()[entry["dtype"]]
-        if begin == end:
-            tensors[key] = torch.empty(entry["shape"], dtype=dtype)
-            continue
-        tensors[key] = torch.frombuffer(data, dtype=dtype, count=(end - begin) // DTYPE_BYTES[entry["dtype"]], offset=begin).reshape(entry["shape"]).clone()
-    return tensors, metadata
+        name, shape = entry["dtype"], entry["shape"]
+        if screen and not _finite_entry(data, begin, end, name):
+            flagged.append(key)
+        tensors[key] = _view(data, begin, end, name, shape, numpy, torch)
+    return tensors, metadata, flagged
 
 
-def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Keys of floating tensors holding NaN or inf (fp16 overflow shows up as inf).
+NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1",
+                "BOOL": "?", "U16": "<u2", "U32": "<u4", "U64": "<u8"}
+VIEWED_AS = {"BF16": ("<u2", "bfloat16"), "F8_E4M3": ("u1", "float8_e4m3fn"), "F8_E5M2": ("u1", "float8_e5m2")}  # no numpy type
 
-    Screened by one float64 sum per tensor (NaN and inf propagate through a sum; one stack and
-    check for all of them) instead of a float32 copy and a check per tensor; a tensor whose sum is
-    not finite (a non-finite value, or float64 overflow of huge finite ones) is checked exactly."""
-    import torch
 
-    floating = [key for key, value in tensors.items() if value.is_floating_point() and value.numel()]
-    if not floating:
-        return []
-    sums = torch.stack([tensors[key].sum(dtype=torch.float64) for key in floating])
-    suspects = [key for key, finite in zip(floating, torch.isfinite(sums).tolist()) if not finite]
-    return [key for key in suspects if not torch.isfinite(tensors[key].float()).all()]
+def _view(data: bytearray, begin: int, end: int, name: str, shape: list[int], numpy, torch) -> torch.Tensor:
+    if begin == end:
+        return torch.empty(shape, dtype=torch_dtypes()[name])
+    size = DTYPE_BYTES[name]
+    stored, cast = (NUMPY_DTYPES[name], None) if name in NUMPY_DTYPES else VIEWED_AS[name]
+    array = numpy.frombuffer(data, dtype=stored, count=(end - begin) // size, offset=begin).reshape(shape)
+    tensor = torch.from_numpy(array) if begin % size == 0 else torch.from_numpy(array.copy())
+    return tensor.view(getattr(torch, cast)) if cast else tensor
+
+
+# Float dtypes whose NaN / inf show in the exponent bits: (item size, (byte, mask), (byte, mask) or None);
+# a value is not finite when both bytes have every bit of their mask (fp8 e4m3fn has NaN only, no inf).
+FINITE_BYTES = {
+    "F16": (2, (1, 0x7C), None), "BF16": (2, (1, 0x7F), (0, 0x80)), "F32": (4, (3, 0x7F), (2, 0x80)),
+    "F8_E5M2": (1, (0, 0x7C), None), "F8_E4M3": (1, (0, 0x7F), None),
+}
+_ALL_SET = {mask: bytes(1 if byte & mask == mask else 0 for byte in range(256)) for mask in (0x7C, 0x7F)}
+
+
+def finite_bytes(raw: bytes | bytearray, begin: int, end: int, size: int, high: tuple[int, int], low: tuple[int, int] | None) -> bool:
+    """Whether every value in raw[begin:end] is finite, from the exponent bytes alone (strided
+    slices and a byte table run at C speed, without numpy or torch)."""
+    marked = raw[begin + high[0] : end : size].translate(_ALL_SET[high[1]])
+    if b"\x01" not in marked:
+        return True
+    if low is None:
+        return False
+    lows = raw[begin + low[0] : end : size]
+    position = marked.find(b"\x01")
+    while position >= 0:
+        if lows[position] & low[1] == low[1]:
+            return False
+        position = marked.find(b"\x01", position + 1)
+    return True
+
+
+def _finite_entry(data: bytearray, begin: int, end: int, name: str) -> bool:
+    """Whether a stored tensor's values are finite; F64 counts as finite only within float32's
+    range (the studio computes in float32: a larger value would overflow there)."""
+    if name in FINITE_BYTES:
+        return begin == end or finite_bytes(data, begin, end, *FINITE_BYTES[name])
+    if name == "F64":
+        import numpy
+
+        values = numpy.frombuffer(data, dtype="<f8", count=(end - begin) // 8, offset=begin)
+        return bool(numpy.isfinite(values).all() and (numpy.abs(values) <= numpy.finfo(numpy.float32).max).all())
+    return True
 
 
 def shown_metadata(metadata: dict[str, str], limit: int = MAX_METADATA_VALUE_CHARS) -> dict[str, str]:
