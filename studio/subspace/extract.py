@@ -11,7 +11,6 @@ reconstruction is a true orthogonal projection (`reference_extract` is the centr
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -108,61 +107,40 @@ def layer_seed(seed: int, layer: str) -> int:
 
 
 CUDA_EIGH_STREAMS = 4  # concurrent eigh streams for a batch of large matrices on CUDA
-# Host threads that decompose a share of a CUDA batch beside the GPU's streams (the host is otherwise
-# idle during the fit), and how many host threads one GPU is worth: an H200 decomposes 640 x 640
-# float64 matrices at ~233/s over its streams, one host core at ~21/s (measured in the same run).
-HOST_EIGH_THREADS = max(0, min(16, (os.cpu_count() or 1) - 2))
-GPU_AS_HOST_THREADS = 11
 
 
 def batched_eigh(symmetric: Tensor) -> tuple[Tensor, Tensor]:
-    """`torch.linalg.eigh` of a batch (L, d, d); on CUDA, large matrices are split over a few
-    streams and a share goes to host threads.
+    """`torch.linalg.eigh` of a batch (L, d, d); on CUDA, large matrices are split over a few streams.
 
     cuSOLVER decomposes a batch of matrices larger than 32 x 32 one after another, each too small
     to fill the GPU; host threads, each on its own stream, let several run at once (the GIL is
-    released inside the call), and the host's own LAPACK takes the last `host_share` matrices.
-    The split depends on the machine only (not on timing), so a run's numbers are reproducible.
-    Same eigenvalues and eigenvectors as one call, up to float rounding.
+    released inside the call). Same result as one call. (Giving a fixed share of the batch to the
+    host's LAPACK beside the streams was tried on the H200 host: 18.1 s against 18.6 s for a
+    20-file SDXL compress, within run-to-run noise, so it is not done.)
     """
     count = symmetric.shape[0] if symmetric.dim() == 3 else 1
     if not symmetric.is_cuda or count < 2 or symmetric.shape[-1] <= 32:
         return torch.linalg.eigh(symmetric)
     _load_cuda_linalg(symmetric.device)
-    on_host = host_share(count)
+    parts = symmetric.chunk(min(CUDA_EIGH_STREAMS, count))
+    results: list = [None] * len(parts)
     caller = torch.cuda.current_stream(symmetric.device)
-    device_parts = symmetric[: count - on_host].chunk(min(CUDA_EIGH_STREAMS, count - on_host))
-    host_parts = symmetric[count - on_host :].chunk(HOST_EIGH_THREADS) if on_host else ()
-    streams = [torch.cuda.Stream(symmetric.device) for _ in device_parts]
+    streams = [torch.cuda.Stream(symmetric.device) for _ in parts]
 
-    def on_device(index: int) -> tuple[Tensor, Tensor]:
+    def decompose(index: int) -> None:
         with torch.cuda.stream(streams[index]):
-            return torch.linalg.eigh(device_parts[index])
-
-    def on_the_host(part: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.cuda.stream(caller):  # read after, and written back in order with, the caller's work
-            values, vectors = torch.linalg.eigh(part.cpu())
-            return values.to(part.device), vectors.to(part.device)
+            results[index] = torch.linalg.eigh(parts[index])
 
     for stream in streams:
         stream.wait_stream(caller)
-    with ThreadPoolExecutor(len(device_parts) + len(host_parts)) as pool:
-        host_found = [pool.submit(on_the_host, part) for part in host_parts]
-        results = list(pool.map(on_device, range(len(device_parts))))  # list() re-raises a worker's error here
-        results += [found.result() for found in host_found]
+    with ThreadPoolExecutor(len(parts)) as pool:
+        list(pool.map(decompose, range(len(parts))))  # list() re-raises a worker's error here
     for stream in streams:
         caller.wait_stream(stream)
-    for values, vectors in results[: len(device_parts)]:  # allocated on the side streams, used on the caller's
+    for values, vectors in results:  # allocated on the side streams, used on the caller's
         values.record_stream(caller)
         vectors.record_stream(caller)
     return torch.cat([values for values, _ in results]), torch.cat([vectors for _, vectors in results])
-
-
-def host_share(count: int) -> int:
-    """How many of a CUDA batch of ``count`` eighs go to the host threads (0 without spare cores)."""
-    if HOST_EIGH_THREADS == 0 or count < 2 * (HOST_EIGH_THREADS + GPU_AS_HOST_THREADS):
-        return 0
-    return count * HOST_EIGH_THREADS // (HOST_EIGH_THREADS + GPU_AS_HOST_THREADS)
 
 
 @functools.cache

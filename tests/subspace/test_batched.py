@@ -156,7 +156,7 @@ def test_canonical_layers_of_mixed_dtypes_and_alphas_equal_per_layer():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("count", [9, 80])  # 80: past the host share's threshold on a multi-core host
+@pytest.mark.parametrize("count", [9, 80])
 def test_batched_eigh_over_cuda_streams_equals_one_call(count):
     generator = torch.Generator().manual_seed(0)
     rows = torch.randn(count, 80, 120, generator=generator, dtype=torch.float64).cuda()
@@ -168,15 +168,3 @@ def test_batched_eigh_over_cuda_streams_equals_one_call(count):
     # eigenvectors up to sign: compare the reconstructions
     assert torch.allclose(vectors @ torch.diag_embed(values) @ vectors.mT, gram, atol=1e-8 * gram.abs().max().item())
     assert torch.allclose(vectors.abs(), expected_vectors.abs(), atol=1e-6)
-
-
-def test_host_share_is_a_fixed_part_of_large_batches(monkeypatch):
-    """The host's share of a CUDA batch depends on the core count only (reproducible numbers)."""
-    import importlib
-
-    extract = importlib.import_module("studio.subspace.extract")
-    monkeypatch.setattr(extract, "HOST_EIGH_THREADS", 14)
-    assert extract.host_share(10) == 0  # too few to split
-    assert extract.host_share(1120) == 1120 * 14 // 25 == extract.host_share(1120)
-    monkeypatch.setattr(extract, "HOST_EIGH_THREADS", 0)
-    assert extract.host_share(1120) == 0
