@@ -153,6 +153,11 @@ def family_rows(lora_numbers: int, chosen: dict[str, dict]) -> list[Row]:
         Row("unilora", f"Uni-LoRA d={d} r=8", "unilora", {"d": d, "rank": 8, "alpha": 8}),
         Row("lora-te", "LoRA r=8 on UNet + text encoder", knobs={"components": ["unet", "text_encoder"]}, settings=lora),
         Row("eigenlora-mean", "EigenLoRAx K=14, mean start", "eigenlora", {"k": 14, "init": "mean"}, eigen),
+        # the zoo's own budget (its 800 steps of 16 images; with --pairs 1024 its data too) at the default objective:
+        # how much of the style gap to the zoo is budget, not objective
+        Row("lora-zoo-budget", "LoRA r=8 at the zoo's budget (800 steps, batch 16)", settings={**lora, "steps": 800, "batch_size": 16}),
+        Row("eigenlora-zoo-budget", "EigenLoRAx K=14 at the zoo's budget (800 steps, batch 16)", "eigenlora", {"k": 14},
+            {**eigen, "steps": 800, "batch_size": 16}),
     ]
 
 
