@@ -160,9 +160,6 @@ def _read_tensors(path: Path, screen: bool) -> tuple[dict[str, torch.Tensor], di
     """The file's tensors as views of one buffer read in a single call (a tensor whose offset is
     not a multiple of its item size is copied out instead). Few Python-level torch calls per
     tensor: loader threads beside a busy main thread otherwise queue for the GIL at every call."""
-    import numpy
-    import torch
-
     header, metadata, data_start = _parse_header(path)
     with path.open("rb") as handle:
         handle.seek(data_start)
@@ -173,23 +170,27 @@ def _read_tensors(path: Path, screen: bool) -> tuple[dict[str, torch.Tensor], di
         name, shape = entry["dtype"], entry["shape"]
         if screen and not _finite_entry(data, begin, end, name):
             flagged.append(key)
-        tensors[key] = _view(data, begin, end, name, shape, numpy, torch)
+        tensors[key] = _view(data, begin, end, name, shape)
     return tensors, metadata, flagged
 
 
-NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1",
-                "BOOL": "?", "U16": "<u2", "U32": "<u4", "U64": "<u8"}
-VIEWED_AS = {"BF16": ("<u2", "bfloat16"), "F8_E4M3": ("u1", "float8_e4m3fn"), "F8_E5M2": ("u1", "float8_e5m2")}  # no numpy type
+# How each safetensors dtype is held by numpy: its own type, or (bfloat16, fp8: no numpy type) raw
+# unsigned integers of its width, viewed as the torch dtype afterwards.
+NUMPY_STORAGE = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1",
+                 "BOOL": "?", "U16": "<u2", "U32": "<u4", "U64": "<u8", "BF16": "<u2", "F8_E4M3": "u1", "F8_E5M2": "u1"}
+NO_NUMPY_TYPE = {"BF16", "F8_E4M3", "F8_E5M2"}
 
 
-def _view(data: bytearray, begin: int, end: int, name: str, shape: list[int], numpy, torch) -> torch.Tensor:
+def _view(data: bytearray, begin: int, end: int, name: str, shape: list[int]) -> torch.Tensor:
+    import numpy
+    import torch
+
     if begin == end:
         return torch.empty(shape, dtype=torch_dtypes()[name])
     size = DTYPE_BYTES[name]
-    stored, cast = (NUMPY_DTYPES[name], None) if name in NUMPY_DTYPES else VIEWED_AS[name]
-    array = numpy.frombuffer(data, dtype=stored, count=(end - begin) // size, offset=begin).reshape(shape)
+    array = numpy.frombuffer(data, dtype=NUMPY_STORAGE[name], count=(end - begin) // size, offset=begin).reshape(shape)
     tensor = torch.from_numpy(array) if begin % size == 0 else torch.from_numpy(array.copy())
-    return tensor.view(getattr(torch, cast)) if cast else tensor
+    return tensor.view(torch_dtypes()[name]) if name in NO_NUMPY_TYPE else tensor
 
 
 # Float dtypes whose NaN / inf show in the exponent bits: (item size, (byte, mask), (byte, mask) or None);

@@ -43,18 +43,10 @@ class RunResult(VerbResult):
         return max((exit_code_of(job.result) for job in self.jobs), default=0)
 
     def as_json(self) -> list[dict]:
-        return [{"verb": job.verb, "result": _json(job.result)} for job in self.jobs]
+        return [{"verb": job.verb, "result": result_json(job.result)} for job in self.jobs]
 
     def as_text(self) -> str:
-        return "\n\n".join(f"[{job.verb}]\n{_text(job.result)}" for job in self.jobs)
-
-
-def _json(result: Any) -> Any:
-    return result_json(result)
-
-
-def _text(result: Any) -> str:
-    return result_text(result)
+        return "\n\n".join(f"[{job.verb}]\n{result_text(job.result)}" for job in self.jobs)
 
 
 def check(request: RunRequest) -> list:
