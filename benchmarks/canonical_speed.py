@@ -45,8 +45,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--count", type=int, default=20)
+    parser.add_argument("--streams", default="", help="only the fit's sweep: comma-separated stream counts for batched_eigh (CUDA), e.g. 1,2,4,8,16")
     args = parser.parse_args()
     device = args.device
+    if args.streams:  # only the fit's stream sweep
+        return streams_sweep(args, args.count * 32)
     adapter = random_lora("x", target_shapes("sdxl"), 32, 0, seed=0)
     layers = list(adapter.lora_layers.values())
     print(f"{len(layers)} layers, {sum(l.down.nbytes + l.up.nbytes for l in layers) / 1e6:.0f} MB, dtype {layers[0].down.dtype}")
@@ -76,6 +79,25 @@ def main() -> None:
         g32 = grams.float()
         timed(f"fit: eigh ({count}, {m}, {m}) float32 (4 streams)", lambda: batched_eigh(g32), device, 1)
         timed(f"fit: eigh ({count}, {m}, {m}) float64 on cpu", lambda: torch.linalg.eigh(grams.cpu()), device, 1)
+
+
+def streams_sweep(args, m: int) -> None:
+    """`batched_eigh` of the 20-file SDXL fit's batch at several stream counts, and MAGMA's eigh."""
+    import importlib
+
+    extract = importlib.import_module("studio.subspace.extract")  # the module (the package exports a function of that name)
+    rows = torch.randn(280, m, 1280, dtype=torch.float64, device="cuda")
+    grams = rows @ rows.mT
+    reference = torch.linalg.eigvalsh(grams[:4])
+    for streams in [int(s) for s in args.streams.split(",")]:
+        extract.CUDA_EIGH_STREAMS = streams
+        values, _ = extract.batched_eigh(grams)
+        assert torch.allclose(values[:4], reference, rtol=1e-9, atol=1e-9 * float(reference.abs().max()))
+        timed(f"fit: batched_eigh (280, {m}, {m}) float64, {streams} streams", lambda: extract.batched_eigh(grams), "cuda", 2)
+    extract.CUDA_EIGH_STREAMS = 4
+    torch.backends.cuda.preferred_linalg_library("magma")
+    timed(f"fit: eigh (280, {m}, {m}) float64, MAGMA, one call", lambda: torch.linalg.eigh(grams), "cuda", 1)
+    torch.backends.cuda.preferred_linalg_library("default")
 
 
 if __name__ == "__main__":

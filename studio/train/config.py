@@ -74,6 +74,8 @@ class TrainConfig:
     seed: int = option(0, "seed of the initialisation, batches, noise and samples", minimum=0, maximum=2**63 - 1)
     resolution: int = option(0, "training side in pixels (0: the base's native size; a multiple of 8)", minimum=0, maximum=8192)
     trigger_word: str = option("", "word put before every caption (not repeated when a caption already starts with it)")
+    caption_dropout: float = option(0.0, "share of training images whose caption is replaced by the empty caption (kohya's "
+                                    "caption_dropout_rate): trains the unconditional branch that CFG subtracts", minimum=0, maximum=1.0)
     validation_split: float = option(0.1, "share of the pairs held out for the validation loss", minimum=0, maximum=0.9)
     validation_every: int = option(0, "steps between validation losses (0: ten times per run)", minimum=0)
     divergence_factor: float = option(1.5, "stop when the validation loss exceeds this multiple of its start twice in a row (0: never)", minimum=0)

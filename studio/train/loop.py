@@ -370,6 +370,7 @@ def result_metadata(run: session_mod.Session, result: TrainResult) -> dict[str, 
         "ss_resolution": f"({run.resolution}, {run.resolution})", "ss_mixed_precision": session_mod.precision(config),
         "ss_num_train_images": str(sum(run.train.weights)), "ss_batch_size_per_device": str(config.batch_size),
         "ss_gradient_accumulation_steps": str(config.grad_accumulation), "ss_training_comment": config.trigger_word,
+        "ss_caption_dropout_rate": str(config.caption_dropout),
         "ss_tag_frequency": _tag_frequency(run.train.captions, config.data),
     }
     if config.trigger_word:  # what LoRA managers (A1111, ComfyUI's) show as the trigger, over the tag counts

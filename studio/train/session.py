@@ -86,6 +86,7 @@ class Session:
     conditioner: Any = None
     base: Base | None = None
     notes: list[str] = field(default_factory=list)
+    empty: conditioning_mod.Conditioning | None = None  # the empty caption's cached conditioning (caption dropout)
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -334,16 +335,38 @@ def loss_weights(session: Session, timesteps: Tensor, kind: str) -> Tensor:
     return timestep_weights(session.noise_scheduler, timesteps, kind, config.min_snr_gamma, config.max_loss_weight)
 
 
-def conditioning_of(session: Session, data: Encoded, items: Tensor | list[int]) -> conditioning_mod.Conditioning:
+def conditioning_of(session: Session, data: Encoded, items: Tensor | list[int], dropped: list[bool] | None = None) -> conditioning_mod.Conditioning:
     """The denoiser's conditioning of rows ``items``: cached, or computed now through the trained
-    text-encoder layers (with gradients when grad is enabled)."""
+    text-encoder layers (with gradients when grad is enabled). Rows marked in ``dropped`` get the
+    empty caption's conditioning instead (caption dropout)."""
     device = session.accelerator.device
-    if data.conditioning is not None:
-        return conditioning_mod.select(data.conditioning, items, device, session.weight_dtype)
     indices = items.tolist() if isinstance(items, Tensor) else list(items)
+    dropped = dropped or [False] * len(indices)
+    if data.conditioning is not None:
+        picked = conditioning_mod.select(data.conditioning, indices, device, session.weight_dtype)
+        return _with_empty(session, picked, dropped) if any(dropped) else picked
     with session.accelerator.autocast():
-        live = session.conditioner.embed([data.captions[i] for i in indices])
+        live = session.conditioner.embed(["" if drop else data.captions[i] for i, drop in zip(indices, dropped)])
     return conditioning_mod.select(live, slice(None), device, session.weight_dtype)
+
+
+def _with_empty(session: Session, picked: conditioning_mod.Conditioning, dropped: list[bool]) -> conditioning_mod.Conditioning:
+    """``picked`` with the dropped rows replaced by the (cached, frozen-encoder) empty caption's conditioning."""
+    if session.empty is None:
+        session.empty = _cached_conditioning(session.conditioner, [""])
+    empty = conditioning_mod.select(session.empty, [0], picked["sequence"].device, session.weight_dtype)
+    mask = torch.tensor(dropped, device=picked["sequence"].device)
+    return {key: torch.where(mask.view(-1, *[1] * (value.dim() - 1)), empty[key].expand_as(value), value) for key, value in picked.items()}
+
+
+def caption_dropped(config, micro_step: int, count: int, process: int) -> list[bool]:
+    """Which rows of a micro-batch train on the empty caption (``caption_dropout``): a pure function
+    of (seed, micro_step, process) on a generator of its own, so the noise and timesteps of a run
+    do not change with the setting."""
+    if config.caption_dropout <= 0:
+        return [False] * count
+    generator = torch.Generator().manual_seed(config.seed * 6_151 + micro_step * 92_821 + process + 1)
+    return (torch.rand(count, generator=generator) < config.caption_dropout).tolist()
 
 
 def _mse(session: Session, model: nn.Module, latents: Tensor, conditioning: conditioning_mod.Conditioning, noise: Tensor,
@@ -367,7 +390,8 @@ def step_loss(session: Session, micro_step: int) -> Tensor:
     latents = session.train.latents[items]
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = sample_timesteps(session, len(items), generator)
-    conditioning = conditioning_of(session, session.train, items)
+    dropped = caption_dropped(config, micro_step, len(items), accelerator.process_index)
+    conditioning = conditioning_of(session, session.train, items, dropped)
     return _mse(session, session.model, latents, conditioning, noise, timesteps, config.loss_weighting)
 
 

@@ -192,3 +192,31 @@ def test_validation_runs_without_autograd(tiny_pipeline_dir, style_data, tmp_pat
     monkeypatch.setattr(validation_mod, "fixed_draws_loss", recording)
     result = run_to_end(train(_config(tiny_pipeline_dir, style_data, tmp_path / "run", "lora", family_cases, steps=2)))
     assert result.status == "done" and modes and not any(modes)
+
+
+def test_caption_dropout_trains_those_rows_on_the_empty_caption(tiny_pipeline_dir, style_data, tmp_path):
+    """kohya's caption_dropout_rate: the dropped rows' conditioning is exactly the empty caption's, the
+    others keep their own; the draw is seeded per step and leaves the noise and timesteps alone."""
+    import torch
+
+    from studio.train import session as session_mod
+    from studio.train.data import scan_folder
+
+    config = tiny_config(tiny_pipeline_dir, style_data, tmp_path / "run", caption_dropout=0.5, steps=4)
+    run = session_mod.start(config, scan_folder(config.data))
+    items = list(range(min(8, len(run.train.captions))))
+    dropped = [i % 2 == 0 for i in items]
+    mixed = session_mod.conditioning_of(run, run.train, items, dropped)
+    plain = session_mod.conditioning_of(run, run.train, items)
+    empty = session_mod._cached_conditioning(run.conditioner, [""])["sequence"][0].to(mixed["sequence"].dtype)
+    for row, drop in enumerate(dropped):
+        if drop:
+            assert torch.equal(mixed["sequence"][row].cpu(), empty)
+            assert not torch.equal(plain["sequence"][row].cpu(), empty)
+        else:
+            assert torch.equal(mixed["sequence"][row], plain["sequence"][row])
+    draws = [session_mod.caption_dropped(config, step, 64, 0) for step in range(20)]
+    share = sum(map(sum, draws)) / (20 * 64)
+    assert 0.4 < share < 0.6 and draws[0] == session_mod.caption_dropped(config, 0, 64, 0) and draws[0] != draws[1]
+    off = tiny_config(tiny_pipeline_dir, style_data, tmp_path / "off", steps=4)
+    assert session_mod.caption_dropped(off, 0, 64, 0) == [False] * 64
