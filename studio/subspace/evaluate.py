@@ -192,9 +192,15 @@ def evaluate(block: list[tuple[int, Factors]], plans: dict[str, LayerPlan], loo_
 
 
 def _stack(members: list, device: torch.device) -> tuple[Tensor, Tensor]:
-    a = torch.stack([m[2][0] for m in members]).to(device, torch.float64)
-    b = torch.stack([m[2][1] for m in members]).to(device, torch.float64)
-    return a, b
+    return _stacked([m[2][0] for m in members], device), _stacked([m[2][1] for m in members], device)
+
+
+def _stacked(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """float64 stack on ``device``: stacked where the factors are (one copy for host factors, none
+    for factors the store left on the GPU); a mix is moved to the device first."""
+    if len({t.device for t in tensors}) > 1:
+        tensors = [t.to(device) for t in tensors]
+    return torch.stack(tensors).to(device, torch.float64)
 
 
 def _parts(gram_a: Tensor, gram_b: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:

@@ -2,9 +2,11 @@
 
 The first pass reads and parses each file once and keeps its canonical factors here; the second
 pass (projection, errors, baselines) reads them back instead of parsing and canonicalising the
-files again. Factors stay in memory up to ``budget`` bytes; beyond, each adapter's factors are
-appended to one raw float32 spool file in the run's temporary folder, so memory stays bounded
-whatever the number of adapters.
+files again. On a GPU the first ``device_budget`` bytes of factors stay where they were computed
+(the second pass then stacks them there: no device-to-host copy in the first pass and no
+host-to-device copy in the second); then factors stay in host memory up to ``budget`` bytes;
+beyond, each adapter's factors are appended to one raw float32 spool file in the run's temporary
+folder, so memory stays bounded by the two budgets whatever the number of adapters.
 """
 
 from __future__ import annotations
@@ -18,6 +20,18 @@ from torch import Tensor
 
 Factors = dict[str, tuple[Tensor, Tensor]]
 DEFAULT_BUDGET = 256 << 20  # bytes of factors kept in memory before spilling to disk (SD1.5 rank 16: 20 adapters)
+DEVICE_BUDGET = 8 << 30  # at most this many bytes of factors left on a GPU (SD1.5 rank 16: ~620 adapters)
+DEVICE_SHARE = 0.25  # and at most this share of the GPU's free memory when the compress starts
+
+
+def device_budget(device: torch.device | str) -> int:
+    """Bytes of factors a compress may leave on ``device``: 0 on a CPU (host memory is the
+    ``budget`` tier), else the smaller of `DEVICE_BUDGET` and `DEVICE_SHARE` of the free memory."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(DEVICE_BUDGET, DEVICE_SHARE * free))
 
 
 @dataclass
@@ -27,13 +41,17 @@ class _Spilled:
 
 
 class FactorStore:
-    """Append-only store of per-adapter canonical factors (float32, on the CPU when read back)."""
+    """Append-only store of per-adapter canonical factors (float32; read back on the device they
+    were added on while the device tier has room, else on the CPU)."""
 
-    def __init__(self, folder: Path, budget: int = DEFAULT_BUDGET) -> None:
+    def __init__(self, folder: Path, budget: int = DEFAULT_BUDGET, device_budget: int = 0) -> None:
         self.path = Path(folder) / "factors.spool"
         self.budget = budget
+        self.device_budget = device_budget
         self.held = 0
+        self.held_on_device = 0
         self._items: list[Factors | _Spilled] = []
+        self.tiers: list[str] = []  # where each adapter's factors are: "device", "host" or "disk"
         self.sizes: list[int] = []  # float32 numbers per adapter
         self._handle = None
         self._written = 0
@@ -46,20 +64,27 @@ class FactorStore:
         that buffer, or written to the spool file without a further copy."""
         layout = [(name, tuple(a.shape), tuple(b.shape)) for name, (a, b) in factors.items()]
         flat = torch.cat([t.detach().reshape(-1).float() for pair in factors.values() for t in pair]) if factors else torch.zeros(0)
-        flat = flat.to("cpu")
         self.sizes.append(flat.numel())
+        if flat.device.type != "cpu" and self.held_on_device + 4 * flat.numel() <= self.device_budget:
+            self._items.append(_split(flat, layout))
+            self.tiers.append("device")
+            self.held_on_device += 4 * flat.numel()
+            return
+        flat = flat.to("cpu")
         if self.held + 4 * flat.numel() <= self.budget:
             self._items.append(_split(flat, layout))
+            self.tiers.append("host")
             self.held += 4 * flat.numel()
             return
         if self._handle is None:
             self._handle = self.path.open("wb")
         self._handle.write(flat.numpy().data)
         self._items.append(_Spilled(self._written, layout))
+        self.tiers.append("disk")
         self._written += flat.numel()
 
     def get(self, index: int) -> Factors:
-        """Adapter ``index``'s factors (CPU float32)."""
+        """Adapter ``index``'s factors (float32; on the device they were added on if kept there)."""
         item = self._items[index]
         if isinstance(item, dict):
             return item
@@ -69,16 +94,21 @@ class FactorStore:
         return _split(torch.from_numpy(np.fromfile(self.path, dtype=np.float32, count=count, offset=4 * item.offset)), item.layout)
 
     @property
+    def on_device(self) -> int:
+        """How many adapters' factors stayed on the device."""
+        return self.tiers.count("device")
+
+    @property
     def spilled(self) -> int:
         """How many adapters went to disk."""
-        return sum(1 for item in self._items if not isinstance(item, dict))
+        return self.tiers.count("disk")
 
     def close(self) -> None:
         """Drop everything (the spool file lives in the run's temporary folder, removed with it)."""
         if self._handle is not None and not self._handle.closed:
             self._handle.close()
-        self._items, self.sizes = [], []
-        self.held = 0
+        self._items, self.sizes, self.tiers = [], [], []
+        self.held = self.held_on_device = 0
         self.path.unlink(missing_ok=True)
 
 

@@ -36,7 +36,7 @@ from studio.subspace.report import AdapterQuality, CollectionReport, build_repor
 from studio.subspace.sources import AdapterSource, Digests, check_bases, check_names, file_sources, prefetched
 from studio.subspace.spool import SpoolEntry, TensorSpool, write_spools
 from studio.subspace.statistics import CollectionStatistics, FittedLayer, canonical_layers, check_shape
-from studio.subspace.store import DEFAULT_BUDGET, FactorStore
+from studio.subspace.store import DEFAULT_BUDGET, FactorStore, device_budget
 
 STARTED = time.time()  # temporary files next to an output older than this process are left-overs of a kill
 # Intra-op threads of the math on a CPU device. The work is thousands of small eighs / matmuls
@@ -178,7 +178,7 @@ def remove_stale(output: Path) -> list[Path]:
 
 def compress_sources(sources: Sequence[AdapterSource], output: str | Path, **options: Any) -> CompressResult:
     """`compress_events` drained: the `CompressResult`. ``options``: the `SubspaceSpec` fields (k or energy,
-    augment, seed) and the `CompressSettings` fields (base_id, device, group, statistics_dtype, held_bytes)."""
+    augment, seed) and the `CompressSettings` fields (base_id, device, group, statistics_dtype, held_bytes, device_bytes)."""
     spec_names = {item.name for item in fields(SubspaceSpec)}
     spec = SubspaceSpec(**{name: value for name, value in options.items() if name in spec_names})
     settings = CompressSettings(**{name: value for name, value in options.items() if name not in spec_names})
@@ -204,6 +204,7 @@ class CompressSettings:
     group: Any = None
     statistics_dtype: torch.dtype = torch.float64
     held_bytes: int = DEFAULT_BUDGET
+    device_bytes: int | None = None  # factors left on a GPU between the passes (None: `store.device_budget`)
 
 
 def compress_events(sources: Sequence[AdapterSource], output: str | Path, spec: SubspaceSpec,
@@ -230,7 +231,8 @@ def compress_events(sources: Sequence[AdapterSource], output: str | Path, spec: 
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.{os.getpid()}.", suffix=".spool", dir=output.parent))
     device, threads = torch.device(settings.device), torch.get_num_threads()
     shard = _shard(len(sources), rank, world)
-    run = _Run(sources, spec, device, settings.group, FactorStore(work, settings.held_bytes), shard=shard, digests=Digests(sources, shard))
+    store = FactorStore(work, settings.held_bytes, device_budget(device) if settings.device_bytes is None else settings.device_bytes)
+    run = _Run(sources, spec, device, settings.group, store, shard=shard, digests=Digests(sources, shard))
     statistics = CollectionStatistics(len(sources), device, settings.statistics_dtype, gram=world == 1)
     torch.set_num_threads(CPU_THREADS)
     try:

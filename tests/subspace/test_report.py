@@ -174,3 +174,28 @@ def test_cuda_compress_is_the_cpu_compress(count):
         assert a.loo_error == pytest.approx(b.loo_error, rel=1e-4, abs=1e-6)
         assert a.random_error == pytest.approx(b.random_error, rel=1e-6) and a.svd_error == pytest.approx(b.svd_error, rel=1e-6)
     assert cpu.report.overall == pytest.approx(cuda.report.overall, rel=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_compress_keeps_factors_on_the_device_with_the_same_numbers(monkeypatch):
+    """The store's device tier (factors left on the GPU between the passes): all, half or none of
+    the adapters there give the same errors, LOO and baselines; the tier holds what its budget says."""
+    from studio.subspace import store as store_mod
+
+    held = []
+    close = store_mod.FactorStore.close
+
+    def recording(self):
+        held.append((self.on_device, len(self)))
+        close(self)
+
+    monkeypatch.setattr(store_mod.FactorStore, "close", recording)
+    adapters = shared_collection(20, rank=4, true_k=12)  # 80 stacked rows > every layer's width: all covariance route
+    per_adapter = 4 * sum(layer.rank * (layer.in_features + layer.out_features) for layer in adapters[0].lora_layers.values())
+    runs = [compressed(adapters, k=5, device="cuda", device_bytes=budget) for budget in (None, 10 * per_adapter, 0)]
+    assert held == [(20, 20), (10, 20), (0, 20)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0].adapters, other.adapters):
+            assert a.rel_error == pytest.approx(b.rel_error, rel=1e-12, abs=1e-15)
+            assert a.loo_error == pytest.approx(b.loo_error, rel=1e-12, abs=1e-15)
+            assert a.random_error == pytest.approx(b.random_error, rel=1e-12) and a.svd_error == pytest.approx(b.svd_error, rel=1e-12)

@@ -101,7 +101,7 @@ def test_factor_store_keeps_then_spills_and_reads_back(tmp_path):
     store = FactorStore(tmp_path, budget=4 * sum(a.numel() + b.numel() for a, b in items[0].values()) + 1)  # room for one adapter
     for item in items:
         store.add(item)
-    assert store.spilled == 3 and store.path.exists()
+    assert store.spilled == 3 and store.tiers == ["host", "disk", "disk", "disk"] and store.path.exists()
     for index, item in enumerate(items):
         for name, (a, b) in item.items():
             assert torch.equal(store.get(index)[name][0], a) and torch.equal(store.get(index)[name][1], b)
