@@ -94,6 +94,7 @@ class TrainForm:
     export_format: ExportFormat = same_option(TrainConfig, "export_format")
     export_rank: int = same_option(TrainConfig, "export_rank")
     seed: int = same_option(TrainConfig, "seed")
+    caption_dropout: float = same_option(TrainConfig, "caption_dropout")
 
 
 @dataclass

@@ -166,7 +166,7 @@ class Training:
             resolution=form.resolution, trigger_word=form.trigger_word, validation_split=form.validation_split,
             sample_every=form.sample_every or steps, sample_prompts=[form.sample_prompt] if form.sample_prompt else [],
             checkpoint_every=form.checkpoint_every, export_format=form.export_format, export_rank=form.export_rank,
-            seed=form.seed, tensorboard=False,
+            seed=form.seed, caption_dropout=form.caption_dropout, tensorboard=False,
         )
 
     def train(self, form: TrainForm) -> Iterator[Event]:

@@ -12,7 +12,7 @@ from studio.app.wiring import hint
 from studio.train import TrainConfig
 
 SHARED = ["family", "steps", "learning_rate", "batch_size", "resolution", "trigger_word", "validation_split",
-          "checkpoint_every", "export_format", "export_rank", "seed"]
+          "checkpoint_every", "export_format", "export_rank", "seed", "caption_dropout"]
 
 
 @pytest.mark.parametrize("name", SHARED)

@@ -99,6 +99,7 @@ def _run_column(studio: Studio) -> SimpleNamespace:
         with gr.Row(equal_height=False):
             c.export_format = gr.Radio(["kohya", "diffusers", "none"], value="kohya", label="Export format", min_width=200)
             c.export_rank = gr.Number(value=0, precision=0, label="Export rank", info=hint(TrainForm, "export_rank"), min_width=140)
+            c.caption_dropout = gr.Number(value=0.0, minimum=0, maximum=1, label="Caption dropout", info=hint(TrainForm, "caption_dropout"), min_width=140)
         with gr.Row():
             c.start = gr.Button("Train", variant="primary")
             c.stop = gr.Button("Stop", variant="stop")
@@ -182,7 +183,8 @@ def _wire_training(studio: Studio, data: SimpleNamespace, run: SimpleNamespace, 
     inputs = named(TrainForm, name=run.name, dataset=data.dataset, family=run.family, knobs=run.knobs, steps=run.steps,
                    learning_rate=run.learning_rate, batch_size=run.batch_size, resolution=run.resolution, trigger_word=run.trigger,
                    validation_split=data.validation_split, sample_every=run.sample_every, sample_prompt=run.sample_prompt,
-                   checkpoint_every=run.checkpoint_every, export_format=run.export_format, export_rank=run.export_rank, seed=run.seed)
+                   checkpoint_every=run.checkpoint_every, export_format=run.export_format, export_rank=run.export_rank, seed=run.seed,
+                   caption_dropout=run.caption_dropout)
     trained = run.start.click(friendly(train), inputs_kwargs=inputs, outputs=outputs, api_name="train", concurrency_id="jobs",
                               concurrency_limit=1, show_progress_on=[shown.status])
     resumed = shown.resume.click(friendly(resume_run), inputs_kwargs=named(RunForm, run=shown.run_pick), outputs=outputs,
