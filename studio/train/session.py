@@ -337,26 +337,43 @@ def loss_weights(session: Session, timesteps: Tensor, kind: str) -> Tensor:
 
 def conditioning_of(session: Session, data: Encoded, items: Tensor | list[int], dropped: list[bool] | None = None) -> conditioning_mod.Conditioning:
     """The denoiser's conditioning of rows ``items``: cached, or computed now through the trained
-    text-encoder layers (with gradients when grad is enabled). Rows marked in ``dropped`` get the
-    empty caption's conditioning instead (caption dropout)."""
+    text-encoder layers (with gradients when grad is enabled). Rows marked in ``dropped`` get what
+    the pipeline's sampler gives an empty prompt instead (caption dropout)."""
     device = session.accelerator.device
     indices = items.tolist() if isinstance(items, Tensor) else list(items)
     dropped = dropped or [False] * len(indices)
     if data.conditioning is not None:
         picked = conditioning_mod.select(data.conditioning, indices, device, session.weight_dtype)
-        return _with_empty(session, picked, dropped) if any(dropped) else picked
+        return _with_empty(picked, dropped, _empty(session)) if any(dropped) else picked
     with session.accelerator.autocast():
         live = session.conditioner.embed(["" if drop else data.captions[i] for i, drop in zip(indices, dropped)])
-    return conditioning_mod.select(live, slice(None), device, session.weight_dtype)
+    live = conditioning_mod.select(live, slice(None), device, session.weight_dtype)
+    return _with_empty(live, dropped, None) if any(dropped) and zeros_for_empty(session.pipe) else live
 
 
-def _with_empty(session: Session, picked: conditioning_mod.Conditioning, dropped: list[bool]) -> conditioning_mod.Conditioning:
-    """``picked`` with the dropped rows replaced by the (cached, frozen-encoder) empty caption's conditioning."""
+def zeros_for_empty(pipe: Any) -> bool:
+    """Whether the pipeline conditions an empty prompt on zeros rather than its encoding (SDXL's
+    ``force_zeros_for_empty_prompt``): then that is what CFG's unconditional branch sees."""
+    return bool(getattr(getattr(pipe, "config", None), "force_zeros_for_empty_prompt", False))
+
+
+def _empty(session: Session) -> conditioning_mod.Conditioning | None:
+    """The frozen encoders' conditioning of the empty caption (cached), or None where it is zeros."""
+    if zeros_for_empty(session.pipe):
+        return None
     if session.empty is None:
         session.empty = _cached_conditioning(session.conditioner, [""])
-    empty = conditioning_mod.select(session.empty, [0], picked["sequence"].device, session.weight_dtype)
-    mask = torch.tensor(dropped, device=picked["sequence"].device)
-    return {key: torch.where(mask.view(-1, *[1] * (value.dim() - 1)), empty[key].expand_as(value), value) for key, value in picked.items()}
+    return session.empty
+
+
+def _with_empty(picked: conditioning_mod.Conditioning, dropped: list[bool], empty: conditioning_mod.Conditioning | None) -> conditioning_mod.Conditioning:
+    """``picked`` with the dropped rows replaced by ``empty``'s row (None: zeros)."""
+    out = {}
+    for key, value in picked.items():
+        mask = torch.tensor(dropped, device=value.device).view(-1, *[1] * (value.dim() - 1))
+        fill = torch.zeros_like(value[:1]) if empty is None else empty[key][:1].to(value.device, value.dtype)
+        out[key] = torch.where(mask, fill.expand_as(value), value)
+    return out
 
 
 def caption_dropped(config, micro_step: int, count: int, process: int) -> list[bool]:

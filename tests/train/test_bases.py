@@ -226,3 +226,24 @@ def test_flux_schnell_trains_without_a_guidance_embedding(style_data, tmp_path):
     knobs, lr = _cases(Path())["lora"]
     result = run_to_end(train(_config(folder, "flux", style_data, tmp_path / "run", "lora", knobs, lr, export_format="none")))
     assert result.status == "done" and result.validation[STEPS] < 0.99 * result.validation[0], result.validation
+
+
+def test_sdxl_caption_dropout_trains_on_the_zeros_its_sampler_uses_for_an_empty_prompt(base_dirs, style_data, tmp_path):
+    """SDXL pipelines condition an empty prompt on zeros (``force_zeros_for_empty_prompt``): the
+    dropped rows' sequence and pooled embeddings are zeros there, the kept rows their own captions'."""
+    from studio.train import session as session_mod
+    from studio.train.data import scan_folder
+
+    config = _config(base_dirs["sdxl"], "sdxl", style_data, tmp_path / "run", "lora", {"rank": 2}, 1e-2, caption_dropout=0.5)
+    run = session_mod.start(config, scan_folder(config.data))
+    assert session_mod.zeros_for_empty(run.pipe)
+    items, dropped = [0, 1, 2, 3], [True, False, True, False]
+    mixed, plain = session_mod.conditioning_of(run, run.train, items, dropped), session_mod.conditioning_of(run, run.train, items)
+    assert set(mixed) >= {"sequence", "pooled"}
+    for key in mixed:
+        for row, drop in enumerate(dropped):
+            if drop:
+                assert not mixed[key][row].any() and plain[key][row].any()
+            else:
+                assert torch.equal(mixed[key][row], plain[key][row])
+    assert torch.isfinite(session_mod.step_loss(run, 0))
