@@ -205,8 +205,10 @@ def decodable(vae, images: torch.Tensor, steps: int = DECODE_STEPS, lr: float = 
     world's VAE (16 x 16 latents for 64 px) softens corners and rings at the pinstripes, so the
     ceiling reads fewer captions right than the styled target itself does. Only ``z`` is
     optimised; the VAE's own gradients are never touched."""
+    from studio.world.train import to_unit
+
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-    x = images.to(device, dtype) / 127.5 - 1
+    x = to_unit(images).to(device, dtype)
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mean.clone()
     z.requires_grad_(True)
